@@ -1,0 +1,311 @@
+//! Typed HTTP client of the `/v1/` API, used by `blixardctl` and `blixard-agent`.
+//!
+//! It holds a list of control-plane endpoints and moves on to the next one when an endpoint
+//! cannot be reached or has no leader, so a client keeps working while a node is down. Writes
+//! sent to a follower are forwarded to the leader by the server itself.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::types::{
+    codes, AddMember, Assignments, ClusterStatus, ErrorBody, Health, Host, HostRegistration,
+    Member, Vm, VmSpec, VmStatusReport,
+};
+
+/// Errors of the typed client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an API error.
+    #[error("{message} ({code}, HTTP {status})")]
+    Api { status: u16, code: String, message: String },
+    /// No endpoint could be reached.
+    #[error("no control-plane endpoint answered: {0}")]
+    Unreachable(String),
+    /// The answer could not be decoded.
+    #[error("bad answer from {endpoint}: {message}")]
+    Decode { endpoint: String, message: String },
+    /// The endpoint list is empty or malformed.
+    #[error("invalid endpoints: {0}")]
+    Config(String),
+}
+
+impl ClientError {
+    /// HTTP status of an API error, if this is one.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// Machine-readable code of an API error, if this is one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// True for a 404.
+    pub fn is_not_found(&self) -> bool {
+        self.status() == Some(404)
+    }
+}
+
+/// A client over one or more control-plane endpoints.
+#[derive(Debug)]
+pub struct Client {
+    http: reqwest::Client,
+    endpoints: Vec<String>,
+    /// Index of the endpoint that answered last; tried first next time.
+    preferred: AtomicUsize,
+    bearer: Option<String>,
+}
+
+/// How long one request may take, unless the call says otherwise (long-polls do).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Client {
+    /// A client over `endpoints` (`http://host:port`, no trailing path).
+    pub fn new<S: AsRef<str>>(endpoints: &[S]) -> Result<Self, ClientError> {
+        let endpoints: Vec<String> = endpoints
+            .iter()
+            .map(|e| e.as_ref().trim().trim_end_matches('/').to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
+        if endpoints.is_empty() {
+            return Err(ClientError::Config("no endpoint given".into()));
+        }
+        for e in &endpoints {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return Err(ClientError::Config(format!("{e}: must start with http:// or https://")));
+            }
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .map_err(|e| ClientError::Config(e.to_string()))?;
+        Ok(Client { http, endpoints, preferred: AtomicUsize::new(0), bearer: None })
+    }
+
+    /// A client from a comma-separated endpoint list.
+    pub fn from_list(list: &str) -> Result<Self, ClientError> {
+        let v: Vec<&str> = list.split(',').collect();
+        Self::new(&v)
+    }
+
+    /// Sends `Authorization: Bearer TOKEN` with every request.
+    pub fn with_bearer(mut self, token: Option<String>) -> Self {
+        self.bearer = token;
+        self
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// Sends one request, trying each endpoint in turn (starting with the last one that
+    /// answered) while they are unreachable or answer 503.
+    async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        let n = self.endpoints.len();
+        let start = self.preferred.load(Ordering::Relaxed) % n;
+        let mut last_err = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            let endpoint = &self.endpoints[i];
+            let url = format!("{endpoint}{path}");
+            let mut req = self.http.request(method.clone(), &url).timeout(timeout);
+            if let Some(t) = &self.bearer {
+                req = req.bearer_auth(t);
+            }
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(%url, error = %e, "endpoint unreachable");
+                    last_err = Some(ClientError::Unreachable(format!("{endpoint}: {e}")));
+                    continue;
+                }
+            };
+            let status = resp.status();
+            let bytes = match resp.bytes().await {
+                Ok(b) => b,
+                Err(e) => {
+                    last_err = Some(ClientError::Unreachable(format!("{endpoint}: {e}")));
+                    continue;
+                }
+            };
+            if status.is_success() {
+                self.preferred.store(i, Ordering::Relaxed);
+                let bytes = if bytes.is_empty() { &b"null"[..] } else { &bytes[..] };
+                return serde_json::from_slice(bytes).map_err(|e| ClientError::Decode {
+                    endpoint: endpoint.clone(),
+                    message: e.to_string(),
+                });
+            }
+            let err = match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(b) => ClientError::Api {
+                    status: status.as_u16(),
+                    code: b.error.code,
+                    message: b.error.message,
+                },
+                Err(_) => ClientError::Api {
+                    status: status.as_u16(),
+                    code: codes::INTERNAL.into(),
+                    message: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+                },
+            };
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                last_err = Some(err);
+                continue;
+            }
+            return Err(err);
+        }
+        Err(last_err.unwrap_or_else(|| ClientError::Unreachable("no endpoint".into())))
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call::<(), T>(Method::GET, path, None, DEFAULT_TIMEOUT).await
+    }
+
+    async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.call(Method::POST, path, Some(body), DEFAULT_TIMEOUT).await
+    }
+
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        self.get("/v1/health").await
+    }
+
+    pub async fn cluster_status(&self) -> Result<ClusterStatus, ClientError> {
+        self.get("/v1/cluster/status").await
+    }
+
+    pub async fn members(&self) -> Result<Vec<Member>, ClientError> {
+        self.get("/v1/cluster/members").await
+    }
+
+    pub async fn add_member(&self, m: &AddMember) -> Result<Vec<Member>, ClientError> {
+        self.call(Method::POST, "/v1/cluster/members", Some(m), Duration::from_secs(60)).await
+    }
+
+    pub async fn remove_member(&self, id: u64) -> Result<Vec<Member>, ClientError> {
+        let path = format!("/v1/cluster/members/{id}");
+        self.call::<(), _>(Method::DELETE, &path, None, Duration::from_secs(60)).await
+    }
+
+    pub async fn create_vm(&self, spec: &VmSpec) -> Result<Vm, ClientError> {
+        self.post("/v1/vms", spec).await
+    }
+
+    pub async fn list_vms(&self) -> Result<Vec<Vm>, ClientError> {
+        self.get("/v1/vms").await
+    }
+
+    pub async fn get_vm(&self, name: &str) -> Result<Vm, ClientError> {
+        self.get(&format!("/v1/vms/{}", encode(name))).await
+    }
+
+    pub async fn delete_vm(&self, name: &str) -> Result<Vm, ClientError> {
+        let path = format!("/v1/vms/{}", encode(name));
+        self.call::<(), _>(Method::DELETE, &path, None, DEFAULT_TIMEOUT).await
+    }
+
+    pub async fn start_vm(&self, name: &str) -> Result<Vm, ClientError> {
+        self.post(&format!("/v1/vms/{}/start", encode(name)), &serde_json::json!({})).await
+    }
+
+    pub async fn stop_vm(&self, name: &str) -> Result<Vm, ClientError> {
+        self.post(&format!("/v1/vms/{}/stop", encode(name)), &serde_json::json!({})).await
+    }
+
+    pub async fn register_host(&self, reg: &HostRegistration) -> Result<Host, ClientError> {
+        self.post("/v1/hosts", reg).await
+    }
+
+    pub async fn heartbeat(&self, host: &str) -> Result<Host, ClientError> {
+        self.post(&format!("/v1/hosts/{}/heartbeat", encode(host)), &serde_json::json!({})).await
+    }
+
+    pub async fn list_hosts(&self) -> Result<Vec<Host>, ClientError> {
+        self.get("/v1/hosts").await
+    }
+
+    pub async fn get_host(&self, id: &str) -> Result<Host, ClientError> {
+        self.get(&format!("/v1/hosts/{}", encode(id))).await
+    }
+
+    /// The VMs assigned to `host`. With `wait_index`, the server holds the request until the
+    /// host's assignments change past that index or `wait` runs out (a long-poll).
+    pub async fn assignments(
+        &self,
+        host: &str,
+        wait_index: Option<u64>,
+        wait: Duration,
+    ) -> Result<Assignments, ClientError> {
+        let mut path = format!("/v1/hosts/{}/assignments", encode(host));
+        if let Some(i) = wait_index {
+            path.push_str(&format!("?wait_index={i}&wait_ms={}", wait.as_millis()));
+        }
+        self.call::<(), _>(Method::GET, &path, None, wait + DEFAULT_TIMEOUT).await
+    }
+
+    /// Reports the observed state of one VM on `host`.
+    pub async fn report_vm_status(
+        &self,
+        host: &str,
+        vm: &str,
+        report: &VmStatusReport,
+    ) -> Result<Vm, ClientError> {
+        let path = format!("/v1/hosts/{}/vms/{}/status", encode(host), encode(vm));
+        self.call(Method::PUT, &path, Some(report), DEFAULT_TIMEOUT).await
+    }
+}
+
+/// Percent-encodes a path segment (names are validated server-side; this only keeps a bad
+/// name from changing the path).
+fn encode(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_path_segments() {
+        assert_eq!(encode("web-1"), "web-1");
+        assert_eq!(encode("a/b"), "a%2Fb");
+        assert_eq!(encode("../x"), "..%2Fx");
+    }
+
+    #[test]
+    fn refuses_bad_endpoints() {
+        assert!(Client::from_list("").is_err());
+        assert!(Client::from_list("127.0.0.1:7001").is_err());
+        assert!(Client::from_list("http://127.0.0.1:7001,http://127.0.0.1:7002").is_ok());
+    }
+}

@@ -1,0 +1,349 @@
+//! Wire types of the `/v1/` HTTP API: VM specs, hosts, cluster status and errors.
+//!
+//! Every request type rejects unknown fields, so a typo in a spec is an error rather than
+//! a silently ignored setting. Validation lives in [`crate::validate`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Which hypervisor builds the VM's command line on the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Hypervisor {
+    /// QEMU (`-M microvm`, `q35` fallback); KVM when it works, TCG otherwise.
+    #[default]
+    Qemu,
+    /// cloud-hypervisor (needs KVM).
+    CloudHypervisor,
+    /// Firecracker (needs KVM).
+    Firecracker,
+    /// A plain long-lived process from the agent's own configuration (`process_command`),
+    /// for hosts and tests without a hypervisor. The spec cannot choose the executable.
+    Process,
+}
+
+impl Hypervisor {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hypervisor::Qemu => "qemu",
+            Hypervisor::CloudHypervisor => "cloud-hypervisor",
+            Hypervisor::Firecracker => "firecracker",
+            Hypervisor::Process => "process",
+        }
+    }
+}
+
+/// What the cluster does when a VM's process ends or its host is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Restart whenever it stops without being asked to, and move it when its host is lost.
+    #[default]
+    Always,
+    /// Restart only after a failure, up to a limit within a window.
+    OnFailure,
+    /// Never restart or move it.
+    Never,
+}
+
+/// How the scheduler ranks hosts that fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlacementStrategy {
+    /// Prefer the least loaded host.
+    #[default]
+    Spread,
+    /// Prefer the most loaded host that still fits.
+    Binpack,
+}
+
+/// Image format of a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskFormat {
+    #[default]
+    Raw,
+    Qcow2,
+}
+
+/// A disk attached to a VM. `path` is relative to the agent's image directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    pub path: String,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default)]
+    pub format: DiskFormat,
+}
+
+/// A network interface: a TAP device on a host bridge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicSpec {
+    /// The host bridge the TAP device joins.
+    pub bridge: String,
+    /// `52:54:00:xx:xx:xx`-style MAC address; generated from the VM name when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// The desired shape of one VM: structured data, never a command line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    /// DNS label (lowercase letters, digits, `-`; at most 63 characters): it becomes the unit name
+    /// `blixard-vm-<name>.service`.
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub hypervisor: Hypervisor,
+    /// Kernel image, relative to the agent's image directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicSpec>,
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    /// Host labels the VM requires (every pair must match).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub constraints: BTreeMap<String, String>,
+    /// No two VMs of the same group run on one host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anti_affinity: Option<String>,
+    #[serde(default)]
+    pub strategy: PlacementStrategy,
+}
+
+/// What the user wants a VM to be doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DesiredState {
+    #[default]
+    Running,
+    Stopped,
+}
+
+/// What a VM is doing, as the cluster knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmState {
+    /// Not placed on any host yet (see `reason`).
+    #[default]
+    Pending,
+    /// Placed on a host; the agent has not reported yet.
+    Scheduled,
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    Failed,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Pending => "pending",
+            VmState::Scheduled => "scheduled",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+            VmState::Stopped => "stopped",
+            VmState::Failed => "failed",
+        }
+    }
+}
+
+/// A VM as stored by the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vm {
+    pub spec: VmSpec,
+    pub desired: DesiredState,
+    pub state: VmState,
+    /// Why the VM is in its state (pending reason, exit reason, failure), if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Host the VM is assigned to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Bumped on every change of spec, desired state or assignment.
+    pub generation: u64,
+    /// Unix milliseconds of the last state change.
+    pub since_ms: u64,
+    pub created_ms: u64,
+    /// Raft log index of the last change to this VM.
+    pub mod_index: u64,
+}
+
+/// Host lifecycle as the control plane sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostStatus {
+    #[default]
+    Up,
+    Down,
+    Draining,
+}
+
+impl HostStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostStatus::Up => "up",
+            HostStatus::Down => "down",
+            HostStatus::Draining => "draining",
+        }
+    }
+}
+
+/// What a host offers to VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    #[serde(default)]
+    pub kvm: bool,
+}
+
+/// Sent by an agent when it starts (and again whenever its capacity changes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostRegistration {
+    /// DNS label naming the host.
+    pub id: String,
+    /// Where the agent answers (`http://host:port`), for logs; may be empty.
+    #[serde(default)]
+    pub address: String,
+    pub capacity: Capacity,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Hypervisors this host can run.
+    #[serde(default)]
+    pub hypervisors: Vec<Hypervisor>,
+}
+
+/// A host as stored by the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Host {
+    pub id: String,
+    pub address: String,
+    pub capacity: Capacity,
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub hypervisors: Vec<Hypervisor>,
+    pub status: HostStatus,
+    /// Unix milliseconds of the last heartbeat the leader accepted.
+    pub last_heartbeat_ms: u64,
+    pub registered_ms: u64,
+    /// Bumped whenever the agent (re)registers: a new session of the agent.
+    pub epoch: u64,
+}
+
+/// Body of `POST /v1/vms/{name}/stop` and `start`: none needed, kept for future options.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
+/// One VM the agent should have, with the state it should be in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub spec: VmSpec,
+    pub desired: DesiredState,
+    pub generation: u64,
+}
+
+/// Answer to `GET /v1/hosts/{id}/assignments`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignments {
+    pub host: String,
+    /// Pass as `wait_index` to wait for the next change.
+    pub index: u64,
+    pub vms: Vec<Assignment>,
+}
+
+/// What the agent reports about one VM unit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmStatusReport {
+    pub state: VmState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Generation of the assignment the agent acted on.
+    #[serde(default)]
+    pub generation: u64,
+}
+
+/// One member of the Raft cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: u64,
+    pub addr: String,
+    /// `voter` or `learner`.
+    pub role: String,
+}
+
+/// Body of `POST /v1/cluster/members`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddMember {
+    pub id: u64,
+    pub addr: String,
+}
+
+/// Answer to `GET /v1/cluster/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub node_id: u64,
+    pub leader: Option<u64>,
+    pub leader_addr: Option<String>,
+    pub term: u64,
+    pub state: String,
+    pub members: Vec<Member>,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub last_log_index: u64,
+    pub snapshot_index: u64,
+}
+
+/// Answer to `GET /v1/health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+    pub node_id: u64,
+    pub leader: Option<u64>,
+}
+
+/// Machine-readable error codes of the API.
+pub mod codes {
+    pub const INVALID_ARGUMENT: &str = "invalid_argument";
+    pub const INVALID_JSON: &str = "invalid_json";
+    pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+    pub const NOT_FOUND: &str = "not_found";
+    pub const ALREADY_EXISTS: &str = "already_exists";
+    pub const CONFLICT: &str = "conflict";
+    pub const NO_LEADER: &str = "no_leader";
+    pub const UNAVAILABLE: &str = "unavailable";
+    pub const INTERNAL: &str = "internal";
+    pub const UNSUPPORTED_MEDIA_TYPE: &str = "unsupported_media_type";
+}
+
+/// The error object of every non-2xx answer: `{"error": {"code": …, "message": …}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
