@@ -1,1 +1,11 @@
-//! placeholder
+//! Fixtures of Blixard's integration suite: real `blixard-control` processes on loopback
+//! ([`cluster`]), real `systemd --user` managers standing in for hosts, and real agents on
+//! them ([`host`]).
+//!
+//! The binaries under test are the ones `cargo build --workspace --bins` put next to the test
+//! executable (`target/<profile>/`), or those in `$BLIXARD_BIN_DIR`.
+
+pub mod binaries;
+pub mod cluster;
+pub mod host;
+pub mod wait;

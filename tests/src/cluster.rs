@@ -1,0 +1,1 @@
+//! Real control-plane nodes for tests (written with the control plane).

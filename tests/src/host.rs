@@ -1,0 +1,1 @@
+//! Simulated hosts: real `systemd --user` managers (written with the agent).

@@ -1,0 +1,7 @@
+//! Blixard's multi-process integration suite: one binary, numbered areas.
+//!
+//! Every area starts real processes (control nodes, systemd managers, agents) on loopback and
+//! checks them from outside through the API or D-Bus.
+
+mod t10_cluster;
+mod t20_agent;

@@ -1,0 +1,1 @@
+//! Agent tests against real systemd managers.
