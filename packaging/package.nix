@@ -1,0 +1,71 @@
+# The Blixard workspace as a Nix package: blixard-control, blixard-agent, blixardctl, the
+# systemd units from units/ (ExecStart pointing into the store), sysusers/tmpfiles entries
+# and the default configs. Used by nixos-module/ and callable on its own:
+#
+#   nix-build -E 'with import <nixpkgs> {}; callPackage ./packaging/package.nix {}'
+{
+  lib,
+  rustPlatform,
+  installShellFiles,
+}:
+
+let
+  workspace = lib.importTOML ../Cargo.toml;
+in
+rustPlatform.buildRustPackage {
+  pname = "blixard";
+  inherit (workspace.workspace.package) version;
+
+  src = lib.fileset.toSource {
+    root = ../.;
+    fileset = lib.fileset.unions [
+      ../Cargo.toml
+      ../Cargo.lock
+      ../control
+      ../agent
+      ../tests
+      ../units
+      ../packaging/etc
+    ];
+  };
+
+  cargoLock.lockFile = ../Cargo.lock;
+
+  nativeBuildInputs = [ installShellFiles ];
+
+  # rusqlite is built with its bundled SQLite: no system library needed.
+  cargoBuildFlags = [ "--workspace" "--bins" ];
+  # The integration suite (blixard-tests) boots systemd managers and containers, which the
+  # build sandbox cannot; the unit tests of every other crate run.
+  cargoTestFlags = [ "--workspace" "--exclude" "blixard-tests" ];
+
+  postInstall = ''
+    install -Dm644 -t $out/lib/systemd/system \
+      units/blixard-control.service units/blixard-agent.service units/blixard-vms.slice
+    substituteInPlace $out/lib/systemd/system/blixard-control.service \
+      --replace-fail /usr/bin/blixard-control $out/bin/blixard-control
+    substituteInPlace $out/lib/systemd/system/blixard-agent.service \
+      --replace-fail /usr/bin/blixard-agent $out/bin/blixard-agent
+    install -Dm644 units/sysusers.d/blixard.conf $out/lib/sysusers.d/blixard.conf
+    install -Dm644 units/tmpfiles.d/blixard.conf $out/lib/tmpfiles.d/blixard.conf
+    install -Dm644 -t $out/share/blixard/examples packaging/etc/control.toml packaging/etc/agent.toml
+
+    # completions, once blixardctl can print them (same probe as packaging/build-deb.sh)
+    if $out/bin/blixardctl completions bash > /dev/null 2>&1; then
+      installShellCompletion --cmd blixardctl \
+        --bash <($out/bin/blixardctl completions bash) \
+        --zsh <($out/bin/blixardctl completions zsh) \
+        --fish <($out/bin/blixardctl completions fish)
+    fi
+    if $out/bin/blixardctl man > blixardctl.1 2> /dev/null && grep -q '^\.TH' blixardctl.1; then
+      installManPage blixardctl.1
+    fi
+  '';
+
+  meta = {
+    description = "MicroVM orchestrator: openraft control plane, systemd-driven host agent and CLI";
+    license = lib.licenses.asl20;
+    mainProgram = "blixardctl";
+    platforms = lib.platforms.linux;
+  };
+}
