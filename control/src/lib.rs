@@ -1,1 +1,135 @@
-//! placeholder
+//! `blixard-control`: a control-plane node. Three (or five) of them form an openraft cluster
+//! whose log and state machine live in SQLite; every node serves the HTTP API, forwarding
+//! writes to the leader.
+//!
+//! Layout: pure cores ([`state_machine`], [`scheduler`]) with no IO; [`store`] (the only
+//! SQLite user), [`network`] (Raft RPC client), [`node`] (the Raft runtime), [`http`] (axum
+//! routes) and [`leader_loop`] around them; [`run`] wires them together for the binary.
+
+pub mod config;
+pub mod http;
+pub mod leader_loop;
+pub mod metrics;
+pub mod network;
+pub mod node;
+pub mod raft_types;
+pub mod scheduler;
+pub mod state_machine;
+pub mod store;
+
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use tokio::net::TcpListener;
+
+pub use config::Config;
+use node::{ControlNode, NodeError};
+
+/// Errors that stop a node.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("http server: {0}")]
+    Serve(#[source] std::io::Error),
+    #[error("signal handler: {0}")]
+    Signal(#[source] std::io::Error),
+}
+
+fn notify(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+/// Runs a node until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), RunError> {
+    let listen = config.listen;
+    let node = ControlNode::open(config).await?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| RunError::Listen {
+            addr: listen.to_string(),
+            source,
+        })?;
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let app = http::router(node.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    node.bootstrap().await?;
+    let placer = tokio::spawn(leader_loop::run(node.clone(), Default::default()));
+    tracing::info!(node_id = node.id, %listen, "serving");
+    notify(&[
+        NotifyState::Ready,
+        NotifyState::Status("serving; waiting for a leader"),
+    ]);
+    let status = tokio::spawn(status_loop(node.clone()));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(RunError::Signal)?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("stopping");
+    notify(&[NotifyState::Stopping]);
+    status.abort();
+    placer.abort();
+    let _ = stop_tx.send(true);
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(Ok(Err(e))) => return Err(RunError::Serve(e)),
+        Ok(_) => {}
+        Err(_) => tracing::warn!("http server did not stop within 5s"),
+    }
+    if let Err(e) = node.raft.shutdown().await {
+        tracing::warn!(error = %e, "raft shutdown");
+    }
+    Ok(())
+}
+
+/// Keeps systemd's STATUS= current and pets the watchdog while Raft is alive.
+async fn status_loop(node: std::sync::Arc<ControlNode>) {
+    let watchdog = sd_notify::watchdog_enabled();
+    let period = match watchdog {
+        Some(interval) => (interval / 2).max(Duration::from_millis(100)),
+        None => Duration::from_secs(5),
+    };
+    loop {
+        let m = node.raft.metrics().borrow().clone();
+        if m.running_state.is_err() {
+            // A fatal Raft error: stop petting, let systemd restart us.
+            tracing::error!("raft stopped: {:?}", m.running_state);
+            return;
+        }
+        let status = match m.current_leader {
+            Some(l) if l == node.id => format!(
+                "leader, term {}, applied {:?}",
+                m.current_term,
+                m.last_applied.map(|l| l.index)
+            ),
+            Some(l) => format!(
+                "follower of {l}, term {}, applied {:?}",
+                m.current_term,
+                m.last_applied.map(|l| l.index)
+            ),
+            None => format!("no leader, term {}", m.current_term),
+        };
+        let mut states = vec![NotifyState::Status(&status)];
+        if watchdog.is_some() {
+            states.push(NotifyState::Watchdog);
+        }
+        notify(&states);
+        tokio::time::sleep(period).await;
+    }
+}

@@ -21,7 +21,11 @@ use crate::types::{
 pub enum ClientError {
     /// The server answered with an API error.
     #[error("{message} ({code}, HTTP {status})")]
-    Api { status: u16, code: String, message: String },
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
     /// No endpoint could be reached.
     #[error("no control-plane endpoint answered: {0}")]
     Unreachable(String),
@@ -82,14 +86,21 @@ impl Client {
         }
         for e in &endpoints {
             if !(e.starts_with("http://") || e.starts_with("https://")) {
-                return Err(ClientError::Config(format!("{e}: must start with http:// or https://")));
+                return Err(ClientError::Config(format!(
+                    "{e}: must start with http:// or https://"
+                )));
             }
         }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .build()
             .map_err(|e| ClientError::Config(e.to_string()))?;
-        Ok(Client { http, endpoints, preferred: AtomicUsize::new(0), bearer: None })
+        Ok(Client {
+            http,
+            endpoints,
+            preferred: AtomicUsize::new(0),
+            bearer: None,
+        })
     }
 
     /// A client from a comma-separated endpoint list.
@@ -149,7 +160,11 @@ impl Client {
             };
             if status.is_success() {
                 self.preferred.store(i, Ordering::Relaxed);
-                let bytes = if bytes.is_empty() { &b"null"[..] } else { &bytes[..] };
+                let bytes = if bytes.is_empty() {
+                    &b"null"[..]
+                } else {
+                    &bytes[..]
+                };
                 return serde_json::from_slice(bytes).map_err(|e| ClientError::Decode {
                     endpoint: endpoint.clone(),
                     message: e.to_string(),
@@ -177,7 +192,8 @@ impl Client {
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        self.call::<(), T>(Method::GET, path, None, DEFAULT_TIMEOUT).await
+        self.call::<(), T>(Method::GET, path, None, DEFAULT_TIMEOUT)
+            .await
     }
 
     async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
@@ -185,7 +201,8 @@ impl Client {
         path: &str,
         body: &B,
     ) -> Result<T, ClientError> {
-        self.call(Method::POST, path, Some(body), DEFAULT_TIMEOUT).await
+        self.call(Method::POST, path, Some(body), DEFAULT_TIMEOUT)
+            .await
     }
 
     pub async fn health(&self) -> Result<Health, ClientError> {
@@ -201,12 +218,19 @@ impl Client {
     }
 
     pub async fn add_member(&self, m: &AddMember) -> Result<Vec<Member>, ClientError> {
-        self.call(Method::POST, "/v1/cluster/members", Some(m), Duration::from_secs(60)).await
+        self.call(
+            Method::POST,
+            "/v1/cluster/members",
+            Some(m),
+            Duration::from_secs(60),
+        )
+        .await
     }
 
     pub async fn remove_member(&self, id: u64) -> Result<Vec<Member>, ClientError> {
         let path = format!("/v1/cluster/members/{id}");
-        self.call::<(), _>(Method::DELETE, &path, None, Duration::from_secs(60)).await
+        self.call::<(), _>(Method::DELETE, &path, None, Duration::from_secs(60))
+            .await
     }
 
     pub async fn create_vm(&self, spec: &VmSpec) -> Result<Vm, ClientError> {
@@ -223,15 +247,24 @@ impl Client {
 
     pub async fn delete_vm(&self, name: &str) -> Result<Vm, ClientError> {
         let path = format!("/v1/vms/{}", encode(name));
-        self.call::<(), _>(Method::DELETE, &path, None, DEFAULT_TIMEOUT).await
+        self.call::<(), _>(Method::DELETE, &path, None, DEFAULT_TIMEOUT)
+            .await
     }
 
     pub async fn start_vm(&self, name: &str) -> Result<Vm, ClientError> {
-        self.post(&format!("/v1/vms/{}/start", encode(name)), &serde_json::json!({})).await
+        self.post(
+            &format!("/v1/vms/{}/start", encode(name)),
+            &serde_json::json!({}),
+        )
+        .await
     }
 
     pub async fn stop_vm(&self, name: &str) -> Result<Vm, ClientError> {
-        self.post(&format!("/v1/vms/{}/stop", encode(name)), &serde_json::json!({})).await
+        self.post(
+            &format!("/v1/vms/{}/stop", encode(name)),
+            &serde_json::json!({}),
+        )
+        .await
     }
 
     pub async fn register_host(&self, reg: &HostRegistration) -> Result<Host, ClientError> {
@@ -239,7 +272,11 @@ impl Client {
     }
 
     pub async fn heartbeat(&self, host: &str) -> Result<Host, ClientError> {
-        self.post(&format!("/v1/hosts/{}/heartbeat", encode(host)), &serde_json::json!({})).await
+        self.post(
+            &format!("/v1/hosts/{}/heartbeat", encode(host)),
+            &serde_json::json!({}),
+        )
+        .await
     }
 
     pub async fn list_hosts(&self) -> Result<Vec<Host>, ClientError> {
@@ -262,7 +299,8 @@ impl Client {
         if let Some(i) = wait_index {
             path.push_str(&format!("?wait_index={i}&wait_ms={}", wait.as_millis()));
         }
-        self.call::<(), _>(Method::GET, &path, None, wait + DEFAULT_TIMEOUT).await
+        self.call::<(), _>(Method::GET, &path, None, wait + DEFAULT_TIMEOUT)
+            .await
     }
 
     /// Reports the observed state of one VM on `host`.
@@ -273,7 +311,8 @@ impl Client {
         report: &VmStatusReport,
     ) -> Result<Vm, ClientError> {
         let path = format!("/v1/hosts/{}/vms/{}/status", encode(host), encode(vm));
-        self.call(Method::PUT, &path, Some(report), DEFAULT_TIMEOUT).await
+        self.call(Method::PUT, &path, Some(report), DEFAULT_TIMEOUT)
+            .await
     }
 }
 

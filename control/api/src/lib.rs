@@ -23,5 +23,7 @@ pub fn unit_name(vm: &str) -> String {
 
 /// The VM name of a unit name, if it is a VM unit.
 pub fn vm_name_of_unit(unit: &str) -> Option<&str> {
-    unit.strip_prefix(UNIT_PREFIX)?.strip_suffix(".service").filter(|n| !n.is_empty())
+    unit.strip_prefix(UNIT_PREFIX)?
+        .strip_suffix(".service")
+        .filter(|n| !n.is_empty())
 }

@@ -36,7 +36,10 @@ pub struct ValidationError {
 }
 
 fn err(field: impl Into<String>, message: impl Into<String>) -> ValidationError {
-    ValidationError { field: field.into(), message: message.into() }
+    ValidationError {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 /// A DNS label: 1–63 of `[a-z0-9-]`, starting with a letter, not ending with `-`.
@@ -45,10 +48,19 @@ pub fn dns_label(field: &str, value: &str) -> Result<(), ValidationError> {
         return Err(err(field, "must not be empty"));
     }
     if value.len() > MAX_NAME_LEN {
-        return Err(err(field, format!("must be at most {MAX_NAME_LEN} characters")));
+        return Err(err(
+            field,
+            format!("must be at most {MAX_NAME_LEN} characters"),
+        ));
     }
-    if !value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
-        return Err(err(field, "must contain only lowercase letters, digits and '-'"));
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(err(
+            field,
+            "must contain only lowercase letters, digits and '-'",
+        ));
     }
     if !value.as_bytes()[0].is_ascii_lowercase() {
         return Err(err(field, "must start with a lowercase letter"));
@@ -67,7 +79,10 @@ pub fn image_path(field: &str, value: &str) -> Result<(), ValidationError> {
         return Err(err(field, "must not be empty"));
     }
     if value.len() > MAX_PATH_LEN {
-        return Err(err(field, format!("must be at most {MAX_PATH_LEN} characters")));
+        return Err(err(
+            field,
+            format!("must be at most {MAX_PATH_LEN} characters"),
+        ));
     }
     if value.chars().any(|c| c.is_control() || c == ',') {
         return Err(err(field, "must not contain control characters or ','"));
@@ -85,7 +100,8 @@ fn labels(field: &str, map: &BTreeMap<String, String>) -> Result<(), ValidationE
     for (k, v) in map {
         let ok_key = !k.is_empty()
             && k.len() <= MAX_LABEL_LEN
-            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
         if !ok_key {
             return Err(err(
                 format!("{field}.{k}"),
@@ -108,20 +124,33 @@ fn nic(index: usize, nic: &NicSpec) -> Result<(), ValidationError> {
     // IFNAMSIZ is 16 including the NUL.
     if b.is_empty()
         || b.len() > 15
-        || !b.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'.')
+        || !b
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'.')
     {
-        return Err(err(field, "must be a Linux interface name (1-15 of [A-Za-z0-9-_.])"));
+        return Err(err(
+            field,
+            "must be a Linux interface name (1-15 of [A-Za-z0-9-_.])",
+        ));
     }
     if let Some(mac) = &nic.mac {
         let parts: Vec<&str> = mac.split(':').collect();
         let well_formed = parts.len() == 6
-            && parts.iter().all(|p| p.len() == 2 && p.bytes().all(|c| c.is_ascii_hexdigit()));
+            && parts
+                .iter()
+                .all(|p| p.len() == 2 && p.bytes().all(|c| c.is_ascii_hexdigit()));
         if !well_formed {
-            return Err(err(format!("nics[{index}].mac"), "must look like 52:54:00:12:34:56"));
+            return Err(err(
+                format!("nics[{index}].mac"),
+                "must look like 52:54:00:12:34:56",
+            ));
         }
         let first = u8::from_str_radix(parts[0], 16).unwrap_or(1);
         if first & 1 == 1 {
-            return Err(err(format!("nics[{index}].mac"), "must be a unicast address"));
+            return Err(err(
+                format!("nics[{index}].mac"),
+                "must be a unicast address",
+            ));
         }
     }
     Ok(())
@@ -153,7 +182,10 @@ pub fn vm_spec(spec: &VmSpec) -> Result<(), ValidationError> {
     }
     if let Some(c) = &spec.cmdline {
         if c.len() > MAX_CMDLINE_LEN {
-            return Err(err("cmdline", format!("must be at most {MAX_CMDLINE_LEN} characters")));
+            return Err(err(
+                "cmdline",
+                format!("must be at most {MAX_CMDLINE_LEN} characters"),
+            ));
         }
         if c.chars().any(|ch| ch.is_control()) {
             return Err(err("cmdline", "must not contain control characters"));
@@ -166,7 +198,10 @@ pub fn vm_spec(spec: &VmSpec) -> Result<(), ValidationError> {
         image_path(&format!("disks[{i}].path"), &d.path)?;
     }
     if spec.nics.len() > MAX_NICS {
-        return Err(err("nics", format!("at most {MAX_NICS} network interfaces")));
+        return Err(err(
+            "nics",
+            format!("at most {MAX_NICS} network interfaces"),
+        ));
     }
     for (i, n) in spec.nics.iter().enumerate() {
         nic(i, n)?;
@@ -182,7 +217,10 @@ pub fn vm_spec(spec: &VmSpec) -> Result<(), ValidationError> {
 pub fn host_registration(reg: &HostRegistration) -> Result<(), ValidationError> {
     dns_label("id", &reg.id)?;
     if reg.address.len() > 256 || reg.address.chars().any(|c| c.is_control()) {
-        return Err(err("address", "must be at most 256 characters without control characters"));
+        return Err(err(
+            "address",
+            "must be at most 256 characters without control characters",
+        ));
     }
     capacity(&reg.capacity)?;
     labels("labels", &reg.labels)
@@ -190,7 +228,10 @@ pub fn host_registration(reg: &HostRegistration) -> Result<(), ValidationError> 
 
 fn capacity(c: &Capacity) -> Result<(), ValidationError> {
     if c.vcpus == 0 || c.vcpus > MAX_HOST_VCPUS {
-        return Err(err("capacity.vcpus", format!("must be between 1 and {MAX_HOST_VCPUS}")));
+        return Err(err(
+            "capacity.vcpus",
+            format!("must be between 1 and {MAX_HOST_VCPUS}"),
+        ));
     }
     if c.memory_mib == 0 || c.memory_mib > MAX_HOST_MEMORY_MIB {
         return Err(err(
@@ -265,9 +306,17 @@ mod tests {
             ("absurd vcpus", |s| s.vcpus = 100_000, false),
             ("zero memory", |s| s.memory_mib = 0, false),
             ("absurd memory", |s| s.memory_mib = u64::MAX, false),
-            ("dotdot kernel", |s| s.kernel = Some("../../etc/passwd".into()), false),
+            (
+                "dotdot kernel",
+                |s| s.kernel = Some("../../etc/passwd".into()),
+                false,
+            ),
             ("comma kernel", |s| s.kernel = Some("a,b".into()), false),
-            ("newline cmdline", |s| s.cmdline = Some("a\nb".into()), false),
+            (
+                "newline cmdline",
+                |s| s.cmdline = Some("a\nb".into()),
+                false,
+            ),
             ("no kernel no disk", |s| s.kernel = None, false),
             (
                 "process needs nothing",
@@ -292,22 +341,31 @@ mod tests {
             ),
             (
                 "bad bridge",
-                |s| s.nics = vec![NicSpec { bridge: "br0;rm".into(), mac: None }],
+                |s| {
+                    s.nics = vec![NicSpec {
+                        bridge: "br0;rm".into(),
+                        mac: None,
+                    }]
+                },
                 false,
             ),
             (
                 "multicast mac",
                 |s| {
-                    s.nics =
-                        vec![NicSpec { bridge: "br0".into(), mac: Some("01:00:00:00:00:01".into()) }]
+                    s.nics = vec![NicSpec {
+                        bridge: "br0".into(),
+                        mac: Some("01:00:00:00:00:01".into()),
+                    }]
                 },
                 false,
             ),
             (
                 "good mac",
                 |s| {
-                    s.nics =
-                        vec![NicSpec { bridge: "br0".into(), mac: Some("52:54:00:00:00:01".into()) }]
+                    s.nics = vec![NicSpec {
+                        bridge: "br0".into(),
+                        mac: Some("52:54:00:00:00:01".into()),
+                    }]
                 },
                 true,
             ),

@@ -1,0 +1,302 @@
+//! Configuration of a control node: a TOML file (`--config`), overridden by flags.
+//!
+//! ```toml
+//! node_id = 1
+//! listen = "127.0.0.1:7001"
+//! data_dir = "/var/lib/blixard-control"
+//! initial_cluster = "1=http://127.0.0.1:7001,2=http://127.0.0.1:7002,3=http://127.0.0.1:7003"
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Errors reading or checking the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// Every setting, each optional: what a file or the flags say.
+#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// This node's Raft id (a positive integer, unique in the cluster).
+    #[arg(long)]
+    pub node_id: Option<u64>,
+    /// Address the HTTP API and Raft RPC listen on.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// URL peers and clients use to reach this node (default: http://LISTEN).
+    #[arg(long)]
+    pub advertise_url: Option<String>,
+    /// Directory for raft-log.db and state.db.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// The cluster's first members, `ID=URL,ID=URL,…`, the same on every node.
+    #[arg(long)]
+    pub initial_cluster: Option<String>,
+    /// Join an existing cluster (added with `cluster add`) instead of forming one.
+    #[arg(long)]
+    #[serde(default)]
+    pub join: Option<bool>,
+    /// Take a snapshot and compact the log every this many entries.
+    #[arg(long)]
+    pub snapshot_every: Option<u64>,
+    /// Raft heartbeat interval in milliseconds.
+    #[arg(long)]
+    pub heartbeat_ms: Option<u64>,
+    /// Raft election timeout range (min) in milliseconds.
+    #[arg(long)]
+    pub election_timeout_min_ms: Option<u64>,
+    /// Raft election timeout range (max) in milliseconds.
+    #[arg(long)]
+    pub election_timeout_max_ms: Option<u64>,
+}
+
+impl Settings {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: p, source })
+    }
+
+    /// `self` with every setting that `over` has replaced by it.
+    pub fn overridden_by(self, over: Settings) -> Settings {
+        Settings {
+            node_id: over.node_id.or(self.node_id),
+            listen: over.listen.or(self.listen),
+            advertise_url: over.advertise_url.or(self.advertise_url),
+            data_dir: over.data_dir.or(self.data_dir),
+            initial_cluster: over.initial_cluster.or(self.initial_cluster),
+            join: over.join.or(self.join),
+            snapshot_every: over.snapshot_every.or(self.snapshot_every),
+            heartbeat_ms: over.heartbeat_ms.or(self.heartbeat_ms),
+            election_timeout_min_ms: over
+                .election_timeout_min_ms
+                .or(self.election_timeout_min_ms),
+            election_timeout_max_ms: over
+                .election_timeout_max_ms
+                .or(self.election_timeout_max_ms),
+        }
+    }
+}
+
+/// A checked configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub node_id: u64,
+    pub listen: SocketAddr,
+    pub advertise_url: String,
+    pub data_dir: PathBuf,
+    pub initial_cluster: BTreeMap<u64, String>,
+    pub join: bool,
+    pub snapshot_every: u64,
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+}
+
+/// Parses `1=http://a:1,2=http://b:2`.
+pub fn parse_initial_cluster(s: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, url) = part
+            .split_once('=')
+            .ok_or_else(|| invalid("initial_cluster", format!("{part:?} is not ID=URL")))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| invalid("initial_cluster", format!("{id:?} is not a node id")))?;
+        if id == 0 {
+            return Err(invalid("initial_cluster", "node ids start at 1"));
+        }
+        let url = url.trim().trim_end_matches('/');
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(invalid(
+                "initial_cluster",
+                format!("{url:?} is not an http(s) URL"),
+            ));
+        }
+        if out.insert(id, url.to_string()).is_some() {
+            return Err(invalid(
+                "initial_cluster",
+                format!("node {id} is listed twice"),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+impl Config {
+    /// Checks settings and fills in defaults.
+    pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
+        let node_id = s.node_id.ok_or_else(|| invalid("node_id", "is required"))?;
+        if node_id == 0 {
+            return Err(invalid("node_id", "must be a positive integer"));
+        }
+        let listen_s = s.listen.unwrap_or_else(|| "127.0.0.1:7001".into());
+        let listen: SocketAddr = listen_s.parse().map_err(|_| {
+            invalid(
+                "listen",
+                format!("{listen_s:?} is not an address like 127.0.0.1:7001"),
+            )
+        })?;
+        let advertise_url = s
+            .advertise_url
+            .map(|u| u.trim_end_matches('/').to_string())
+            .unwrap_or_else(|| format!("http://{listen}"));
+        if !(advertise_url.starts_with("http://") || advertise_url.starts_with("https://")) {
+            return Err(invalid("advertise_url", "must be an http(s) URL"));
+        }
+        let join = s.join.unwrap_or(false);
+        let initial_cluster = match &s.initial_cluster {
+            Some(ic) => parse_initial_cluster(ic)?,
+            None => BTreeMap::new(),
+        };
+        if !join {
+            if initial_cluster.is_empty() {
+                return Err(invalid("initial_cluster", "is required unless join = true"));
+            }
+            if !initial_cluster.contains_key(&node_id) {
+                return Err(invalid(
+                    "initial_cluster",
+                    format!("does not list this node ({node_id})"),
+                ));
+            }
+        }
+        let heartbeat_ms = s.heartbeat_ms.unwrap_or(100);
+        let election_timeout_min_ms = s.election_timeout_min_ms.unwrap_or(500);
+        let election_timeout_max_ms = s.election_timeout_max_ms.unwrap_or(1000);
+        if heartbeat_ms == 0 || election_timeout_min_ms < 2 * heartbeat_ms {
+            return Err(invalid(
+                "election_timeout_min_ms",
+                "must be at least twice heartbeat_ms (and heartbeat_ms positive)",
+            ));
+        }
+        if election_timeout_max_ms <= election_timeout_min_ms {
+            return Err(invalid(
+                "election_timeout_max_ms",
+                "must be above election_timeout_min_ms",
+            ));
+        }
+        let snapshot_every = s.snapshot_every.unwrap_or(10_000);
+        if snapshot_every < 10 {
+            return Err(invalid("snapshot_every", "must be at least 10"));
+        }
+        Ok(Config {
+            node_id,
+            listen,
+            advertise_url,
+            data_dir: s
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from("/var/lib/blixard-control")),
+            initial_cluster,
+            join,
+            snapshot_every,
+            heartbeat_ms,
+            election_timeout_min_ms,
+            election_timeout_max_ms,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(ic: &str) -> Settings {
+        Settings {
+            node_id: Some(1),
+            initial_cluster: Some(ic.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn initial_cluster_parsing() {
+        let ok = parse_initial_cluster("1=http://127.0.0.1:7001, 2=http://127.0.0.1:7002/");
+        assert_eq!(
+            ok.ok(),
+            Some(BTreeMap::from([
+                (1, "http://127.0.0.1:7001".to_string()),
+                (2, "http://127.0.0.1:7002".to_string())
+            ]))
+        );
+        for bad in [
+            "1",
+            "x=http://a",
+            "0=http://a",
+            "1=ftp://a",
+            "1=http://a,1=http://b",
+        ] {
+            assert!(parse_initial_cluster(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn checks() {
+        assert!(Config::from_settings(settings("1=http://127.0.0.1:7001")).is_ok());
+        assert!(Config::from_settings(settings("2=http://127.0.0.1:7002")).is_err());
+        assert!(Config::from_settings(Settings {
+            node_id: Some(1),
+            ..Default::default()
+        })
+        .is_err());
+        let join = Settings {
+            node_id: Some(4),
+            join: Some(true),
+            ..Default::default()
+        };
+        assert!(Config::from_settings(join).is_ok());
+        let mut s = settings("1=http://127.0.0.1:7001");
+        s.listen = Some("nope".into());
+        assert!(Config::from_settings(s).is_err());
+        let mut s = settings("1=http://127.0.0.1:7001");
+        s.snapshot_every = Some(1);
+        assert!(Config::from_settings(s).is_err());
+    }
+
+    #[test]
+    fn file_overrides_and_unknown_keys() {
+        let file: Settings =
+            toml::from_str("node_id = 1\ninitial_cluster = \"1=http://127.0.0.1:7001\"\n")
+                .unwrap_or_default();
+        let merged = file.overridden_by(Settings {
+            listen: Some("127.0.0.1:9".into()),
+            ..Default::default()
+        });
+        assert_eq!(merged.node_id, Some(1));
+        assert_eq!(merged.listen.as_deref(), Some("127.0.0.1:9"));
+        assert!(toml::from_str::<Settings>("nod_id = 1").is_err());
+    }
+}

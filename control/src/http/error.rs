@@ -1,0 +1,130 @@
+//! The one error type of the HTTP API: every failure becomes
+//! `{"error": {"code": …, "message": …}}` with a fitting status, and internals stay in the log.
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use blixard_api::types::codes;
+use blixard_api::validate::ValidationError;
+use blixard_api::{ErrorBody, ErrorDetail};
+
+use crate::node::NodeError;
+use crate::state_machine::ApplyError;
+
+/// An API failure.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, codes::INVALID_ARGUMENT, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, codes::NOT_FOUND, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.into(),
+                message: self.message,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(e: ValidationError) -> Self {
+        ApiError::invalid(e.to_string())
+    }
+}
+
+impl From<ApplyError> for ApiError {
+    fn from(e: ApplyError) -> Self {
+        match e {
+            ApplyError::NotFound(m) => ApiError::not_found(m),
+            ApplyError::AlreadyExists(m) => {
+                ApiError::new(StatusCode::CONFLICT, codes::ALREADY_EXISTS, m)
+            }
+            ApplyError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, codes::CONFLICT, m),
+        }
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> Self {
+        match e {
+            NodeError::NoLeader => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                codes::NO_LEADER,
+                e.to_string(),
+            ),
+            NodeError::LeaderUnreachable(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                codes::UNAVAILABLE,
+                "the leader could not be reached; retry shortly",
+            ),
+            NodeError::Invalid(m) => ApiError::invalid(m),
+            other => {
+                tracing::error!(error = %other, "internal error");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    codes::INTERNAL,
+                    "internal error; see the control node's log",
+                )
+            }
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        let (status, code) = match r.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                (StatusCode::PAYLOAD_TOO_LARGE, codes::PAYLOAD_TOO_LARGE)
+            }
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                codes::UNSUPPORTED_MEDIA_TYPE,
+            ),
+            // Well-formed JSON of the wrong shape (unknown field, wrong type, missing field).
+            StatusCode::UNPROCESSABLE_ENTITY => (StatusCode::BAD_REQUEST, codes::INVALID_ARGUMENT),
+            _ => (StatusCode::BAD_REQUEST, codes::INVALID_JSON),
+        };
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "request body too large".to_string()
+        } else {
+            r.body_text()
+        };
+        ApiError::new(status, code, message)
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        ApiError::invalid(r.body_text())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
+        ApiError::invalid(r.body_text())
+    }
+}

@@ -1,0 +1,59 @@
+//! Peer routes: Raft RPC (`append`, `vote`, `snapshot`) and `forward`, through which a
+//! follower runs a proposal, a read index or a membership change on the leader.
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::routing::post;
+use axum::{Json, Router};
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+
+use crate::node::{ControlNode, Forward, ForwardReply};
+use crate::raft_types::{NodeId, TypeConfig};
+
+/// Snapshot chunks and large appends are bigger than client requests.
+const PEER_BODY_LIMIT: usize = 64 * 1024 * 1024;
+
+pub fn routes() -> Router<Arc<ControlNode>> {
+    Router::new()
+        .route("/raft/append", post(append))
+        .route("/raft/vote", post(vote))
+        .route("/raft/snapshot", post(snapshot))
+        .route("/raft/forward", post(forward))
+        .layer(DefaultBodyLimit::max(PEER_BODY_LIMIT))
+}
+
+async fn append(
+    State(node): State<Arc<ControlNode>>,
+    Json(req): Json<AppendEntriesRequest<TypeConfig>>,
+) -> Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
+    Json(node.raft.append_entries(req).await)
+}
+
+async fn vote(
+    State(node): State<Arc<ControlNode>>,
+    Json(req): Json<VoteRequest<NodeId>>,
+) -> Json<Result<VoteResponse<NodeId>, RaftError<NodeId>>> {
+    Json(node.raft.vote(req).await)
+}
+
+async fn snapshot(
+    State(node): State<Arc<ControlNode>>,
+    Json(req): Json<InstallSnapshotRequest<TypeConfig>>,
+) -> Json<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>> {
+    Json(node.raft.install_snapshot(req).await)
+}
+
+async fn forward(
+    State(node): State<Arc<ControlNode>>,
+    Json(req): Json<Forward>,
+) -> Json<ForwardReply> {
+    if node.leader() != Some(node.id) {
+        return Json(ForwardReply::NotLeader);
+    }
+    Json(node.handle_forward(req).await)
+}

@@ -1,0 +1,133 @@
+//! Prometheus metrics of a control node, served as text at `/metrics`.
+//!
+//! Request counters and latency histograms are recorded by the HTTP layer; Raft gauges are
+//! read from openraft's metrics at scrape time, so they are never stale.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: String,
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProposalLabels {
+    pub kind: String,
+    pub outcome: String,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+}
+
+/// Every metric of a node.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    pub proposals: Family<ProposalLabels, Counter>,
+    pub term: Gauge,
+    pub leader: Gauge,
+    pub is_leader: Gauge,
+    pub commit_index: Gauge,
+    pub applied_index: Gauge,
+    pub last_log_index: Gauge,
+    pub vms: Gauge,
+    pub hosts: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("blixard");
+        let requests = Family::<RequestLabels, Counter>::default();
+        r.register(
+            "api_requests",
+            "HTTP API requests by route and status",
+            requests.clone(),
+        );
+        let latency = Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        r.register(
+            "api_request_duration_seconds",
+            "HTTP API latency by route",
+            latency.clone(),
+        );
+        let proposals = Family::<ProposalLabels, Counter>::default();
+        r.register(
+            "raft_proposals",
+            "Raft proposals by command and outcome",
+            proposals.clone(),
+        );
+        let g = |r: &mut Registry, name: &str, help: &str| {
+            let g = Gauge::default();
+            r.register(name, help, g.clone());
+            g
+        };
+        let term = g(&mut r, "raft_term", "current Raft term");
+        let leader = g(
+            &mut r,
+            "raft_leader",
+            "id of the current leader (0 if none)",
+        );
+        let is_leader = g(&mut r, "raft_is_leader", "1 on the leader");
+        let commit_index = g(&mut r, "raft_commit_index", "committed log index");
+        let applied_index = g(&mut r, "raft_applied_index", "applied log index");
+        let last_log_index = g(&mut r, "raft_last_log_index", "last log index");
+        let vms = g(&mut r, "vms", "VMs in the cluster");
+        let hosts = g(&mut r, "hosts", "hosts in the cluster");
+        Metrics {
+            registry: Mutex::new(r),
+            requests,
+            latency,
+            proposals,
+            term,
+            leader,
+            is_leader,
+            commit_index,
+            applied_index,
+            last_log_index,
+            vms,
+            hosts,
+        }
+    }
+
+    pub fn proposal(&self, kind: &str, outcome: &str) {
+        self.proposals
+            .get_or_create(&ProposalLabels {
+                kind: kind.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Ok(r) = self.registry.lock() {
+            // Writing into a String cannot fail.
+            let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+        }
+        out
+    }
+}

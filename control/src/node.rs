@@ -1,0 +1,470 @@
+//! A running control node: the Raft instance over the SQLite stores, and the operations the
+//! HTTP layer needs (propose, linearizable read, membership, status), each of which works on
+//! any node: a follower forwards to the leader over `POST /raft/forward`.
+//!
+//! Cluster formation follows etcd: every node starts with the same initial membership, and a
+//! node whose store is pristine calls `initialize` with it (openraft allows several nodes to
+//! do so with the same config). A restart finds its log and vote and simply rejoins.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use blixard_api::{AddMember, ClusterStatus, Member};
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::network::HttpNetwork;
+use crate::raft_types::{NodeId, Raft};
+use crate::state_machine::{Command, Response};
+use crate::store::log::LogStore;
+use crate::store::state::StateStore;
+use crate::store::StoreError;
+
+/// How long an operation waits for a leader before giving up with `NoLeader`.
+const LEADER_WAIT: Duration = Duration::from_secs(5);
+
+/// Errors of node operations.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("no leader elected yet; retry shortly")]
+    NoLeader,
+    #[error("the leader could not be reached: {0}")]
+    LeaderUnreachable(String),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot create {path}: {source}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Requests a follower sends to the leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Forward {
+    Propose(Command),
+    ReadIndex,
+    AddMember(AddMember),
+    RemoveMember(u64),
+}
+
+/// The leader's answer to a [`Forward`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ForwardReply {
+    Response(Response),
+    ReadIndex(u64),
+    Members(Vec<Member>),
+    /// The receiver is not (or no longer) the leader.
+    NotLeader,
+    Error(String),
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A running control node.
+pub struct ControlNode {
+    pub id: NodeId,
+    pub config: Config,
+    pub raft: Raft,
+    pub state: StateStore,
+    pub metrics: Arc<Metrics>,
+    http: reqwest::Client,
+}
+
+impl ControlNode {
+    /// Opens the stores and starts Raft. Does not form the cluster: see [`Self::bootstrap`].
+    pub async fn open(config: Config) -> Result<Arc<Self>, NodeError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| NodeError::DataDir {
+            path: config.data_dir.display().to_string(),
+            source,
+        })?;
+        let log = LogStore::open(&config.data_dir)?;
+        let state = StateStore::open(&config.data_dir)?;
+        let raft_config = openraft::Config {
+            cluster_name: "blixard".into(),
+            heartbeat_interval: config.heartbeat_ms,
+            election_timeout_min: config.election_timeout_min_ms,
+            election_timeout_max: config.election_timeout_max_ms,
+            // A loaded 2-core machine can take longer than the 200 ms default to write a
+            // snapshot chunk.
+            install_snapshot_timeout: 5_000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+            max_in_snapshot_log_to_keep: (config.snapshot_every / 2).min(1_000),
+            max_payload_entries: 1_000,
+            ..Default::default()
+        };
+        let raft_config = Arc::new(
+            raft_config
+                .validate()
+                .map_err(|e| NodeError::Invalid(e.to_string()))?,
+        );
+        let network = HttpNetwork::new().map_err(|e| NodeError::Raft(e.to_string()))?;
+        let raft = Raft::new(config.node_id, raft_config, network, log, state.clone())
+            .await
+            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        Ok(Arc::new(ControlNode {
+            id: config.node_id,
+            config,
+            raft,
+            state,
+            metrics: Arc::new(Metrics::new()),
+            http,
+        }))
+    }
+
+    /// Forms the cluster from `initial_cluster` if this node's store is pristine and it is not
+    /// joining an existing cluster. Safe to call on every node of the initial cluster.
+    pub async fn bootstrap(&self) -> Result<(), NodeError> {
+        if self.config.join {
+            return Ok(());
+        }
+        let initialized = self
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        if initialized {
+            tracing::info!("store holds a cluster already; rejoining");
+            return Ok(());
+        }
+        let members: BTreeMap<NodeId, BasicNode> = self
+            .config
+            .initial_cluster
+            .iter()
+            .map(|(id, url)| (*id, BasicNode { addr: url.clone() }))
+            .collect();
+        match self.raft.initialize(members).await {
+            Ok(()) => {
+                tracing::info!(members = ?self.config.initial_cluster, "formed the cluster");
+                Ok(())
+            }
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(NodeError::Raft(e.to_string())),
+        }
+    }
+
+    /// The leader's id, if one is known.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    fn node_addr(&self, id: NodeId) -> Option<String> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        m.membership().get_node(&id).map(|n| n.addr.clone())
+    }
+
+    /// Waits until a leader is known (or the deadline passes).
+    async fn wait_leader(&self) -> Result<NodeId, NodeError> {
+        let mut rx = self.raft.metrics();
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        loop {
+            if let Some(l) = rx.borrow_and_update().current_leader {
+                return Ok(l);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return Err(NodeError::NoLeader),
+            }
+        }
+    }
+
+    /// Waits until the leader is someone other than `old` (or anyone, if `old` is `None`).
+    async fn wait_leader_change(&self, old: Option<NodeId>, deadline: tokio::time::Instant) {
+        let mut rx = self.raft.metrics();
+        loop {
+            let l = rx.borrow_and_update().current_leader;
+            if l.is_some() && l != old {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    /// Runs `req` on the leader: here if this node leads, otherwise over HTTP.
+    async fn on_leader(&self, req: Forward) -> Result<ForwardReply, NodeError> {
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        let mut last = NodeError::NoLeader;
+        loop {
+            if tokio::time::Instant::now() > deadline {
+                return Err(last);
+            }
+            let leader = match self.wait_leader().await {
+                Ok(l) => l,
+                Err(e) => return Err(e),
+            };
+            let reply = if leader == self.id {
+                self.handle_forward(req.clone()).await
+            } else {
+                let Some(addr) = self.node_addr(leader) else {
+                    last = NodeError::NoLeader;
+                    self.wait_leader_change(Some(leader), deadline).await;
+                    continue;
+                };
+                match self.send_forward(&addr, &req).await {
+                    Ok(r) => r,
+                    Err(e @ NodeError::LeaderUnreachable(_)) => {
+                        last = e;
+                        self.wait_leader_change(
+                            Some(leader),
+                            deadline.min(tokio::time::Instant::now() + Duration::from_millis(300)),
+                        )
+                        .await;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            match reply {
+                ForwardReply::NotLeader => {
+                    last = NodeError::NoLeader;
+                    self.wait_leader_change(
+                        Some(leader),
+                        deadline.min(tokio::time::Instant::now() + Duration::from_millis(300)),
+                    )
+                    .await;
+                }
+                ForwardReply::Error(e) => return Err(NodeError::Raft(e)),
+                other => return Ok(other),
+            }
+        }
+    }
+
+    async fn send_forward(&self, addr: &str, req: &Forward) -> Result<ForwardReply, NodeError> {
+        let url = format!("{addr}/raft/forward");
+        let resp = self
+            .http
+            .post(&url)
+            .timeout(Duration::from_secs(30))
+            .json(req)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_connect() {
+                    // Nothing was sent: safe to retry elsewhere.
+                    NodeError::LeaderUnreachable(format!("{url}: {e}"))
+                } else {
+                    // The leader may have applied it: retrying could apply it twice.
+                    NodeError::Raft(format!("the leader did not answer ({url}): {e}"))
+                }
+            })?;
+        if !resp.status().is_success() {
+            return Err(NodeError::LeaderUnreachable(format!(
+                "{url}: HTTP {}",
+                resp.status()
+            )));
+        }
+        resp.json()
+            .await
+            .map_err(|e| NodeError::LeaderUnreachable(format!("{url}: {e}")))
+    }
+
+    /// Executes a forwarded request, if this node is the leader.
+    pub async fn handle_forward(&self, req: Forward) -> ForwardReply {
+        match req {
+            Forward::Propose(mut cmd) => {
+                cmd.stamp(now_ms());
+                let kind = cmd.kind();
+                match self.raft.client_write(cmd).await {
+                    Ok(r) => {
+                        self.metrics.proposal(kind, "ok");
+                        ForwardReply::Response(r.data)
+                    }
+                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                        self.metrics.proposal(kind, "not_leader");
+                        ForwardReply::NotLeader
+                    }
+                    Err(e) => {
+                        self.metrics.proposal(kind, "error");
+                        ForwardReply::Error(e.to_string())
+                    }
+                }
+            }
+            Forward::ReadIndex => match self.raft.ensure_linearizable().await {
+                Ok(log_id) => ForwardReply::ReadIndex(log_id.map(|l| l.index).unwrap_or(0)),
+                Err(RaftError::APIError(_)) => ForwardReply::NotLeader,
+                Err(e) => ForwardReply::Error(e.to_string()),
+            },
+            Forward::AddMember(m) => self.add_member_here(m).await,
+            Forward::RemoveMember(id) => self.remove_member_here(id).await,
+        }
+    }
+
+    async fn add_member_here(&self, m: AddMember) -> ForwardReply {
+        if self.leader() != Some(self.id) {
+            return ForwardReply::NotLeader;
+        }
+        if let Err(e) = self
+            .raft
+            .add_learner(
+                m.id,
+                BasicNode {
+                    addr: m.addr.clone(),
+                },
+                true,
+            )
+            .await
+        {
+            return ForwardReply::Error(format!("adding node {} as learner: {e}", m.id));
+        }
+        let add = ChangeMembers::AddVoterIds(BTreeSet::from([m.id]));
+        match self.raft.change_membership(add, false).await {
+            Ok(_) => ForwardReply::Members(self.members()),
+            Err(e) => ForwardReply::Error(format!("promoting node {}: {e}", m.id)),
+        }
+    }
+
+    async fn remove_member_here(&self, id: u64) -> ForwardReply {
+        if self.leader() != Some(self.id) {
+            return ForwardReply::NotLeader;
+        }
+        let voters: BTreeSet<NodeId> = self
+            .members()
+            .iter()
+            .filter(|m| m.role == "voter")
+            .map(|m| m.id)
+            .collect();
+        if !self.members().iter().any(|m| m.id == id) {
+            return ForwardReply::Error(format!("node {id} is not a member"));
+        }
+        if voters.contains(&id) && voters.len() == 1 {
+            return ForwardReply::Error("cannot remove the last voter".into());
+        }
+        let change = if voters.contains(&id) {
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        };
+        match self.raft.change_membership(change, false).await {
+            Ok(_) => ForwardReply::Members(self.members()),
+            Err(e) => ForwardReply::Error(format!("removing node {id}: {e}")),
+        }
+    }
+
+    /// Proposes a command through Raft (on the leader, wherever that is) and returns the
+    /// applied outcome.
+    pub async fn propose(&self, cmd: Command) -> Result<Response, NodeError> {
+        match self.on_leader(Forward::Propose(cmd)).await? {
+            ForwardReply::Response(r) => Ok(r),
+            other => Err(NodeError::Raft(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Returns once this node's state machine reflects every write committed before the call
+    /// (a read-index read, on followers via the leader).
+    pub async fn read_barrier(&self) -> Result<(), NodeError> {
+        let index = match self.on_leader(Forward::ReadIndex).await? {
+            ForwardReply::ReadIndex(i) => i,
+            other => return Err(NodeError::Raft(format!("unexpected reply {other:?}"))),
+        };
+        self.raft
+            .wait(Some(LEADER_WAIT))
+            .applied_index_at_least(Some(index), "read barrier")
+            .await
+            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        Ok(())
+    }
+
+    pub async fn add_member(&self, m: AddMember) -> Result<Vec<Member>, NodeError> {
+        match self.on_leader(Forward::AddMember(m)).await? {
+            ForwardReply::Members(v) => Ok(v),
+            other => Err(NodeError::Raft(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    pub async fn remove_member(&self, id: u64) -> Result<Vec<Member>, NodeError> {
+        match self.on_leader(Forward::RemoveMember(id)).await? {
+            ForwardReply::Members(v) => Ok(v),
+            other => Err(NodeError::Raft(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Members from Raft's own configuration (on every node, followers included).
+    pub fn members(&self) -> Vec<Member> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let membership = m.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, node)| Member {
+                id: *id,
+                addr: node.addr.clone(),
+                role: if voters.contains(id) {
+                    "voter"
+                } else {
+                    "learner"
+                }
+                .into(),
+            })
+            .collect()
+    }
+
+    /// This node's view of the cluster.
+    pub async fn status(&self) -> ClusterStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let commit_index = self
+            .raft
+            .with_raft_state(|st| st.committed.map(|c| c.index).unwrap_or(0))
+            .await
+            .unwrap_or(0);
+        let leader_addr = m.current_leader.and_then(|l| self.node_addr(l));
+        ClusterStatus {
+            node_id: self.id,
+            leader: m.current_leader,
+            leader_addr,
+            term: m.current_term,
+            state: match m.state {
+                ServerState::Leader => "leader",
+                ServerState::Follower => "follower",
+                ServerState::Candidate => "candidate",
+                ServerState::Learner => "learner",
+                ServerState::Shutdown => "shutdown",
+            }
+            .into(),
+            members: self.members(),
+            commit_index,
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+        }
+    }
+
+    /// Refreshes the Raft gauges (called at scrape time).
+    pub async fn refresh_gauges(&self) {
+        let s = self.status().await;
+        let mx = &self.metrics;
+        mx.term.set(s.term as i64);
+        mx.leader.set(s.leader.unwrap_or(0) as i64);
+        mx.is_leader.set(i64::from(s.leader == Some(self.id)));
+        mx.commit_index.set(s.commit_index as i64);
+        mx.applied_index.set(s.applied_index as i64);
+        mx.last_log_index.set(s.last_log_index as i64);
+        let (vms, hosts) = self.state.read(|c| (c.vms.len(), c.hosts.len()));
+        mx.vms.set(vms as i64);
+        mx.hosts.set(hosts as i64);
+    }
+}

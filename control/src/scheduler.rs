@@ -1,0 +1,405 @@
+//! Placement: cluster view + pending VMs → placements, as a pure, deterministic function.
+//!
+//! The leader runs it whenever VMs are pending and commits the result through Raft as one
+//! `Place` command (a batch). Rules:
+//! - a host must be `up`, run the VM's hypervisor, and carry every label the VM requires;
+//! - the host's vCPUs and memory, times the overcommit ratios, are never exceeded by the VMs
+//!   assigned to it (every assigned VM holds its reservation, running or not);
+//! - no two VMs of one anti-affinity group share a host;
+//! - among the hosts that fit, `spread` picks the one with the most free memory, `binpack`
+//!   the one with the least; ties break on the host id, so equal input gives equal output.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use blixard_api::{DesiredState, Host, HostStatus, PlacementStrategy, Vm, VmSpec};
+
+use crate::state_machine::{ClusterState, Placement, Unplaced};
+
+/// How far a host's resources may be promised beyond what it has.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Overcommit {
+    pub cpu: f64,
+    pub memory: f64,
+}
+
+impl Default for Overcommit {
+    fn default() -> Self {
+        Overcommit {
+            cpu: 4.0,
+            memory: 1.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Load {
+    vcpus: u64,
+    memory_mib: u64,
+    groups: BTreeSet<String>,
+}
+
+impl Load {
+    fn add(&mut self, spec: &VmSpec) {
+        self.vcpus += u64::from(spec.vcpus);
+        self.memory_mib += spec.memory_mib;
+        if let Some(g) = &spec.anti_affinity {
+            self.groups.insert(g.clone());
+        }
+    }
+}
+
+/// Why one host was rejected for one VM; counted into the pending reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Reject {
+    NotUp,
+    Hypervisor,
+    Labels,
+    AntiAffinity,
+    Cpu,
+    Memory,
+}
+
+impl Reject {
+    fn describe(self) -> &'static str {
+        match self {
+            Reject::NotUp => "not up",
+            Reject::Hypervisor => "without the hypervisor",
+            Reject::Labels => "missing required labels",
+            Reject::AntiAffinity => "already running its anti-affinity group",
+            Reject::Cpu => "short of vCPUs",
+            Reject::Memory => "short of memory",
+        }
+    }
+}
+
+fn check(host: &Host, load: &Load, spec: &VmSpec, oc: Overcommit) -> Result<f64, Reject> {
+    if host.status != HostStatus::Up {
+        return Err(Reject::NotUp);
+    }
+    if !host.hypervisors.is_empty() && !host.hypervisors.contains(&spec.hypervisor) {
+        return Err(Reject::Hypervisor);
+    }
+    if !spec
+        .constraints
+        .iter()
+        .all(|(k, v)| host.labels.get(k) == Some(v))
+    {
+        return Err(Reject::Labels);
+    }
+    if spec
+        .anti_affinity
+        .as_ref()
+        .is_some_and(|g| load.groups.contains(g))
+    {
+        return Err(Reject::AntiAffinity);
+    }
+    let cpu_cap = (f64::from(host.capacity.vcpus) * oc.cpu).floor() as u64;
+    if load.vcpus + u64::from(spec.vcpus) > cpu_cap {
+        return Err(Reject::Cpu);
+    }
+    let mem_cap = (host.capacity.memory_mib as f64 * oc.memory).floor() as u64;
+    let mem_after = load.memory_mib + spec.memory_mib;
+    if mem_after > mem_cap {
+        return Err(Reject::Memory);
+    }
+    // Fraction of memory left free after placing the VM.
+    Ok((mem_cap - mem_after) as f64 / mem_cap.max(1) as f64)
+}
+
+/// VMs that want to run and have no host, oldest first.
+pub fn pending(state: &ClusterState) -> Vec<&Vm> {
+    let mut v: Vec<&Vm> = state
+        .vms
+        .values()
+        .filter(|vm| vm.host.is_none() && vm.desired == DesiredState::Running)
+        .collect();
+    v.sort_by(|a, b| (a.created_ms, &a.spec.name).cmp(&(b.created_ms, &b.spec.name)));
+    v
+}
+
+/// Places every pending VM it can. Returns placements and, for the rest, the reason.
+pub fn schedule(state: &ClusterState, oc: Overcommit) -> (Vec<Placement>, Vec<Unplaced>) {
+    let mut load: BTreeMap<&str, Load> = state
+        .hosts
+        .keys()
+        .map(|h| (h.as_str(), Load::default()))
+        .collect();
+    for vm in state.vms.values() {
+        if let Some(l) = vm.host.as_deref().and_then(|h| load.get_mut(h)) {
+            l.add(&vm.spec);
+        }
+    }
+    let mut placements = Vec::new();
+    let mut unplaced = Vec::new();
+    for vm in pending(state) {
+        let mut best: Option<(f64, &str)> = None;
+        let mut rejects: BTreeMap<Reject, usize> = BTreeMap::new();
+        for host in state.hosts.values() {
+            let Some(l) = load.get(host.id.as_str()) else {
+                continue;
+            };
+            match check(host, l, &vm.spec, oc) {
+                Ok(free) => {
+                    let score = match vm.spec.strategy {
+                        PlacementStrategy::Spread => free,
+                        PlacementStrategy::Binpack => -free,
+                    };
+                    // Strictly greater: on a tie the first host id (BTreeMap order) wins.
+                    if best.is_none_or(|(s, _)| score > s) {
+                        best = Some((score, host.id.as_str()));
+                    }
+                }
+                Err(r) => *rejects.entry(r).or_default() += 1,
+            }
+        }
+        match best {
+            Some((_, host)) => {
+                if let Some(l) = load.get_mut(host) {
+                    l.add(&vm.spec);
+                }
+                placements.push(Placement {
+                    vm: vm.spec.name.clone(),
+                    host: host.to_string(),
+                    generation: vm.generation,
+                });
+            }
+            None => {
+                let reason = if state.hosts.is_empty() {
+                    "no hosts registered".to_string()
+                } else {
+                    let parts: Vec<String> = rejects
+                        .iter()
+                        .map(|(r, n)| format!("{n} {} {}", host_word(*n), r.describe()))
+                        .collect();
+                    format!("no host fits: {}", parts.join(", "))
+                };
+                unplaced.push(Unplaced {
+                    vm: vm.spec.name.clone(),
+                    reason,
+                });
+            }
+        }
+    }
+    (placements, unplaced)
+}
+
+fn host_word(n: usize) -> &'static str {
+    if n == 1 {
+        "host"
+    } else {
+        "hosts"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blixard_api::{Capacity, Hypervisor, RestartPolicy, VmState};
+
+    fn host(id: &str, vcpus: u32, mem: u64) -> Host {
+        Host {
+            id: id.into(),
+            address: String::new(),
+            capacity: Capacity {
+                vcpus,
+                memory_mib: mem,
+                disk_gib: 10,
+                kvm: false,
+            },
+            labels: Default::default(),
+            hypervisors: vec![],
+            status: HostStatus::Up,
+            last_heartbeat_ms: 0,
+            registered_ms: 0,
+            epoch: 1,
+        }
+    }
+
+    fn vm(name: &str, vcpus: u32, mem: u64, created: u64) -> Vm {
+        Vm {
+            spec: VmSpec {
+                name: name.into(),
+                vcpus,
+                memory_mib: mem,
+                hypervisor: Hypervisor::Qemu,
+                kernel: Some("k".into()),
+                initrd: None,
+                cmdline: None,
+                disks: vec![],
+                nics: vec![],
+                restart_policy: RestartPolicy::Always,
+                constraints: Default::default(),
+                anti_affinity: None,
+                strategy: PlacementStrategy::Spread,
+            },
+            desired: DesiredState::Running,
+            state: VmState::Pending,
+            reason: None,
+            host: None,
+            generation: 1,
+            since_ms: 0,
+            created_ms: created,
+            mod_index: 0,
+        }
+    }
+
+    fn state(hosts: Vec<Host>, vms: Vec<Vm>) -> ClusterState {
+        ClusterState {
+            hosts: hosts.into_iter().map(|h| (h.id.clone(), h)).collect(),
+            vms: vms.into_iter().map(|v| (v.spec.name.clone(), v)).collect(),
+            host_rev: Default::default(),
+        }
+    }
+
+    fn placed(p: &[Placement]) -> Vec<(String, String)> {
+        p.iter().map(|p| (p.vm.clone(), p.host.clone())).collect()
+    }
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn table() {
+        struct Case {
+            name: &'static str,
+            hosts: Vec<Host>,
+            vms: Vec<Vm>,
+            want: Vec<(&'static str, &'static str)>,
+            unplaced: usize,
+        }
+        let mut down = host("h1", 4, 1024);
+        down.status = HostStatus::Down;
+        let mut draining = host("h1", 4, 1024);
+        draining.status = HostStatus::Draining;
+        let mut labelled = host("h2", 4, 1024);
+        labelled.labels.insert("zone".into(), "a".into());
+        let mut wants_zone = vm("a", 1, 100, 1);
+        wants_zone
+            .spec
+            .constraints
+            .insert("zone".into(), "a".into());
+        let mut g1 = vm("a", 1, 100, 1);
+        g1.spec.anti_affinity = Some("db".into());
+        let mut g2 = vm("b", 1, 100, 2);
+        g2.spec.anti_affinity = Some("db".into());
+        let mut g3 = vm("c", 1, 100, 3);
+        g3.spec.anti_affinity = Some("db".into());
+        let mut bp1 = vm("a", 1, 100, 1);
+        bp1.spec.strategy = PlacementStrategy::Binpack;
+        let mut bp2 = vm("b", 1, 100, 2);
+        bp2.spec.strategy = PlacementStrategy::Binpack;
+        let mut stopped = vm("s", 1, 100, 1);
+        stopped.desired = DesiredState::Stopped;
+        let mut qemu_only = host("h1", 4, 1024);
+        qemu_only.hypervisors = vec![Hypervisor::Process];
+        let cases = vec![
+            Case {
+                name: "no hosts",
+                hosts: vec![],
+                vms: vec![vm("a", 1, 100, 1)],
+                want: vec![],
+                unplaced: 1,
+            },
+            Case {
+                name: "spread alternates",
+                hosts: vec![host("h1", 4, 1024), host("h2", 4, 1024)],
+                vms: vec![vm("a", 1, 100, 1), vm("b", 1, 100, 2), vm("c", 1, 100, 3)],
+                want: vec![("a", "h1"), ("b", "h2"), ("c", "h1")],
+                unplaced: 0,
+            },
+            Case {
+                name: "binpack fills one host",
+                hosts: vec![host("h1", 4, 1024), host("h2", 4, 1024)],
+                vms: vec![bp1, bp2],
+                want: vec![("a", "h1"), ("b", "h1")],
+                unplaced: 0,
+            },
+            Case {
+                name: "memory is never overcommitted",
+                hosts: vec![host("h1", 64, 1000)],
+                vms: vec![vm("a", 1, 600, 1), vm("b", 1, 600, 2)],
+                want: vec![("a", "h1")],
+                unplaced: 1,
+            },
+            Case {
+                name: "cpu overcommit 4x",
+                hosts: vec![host("h1", 1, 100_000)],
+                vms: (0..5).map(|i| vm(&format!("v{i}"), 1, 10, i)).collect(),
+                want: vec![("v0", "h1"), ("v1", "h1"), ("v2", "h1"), ("v3", "h1")],
+                unplaced: 1,
+            },
+            Case {
+                name: "down host",
+                hosts: vec![down],
+                vms: vec![vm("a", 1, 1, 1)],
+                want: vec![],
+                unplaced: 1,
+            },
+            Case {
+                name: "draining host",
+                hosts: vec![draining],
+                vms: vec![vm("a", 1, 1, 1)],
+                want: vec![],
+                unplaced: 1,
+            },
+            Case {
+                name: "labels",
+                hosts: vec![host("h1", 4, 1024), labelled],
+                vms: vec![wants_zone],
+                want: vec![("a", "h2")],
+                unplaced: 0,
+            },
+            Case {
+                name: "anti-affinity",
+                hosts: vec![host("h1", 4, 1024), host("h2", 4, 1024)],
+                vms: vec![g1, g2, g3],
+                want: vec![("a", "h1"), ("b", "h2")],
+                unplaced: 1,
+            },
+            Case {
+                name: "stopped vms are not placed",
+                hosts: vec![host("h1", 4, 1024)],
+                vms: vec![stopped],
+                want: vec![],
+                unplaced: 0,
+            },
+            Case {
+                name: "hypervisor support",
+                hosts: vec![qemu_only],
+                vms: vec![vm("a", 1, 1, 1)],
+                want: vec![],
+                unplaced: 1,
+            },
+        ];
+        for c in cases {
+            let st = state(c.hosts, c.vms);
+            let (p, u) = schedule(&st, Overcommit::default());
+            assert_eq!(placed(&p), pairs(&c.want), "{}", c.name);
+            assert_eq!(u.len(), c.unplaced, "{}: {u:?}", c.name);
+            // Deterministic: the same input gives the same output.
+            assert_eq!(schedule(&st, Overcommit::default()), (p, u), "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn reason_names_the_shortage() {
+        let st = state(vec![host("h1", 4, 100)], vec![vm("a", 1, 600, 1)]);
+        let (_, u) = schedule(&st, Overcommit::default());
+        assert_eq!(u[0].reason, "no host fits: 1 host short of memory");
+    }
+
+    #[test]
+    fn existing_assignments_count() {
+        let mut a = vm("a", 1, 600, 1);
+        a.host = Some("h1".into());
+        let st = state(
+            vec![host("h1", 4, 1000), host("h2", 4, 1000)],
+            vec![a, vm("b", 1, 600, 2)],
+        );
+        let (p, _) = schedule(&st, Overcommit::default());
+        assert_eq!(placed(&p), pairs(&[("b", "h2")]));
+    }
+}
