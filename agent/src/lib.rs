@@ -1,1 +1,45 @@
-//! placeholder
+//! `blixard-agent`: runs the VMs a host is assigned as transient systemd units.
+//!
+//! One agent runs on every host. It registers the host's capacity with the control plane,
+//! heartbeats, long-polls its assignments, and reconciles them against the `blixard-vm-*`
+//! units systemd has, over D-Bus. VMs are systemd's units, not the agent's children: the agent
+//! can stop, crash or be upgraded while every VM keeps running, and it adopts them on start.
+//!
+//! The modules, pure cores first:
+//! - [`config`]: the TOML configuration and its validation;
+//! - [`command`]: hypervisor argv builders (the spec never picks the executable);
+//! - [`unit_spec`]: VM spec → transient unit properties, as plain data;
+//! - [`reconcile`]: desired + observed → actions, as plain data;
+//! - [`capacity`]: what the host offers;
+//! - [`systemd`]: the D-Bus adapter, the only module that imports zbus;
+//! - [`daemon`]: the loops that tie them to the control plane ([`run`]);
+//! - [`notify`] and [`logging`]: sd-notify and journald/stderr logging.
+
+pub mod capacity;
+pub mod command;
+pub mod config;
+pub mod daemon;
+pub mod logging;
+pub mod notify;
+pub mod reconcile;
+pub mod systemd;
+pub mod unit_spec;
+
+pub use config::Config;
+pub use daemon::{run, AgentError};
+
+/// An error and its causes on one line: `a: b: c`.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        // Some errors repeat their cause in their own message: say it once.
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}

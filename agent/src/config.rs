@@ -1,0 +1,465 @@
+//! The agent's configuration: a TOML file (`--config FILE`, usually
+//! `/etc/blixard/agent.toml`) whose settings command-line flags may override.
+//!
+//! Loading is separate from validation so that `blixard-agent check-config FILE` can report
+//! the first problem in one line without starting anything.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use blixard_api::{validate, Hypervisor};
+use serde::{Deserialize, Serialize};
+
+/// Errors of loading or validating a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped keys.
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A setting has a value the agent cannot use.
+    #[error("invalid setting {field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Which D-Bus bus reaches the systemd manager the agent drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SystemdBus {
+    /// The system bus: the system manager (production).
+    #[default]
+    System,
+    /// The session bus of `$DBUS_SESSION_BUS_ADDRESS`: a user manager (tests, rootless use).
+    Session,
+}
+
+impl SystemdBus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SystemdBus::System => "system",
+            SystemdBus::Session => "session",
+        }
+    }
+}
+
+impl std::str::FromStr for SystemdBus {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "system" => Ok(SystemdBus::System),
+            "session" => Ok(SystemdBus::Session),
+            other => Err(invalid(
+                "systemd_bus",
+                format!("{other:?} is not \"system\" or \"session\""),
+            )),
+        }
+    }
+}
+
+/// The whole configuration. Every key but `host_id` and `control_endpoints` has a default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// DNS label naming this host in the cluster.
+    #[serde(default)]
+    pub host_id: String,
+    /// Control-plane endpoints (`http://host:port`); any node will do.
+    #[serde(default)]
+    pub control_endpoints: Vec<String>,
+    /// Where the agent keeps its files; the disk capacity reported is this file system's.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Per-boot files (sockets, pid files of VMs).
+    #[serde(default = "default_runtime_dir")]
+    pub runtime_dir: PathBuf,
+    /// Kernels, initrds and disk images; every path of a VM spec is resolved inside it.
+    #[serde(default = "default_image_dir")]
+    pub image_dir: PathBuf,
+    #[serde(default)]
+    pub systemd_bus: SystemdBus,
+    /// Labels the scheduler matches against VM constraints.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// The argv that runs a VM of hypervisor `process` (absolute path first); when absent,
+    /// this host does not offer that hypervisor.
+    #[serde(default)]
+    pub process_command: Option<Vec<String>>,
+    /// Hypervisor name (`qemu`, `cloud-hypervisor`, `firecracker`) → binary path.
+    #[serde(default)]
+    pub hypervisors: BTreeMap<String, PathBuf>,
+    /// Memory kept for the host itself, subtracted from MemTotal in the capacity.
+    #[serde(default = "default_memory_reserve_mib")]
+    pub memory_reserve_mib: u64,
+    /// File holding a bearer token for the control plane (e.g. from `LoadCredential=`).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Address reported in the registration, for operators; may be empty.
+    #[serde(default)]
+    pub advertise_address: String,
+    /// Forces the KVM capability instead of probing `/dev/kvm`.
+    #[serde(default)]
+    pub kvm: Option<bool>,
+    /// Limits and timeouts of every VM unit.
+    #[serde(default)]
+    pub vm_unit: VmUnitConfig,
+}
+
+/// Settings of the transient unit of every VM (see `unit_spec`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmUnitConfig {
+    /// Memory allowed beyond the guest's own (hypervisor, device emulation), in MiB.
+    pub memory_overhead_mib: u64,
+    /// `CPUWeight=` of every VM.
+    pub cpu_weight: u64,
+    /// `TasksMax=` of every VM.
+    pub tasks_max: u64,
+    /// How long a VM may take to stop after SIGTERM before it is killed, in seconds.
+    pub stop_timeout_secs: u64,
+}
+
+impl Default for VmUnitConfig {
+    fn default() -> Self {
+        VmUnitConfig {
+            memory_overhead_mib: 128,
+            cpu_weight: 100,
+            tasks_max: 4096,
+            stop_timeout_secs: 30,
+        }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/blixard")
+}
+fn default_runtime_dir() -> PathBuf {
+    PathBuf::from("/run/blixard")
+}
+fn default_image_dir() -> PathBuf {
+    PathBuf::from("/var/lib/blixard/images")
+}
+fn default_heartbeat_ms() -> u64 {
+    2000
+}
+fn default_memory_reserve_mib() -> u64 {
+    512
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            host_id: String::new(),
+            control_endpoints: Vec::new(),
+            data_dir: default_data_dir(),
+            runtime_dir: default_runtime_dir(),
+            image_dir: default_image_dir(),
+            systemd_bus: SystemdBus::default(),
+            labels: BTreeMap::new(),
+            heartbeat_interval_ms: default_heartbeat_ms(),
+            process_command: None,
+            hypervisors: BTreeMap::new(),
+            memory_reserve_mib: default_memory_reserve_mib(),
+            token_file: None,
+            advertise_address: String::new(),
+            kvm: None,
+            vm_unit: VmUnitConfig::default(),
+        }
+    }
+}
+
+/// Settings given on the command line; each one that is set replaces the file's.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub host_id: Option<String>,
+    pub control_endpoints: Option<Vec<String>>,
+    pub data_dir: Option<PathBuf>,
+    pub runtime_dir: Option<PathBuf>,
+    pub image_dir: Option<PathBuf>,
+    pub systemd_bus: Option<SystemdBus>,
+    pub heartbeat_interval_ms: Option<u64>,
+}
+
+impl Config {
+    /// Parses a configuration from TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            // toml's messages span several lines (a caret under the culprit); keep one.
+            message: e
+                .to_string()
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(" "),
+        })
+    }
+
+    /// Reads and parses a configuration file (without validating it).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Applies command-line overrides.
+    pub fn apply(&mut self, o: Overrides) {
+        if let Some(v) = o.host_id {
+            self.host_id = v;
+        }
+        if let Some(v) = o.control_endpoints {
+            self.control_endpoints = v;
+        }
+        if let Some(v) = o.data_dir {
+            self.data_dir = v;
+        }
+        if let Some(v) = o.runtime_dir {
+            self.runtime_dir = v;
+        }
+        if let Some(v) = o.image_dir {
+            self.image_dir = v;
+        }
+        if let Some(v) = o.systemd_bus {
+            self.systemd_bus = v;
+        }
+        if let Some(v) = o.heartbeat_interval_ms {
+            self.heartbeat_interval_ms = v;
+        }
+    }
+
+    /// Checks that every setting is usable; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate::dns_label("host_id", &self.host_id).map_err(|e| invalid(e.field, e.message))?;
+        if self.control_endpoints.is_empty() {
+            return Err(invalid(
+                "control_endpoints",
+                "at least one endpoint is needed",
+            ));
+        }
+        for (i, e) in self.control_endpoints.iter().enumerate() {
+            let ok = (e.starts_with("http://") || e.starts_with("https://"))
+                && !e.chars().any(|c| c.is_whitespace() || c.is_control());
+            if !ok {
+                return Err(invalid(
+                    format!("control_endpoints[{i}]"),
+                    format!("{e:?} must look like http://host:port"),
+                ));
+            }
+        }
+        for (field, dir) in [
+            ("data_dir", &self.data_dir),
+            ("runtime_dir", &self.runtime_dir),
+            ("image_dir", &self.image_dir),
+        ] {
+            if !dir.is_absolute() {
+                return Err(invalid(
+                    field,
+                    format!("{} must be an absolute path", dir.display()),
+                ));
+            }
+        }
+        if !(100..=600_000).contains(&self.heartbeat_interval_ms) {
+            return Err(invalid(
+                "heartbeat_interval_ms",
+                "must be between 100 and 600000",
+            ));
+        }
+        if let Some(cmd) = &self.process_command {
+            match cmd.first() {
+                None => return Err(invalid("process_command", "must not be empty")),
+                Some(p) if !p.starts_with('/') => {
+                    return Err(invalid(
+                        "process_command",
+                        format!("{p:?} must be an absolute path"),
+                    ))
+                }
+                Some(_) => {}
+            }
+            if cmd.iter().any(|a| a.contains('\0')) {
+                return Err(invalid("process_command", "arguments must not contain NUL"));
+            }
+        }
+        for (name, path) in &self.hypervisors {
+            if hypervisor_by_name(name).is_none() {
+                return Err(invalid(
+                    format!("hypervisors.{name}"),
+                    "unknown hypervisor (qemu, cloud-hypervisor, firecracker)",
+                ));
+            }
+            if !path.is_absolute() {
+                return Err(invalid(
+                    format!("hypervisors.{name}"),
+                    format!("{} must be an absolute path", path.display()),
+                ));
+            }
+        }
+        for (k, v) in &self.labels {
+            if k.is_empty()
+                || k.len() > validate::MAX_LABEL_LEN
+                || v.len() > validate::MAX_LABEL_LEN
+            {
+                return Err(invalid(
+                    format!("labels.{k}"),
+                    "keys and values are 1-128 characters",
+                ));
+            }
+        }
+        if let Some(t) = &self.token_file {
+            if !t.is_absolute() {
+                return Err(invalid(
+                    "token_file",
+                    format!("{} must be an absolute path", t.display()),
+                ));
+            }
+        }
+        let u = &self.vm_unit;
+        if u.cpu_weight == 0 || u.cpu_weight > 10_000 {
+            return Err(invalid("vm_unit.cpu_weight", "must be between 1 and 10000"));
+        }
+        if u.tasks_max == 0 {
+            return Err(invalid("vm_unit.tasks_max", "must be at least 1"));
+        }
+        if u.stop_timeout_secs == 0 {
+            return Err(invalid("vm_unit.stop_timeout_secs", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+}
+
+/// The hypervisor a `hypervisors` table key names (`process` is configured by
+/// `process_command`, not here).
+pub fn hypervisor_by_name(name: &str) -> Option<Hypervisor> {
+    match name {
+        "qemu" => Some(Hypervisor::Qemu),
+        "cloud-hypervisor" => Some(Hypervisor::CloudHypervisor),
+        "firecracker" => Some(Hypervisor::Firecracker),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("agent.toml"))
+    }
+
+    const MINIMAL: &str = r#"
+        host_id = "h1"
+        control_endpoints = ["http://127.0.0.1:7001"]
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL).expect("parses");
+        c.validate().expect("valid");
+        assert_eq!(c.heartbeat_interval_ms, 2000);
+        assert_eq!(c.systemd_bus, SystemdBus::System);
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/blixard"));
+        assert_eq!(c.vm_unit, VmUnitConfig::default());
+        assert!(c.process_command.is_none());
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = parse(
+            r#"
+            host_id = "h2"
+            control_endpoints = ["http://127.0.0.1:7001", "https://ctl:7002"]
+            data_dir = "/srv/b"
+            runtime_dir = "/run/b"
+            image_dir = "/srv/b/img"
+            systemd_bus = "session"
+            heartbeat_interval_ms = 500
+            process_command = ["/bin/sleep", "infinity"]
+            memory_reserve_mib = 1024
+            token_file = "/run/credentials/blixard-agent.service/token"
+            [labels]
+            zone = "a"
+            [hypervisors]
+            qemu = "/usr/bin/qemu-system-x86_64"
+            [vm_unit]
+            memory_overhead_mib = 64
+            "#,
+        )
+        .expect("parses");
+        c.validate().expect("valid");
+        assert_eq!(c.systemd_bus, SystemdBus::Session);
+        assert_eq!(c.labels.get("zone").map(String::as_str), Some("a"));
+        assert_eq!(c.vm_unit.memory_overhead_mib, 64);
+        assert_eq!(c.vm_unit.tasks_max, 4096);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_in_one_line() {
+        let e = parse("host_id = \"h1\"\nhostid = \"x\"\n").expect_err("unknown key");
+        let msg = e.to_string();
+        assert!(msg.contains("hostid"), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+    }
+
+    #[test]
+    fn invalid_settings_are_named() {
+        let cases: &[(&str, &str)] = &[
+            ("host_id = \"H1\"\ncontrol_endpoints = [\"http://a:1\"]", "host_id"),
+            ("host_id = \"h1\"", "control_endpoints"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"a:1\"]", "control_endpoints[0]"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\ndata_dir = \"rel\"", "data_dir"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\nheartbeat_interval_ms = 5", "heartbeat_interval_ms"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\nprocess_command = []", "process_command"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\nprocess_command = [\"sleep\"]", "process_command"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\n[hypervisors]\nkvmtool = \"/x\"", "hypervisors.kvmtool"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\n[vm_unit]\ncpu_weight = 0", "vm_unit.cpu_weight"),
+        ];
+        for (text, field) in cases {
+            let c = parse(text).expect("parses");
+            match c.validate() {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(&f, field, "{text}"),
+                other => panic!("{text}: expected invalid {field}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn overrides_replace_file_settings() {
+        let mut c = parse(MINIMAL).expect("parses");
+        c.apply(Overrides {
+            host_id: Some("h9".into()),
+            systemd_bus: Some(SystemdBus::Session),
+            control_endpoints: Some(vec!["http://127.0.0.1:9".into()]),
+            ..Overrides::default()
+        });
+        assert_eq!(c.host_id, "h9");
+        assert_eq!(c.systemd_bus, SystemdBus::Session);
+        assert_eq!(c.control_endpoints, vec!["http://127.0.0.1:9".to_string()]);
+        assert_eq!(
+            "session".parse::<SystemdBus>().ok(),
+            Some(SystemdBus::Session)
+        );
+        assert!("user".parse::<SystemdBus>().is_err());
+    }
+}

@@ -1,0 +1,114 @@
+//! `blixard-agent`: parses the command line, sets up logging, and runs the agent library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use blixard_agent::config::{Config, Overrides, SystemdBus};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "blixard-agent",
+    version,
+    about = "Blixard host agent: runs assigned VMs as systemd units"
+)]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, short = 'c', env = "BLIXARD_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// This host's name in the cluster.
+    #[arg(long)]
+    host_id: Option<String>,
+    /// Control-plane endpoints, comma-separated (http://host:port,…).
+    #[arg(long, value_delimiter = ',')]
+    control_endpoints: Option<Vec<String>>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long)]
+    runtime_dir: Option<PathBuf>,
+    #[arg(long)]
+    image_dir: Option<PathBuf>,
+    /// Bus of the systemd manager: system or session.
+    #[arg(long)]
+    systemd_bus: Option<SystemdBus>,
+    #[arg(long)]
+    heartbeat_interval_ms: Option<u64>,
+    /// Log to stderr even when the journal is there.
+    #[arg(long)]
+    log_stderr: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs the agent (the default).
+    Run,
+    /// Checks a configuration file and exits: 0 if it is valid, 1 with the problem otherwise.
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::CheckConfig { file }) = &cli.command {
+        return match Config::load(file).and_then(|c| c.validate().map(|()| c)) {
+            Ok(c) => {
+                println!(
+                    "{}: ok (host {}, {} control endpoint{})",
+                    file.display(),
+                    c.host_id,
+                    c.control_endpoints.len(),
+                    if c.control_endpoints.len() == 1 {
+                        ""
+                    } else {
+                        "s"
+                    }
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("blixard-agent: {}", blixard_agent::error_chain(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
+    blixard_agent::logging::init(cli.log_stderr);
+    let mut config = match &cli.config {
+        Some(path) => match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => return fail(&e),
+        },
+        None => Config::default(),
+    };
+    config.apply(Overrides {
+        host_id: cli.host_id,
+        control_endpoints: cli.control_endpoints,
+        data_dir: cli.data_dir,
+        runtime_dir: cli.runtime_dir,
+        image_dir: cli.image_dir,
+        systemd_bus: cli.systemd_bus,
+        heartbeat_interval_ms: cli.heartbeat_interval_ms,
+    });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(&e),
+    };
+    match runtime.block_on(blixard_agent::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &(dyn std::error::Error + 'static)) -> ExitCode {
+    let msg = blixard_agent::error_chain(e);
+    tracing::error!(error = %msg, "blixard-agent failed");
+    eprintln!("blixard-agent: {msg}");
+    ExitCode::FAILURE
+}

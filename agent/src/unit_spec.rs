@@ -1,0 +1,383 @@
+//! VM spec → the transient systemd unit that runs it, as plain data.
+//!
+//! [`build`] is a pure function: a [`VmSpec`], the argv its [`CommandBuilder`] made and the
+//! agent's [`VmUnitConfig`] become the unit name and its properties, typed as systemd's D-Bus
+//! API wants them (`ExecStart` is `a(sasb)`, `MemoryMax` is `t`, `LogExtraFields` is `aay`, …).
+//! Only the systemd adapter turns them into D-Bus variants. The unit layer does not depend on
+//! which hypervisor made the argv.
+//!
+//! [`CommandBuilder`]: crate::command::CommandBuilder
+
+use blixard_api::{unit_name, VmSpec, UNIT_PREFIX, VM_SLICE};
+
+use crate::command::{CommandBuilders, CommandError};
+use crate::config::VmUnitConfig;
+
+const MIB: u64 = 1024 * 1024;
+const USEC_PER_SEC: u64 = 1_000_000;
+
+/// Errors of building a VM's unit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnitSpecError {
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    /// The spec's resources do not fit the unit's counters.
+    #[error("{0}")]
+    Resources(String),
+}
+
+/// One `ExecStart=` entry: `(path, argv, ignore_failure)`, D-Bus type `(sasb)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecCommand {
+    pub path: String,
+    pub argv: Vec<String>,
+    pub ignore_failure: bool,
+}
+
+/// A property value with its D-Bus type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PropertyValue {
+    /// `s`
+    Str(String),
+    /// `t`
+    U64(u64),
+    /// `b`
+    Bool(bool),
+    /// `as`
+    StrList(Vec<String>),
+    /// `aay`
+    BytesList(Vec<Vec<u8>>),
+    /// `a(sasb)`
+    Exec(Vec<ExecCommand>),
+}
+
+/// One unit property.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Property {
+    pub name: &'static str,
+    pub value: PropertyValue,
+}
+
+/// The transient unit of one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnitSpec {
+    /// `blixard-vm-<vm>.service`
+    pub unit: String,
+    pub vm: String,
+    pub properties: Vec<Property>,
+}
+
+impl UnitSpec {
+    /// The value of property `name`, if set.
+    pub fn get(&self, name: &str) -> Option<&PropertyValue> {
+        self.properties
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| &p.value)
+    }
+
+    /// Whether this is a unit the agent may start: a `blixard-vm-*.service` in the VM slice.
+    pub fn is_vm_unit(&self) -> bool {
+        self.unit.starts_with(UNIT_PREFIX)
+            && self.unit.ends_with(".service")
+            && self.get("Slice") == Some(&PropertyValue::Str(VM_SLICE.to_string()))
+    }
+}
+
+/// The syslog identifier (and unit name stem) of a VM's output.
+pub fn syslog_identifier(vm: &str) -> String {
+    format!("{UNIT_PREFIX}{vm}")
+}
+
+/// The unit of `spec`'s VM, with the argv from `builders`.
+pub fn build(
+    spec: &VmSpec,
+    builders: &CommandBuilders,
+    cfg: &VmUnitConfig,
+) -> Result<UnitSpec, UnitSpecError> {
+    let argv = builders.argv(spec)?;
+    build_with_argv(spec, argv, cfg)
+}
+
+/// The unit of `spec`'s VM running `argv` (executable first, absolute).
+pub fn build_with_argv(
+    spec: &VmSpec,
+    argv: Vec<String>,
+    cfg: &VmUnitConfig,
+) -> Result<UnitSpec, UnitSpecError> {
+    let path = argv
+        .first()
+        .cloned()
+        .ok_or_else(|| UnitSpecError::Resources("empty command line".into()))?;
+    let memory_max = spec
+        .memory_mib
+        .checked_add(cfg.memory_overhead_mib)
+        .and_then(|m| m.checked_mul(MIB))
+        .ok_or_else(|| {
+            UnitSpecError::Resources(format!("memory_mib {} is too large", spec.memory_mib))
+        })?;
+    if spec.vcpus == 0 {
+        return Err(UnitSpecError::Resources("vcpus must be at least 1".into()));
+    }
+    let cpu_quota = u64::from(spec.vcpus) * USEC_PER_SEC;
+    let stop_timeout = cfg
+        .stop_timeout_secs
+        .checked_mul(USEC_PER_SEC)
+        .ok_or_else(|| UnitSpecError::Resources("stop timeout is too large".into()))?;
+    let name = &spec.name;
+    let s = |v: &str| PropertyValue::Str(v.to_string());
+    let properties = vec![
+        Property {
+            name: "Description",
+            value: PropertyValue::Str(format!(
+                "Blixard VM {name} ({}, {} vCPU, {} MiB)",
+                spec.hypervisor.as_str(),
+                spec.vcpus,
+                spec.memory_mib
+            )),
+        },
+        Property {
+            name: "ExecStart",
+            value: PropertyValue::Exec(vec![ExecCommand {
+                path,
+                argv,
+                ignore_failure: false,
+            }]),
+        },
+        Property {
+            name: "Slice",
+            value: s(VM_SLICE),
+        },
+        Property {
+            name: "MemoryAccounting",
+            value: PropertyValue::Bool(true),
+        },
+        Property {
+            name: "MemoryMax",
+            value: PropertyValue::U64(memory_max),
+        },
+        Property {
+            name: "CPUQuotaPerSecUSec",
+            value: PropertyValue::U64(cpu_quota),
+        },
+        Property {
+            name: "CPUWeight",
+            value: PropertyValue::U64(cfg.cpu_weight),
+        },
+        Property {
+            name: "TasksMax",
+            value: PropertyValue::U64(cfg.tasks_max),
+        },
+        // SIGTERM to the main process only (the hypervisor shuts the guest down), SIGKILL to
+        // the whole cgroup after the timeout.
+        Property {
+            name: "KillMode",
+            value: s("mixed"),
+        },
+        Property {
+            name: "TimeoutStopUSec",
+            value: PropertyValue::U64(stop_timeout),
+        },
+        // Restarting is the cluster's decision (restart policy, rescheduling), not the host's.
+        Property {
+            name: "Restart",
+            value: s("no"),
+        },
+        // A VM that ended leaves no unit behind; its end is recorded from the signals.
+        Property {
+            name: "CollectMode",
+            value: s("inactive-or-failed"),
+        },
+        Property {
+            name: "StandardOutput",
+            value: s("journal"),
+        },
+        Property {
+            name: "StandardError",
+            value: s("journal"),
+        },
+        Property {
+            name: "SyslogIdentifier",
+            value: PropertyValue::Str(syslog_identifier(name)),
+        },
+        Property {
+            name: "LogExtraFields",
+            value: PropertyValue::BytesList(vec![format!("BLIXARD_VM={name}").into_bytes()]),
+        },
+        Property {
+            name: "Environment",
+            value: PropertyValue::StrList(vec![format!("BLIXARD_VM={name}")]),
+        },
+    ];
+    Ok(UnitSpec {
+        unit: unit_name(name),
+        vm: name.clone(),
+        properties,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::tests::spec;
+    use crate::command::ProcessCommand;
+    use blixard_api::Hypervisor;
+
+    fn builders() -> CommandBuilders {
+        let mut b = CommandBuilders::default();
+        b.insert(Box::new(ProcessCommand {
+            command: vec!["/bin/sleep".into(), "infinity".into()],
+        }));
+        b
+    }
+
+    #[test]
+    fn process_vm_unit_has_every_property() {
+        let cfg = VmUnitConfig::default();
+        let u = build(&spec("web-1", Hypervisor::Process), &builders(), &cfg).expect("unit");
+        assert_eq!(u.unit, "blixard-vm-web-1.service");
+        assert!(u.is_vm_unit());
+        let str_of = |n: &str| match u.get(n) {
+            Some(PropertyValue::Str(s)) => s.clone(),
+            other => panic!("{n}: {other:?}"),
+        };
+        let u64_of = |n: &str| match u.get(n) {
+            Some(PropertyValue::U64(v)) => *v,
+            other => panic!("{n}: {other:?}"),
+        };
+        assert_eq!(str_of("Slice"), "blixard-vms.slice");
+        assert_eq!(str_of("KillMode"), "mixed");
+        assert_eq!(str_of("CollectMode"), "inactive-or-failed");
+        assert_eq!(str_of("StandardOutput"), "journal");
+        assert_eq!(str_of("StandardError"), "journal");
+        assert_eq!(str_of("SyslogIdentifier"), "blixard-vm-web-1");
+        assert_eq!(str_of("Restart"), "no");
+        assert!(str_of("Description").contains("web-1"));
+        assert_eq!(u64_of("MemoryMax"), (256 + 128) * MIB);
+        assert_eq!(u64_of("CPUQuotaPerSecUSec"), 2_000_000);
+        assert_eq!(u64_of("CPUWeight"), 100);
+        assert_eq!(u64_of("TasksMax"), 4096);
+        assert_eq!(u64_of("TimeoutStopUSec"), 30_000_000);
+        assert_eq!(
+            u.get("LogExtraFields"),
+            Some(&PropertyValue::BytesList(
+                vec![b"BLIXARD_VM=web-1".to_vec()]
+            ))
+        );
+        assert_eq!(
+            u.get("ExecStart"),
+            Some(&PropertyValue::Exec(vec![ExecCommand {
+                path: "/bin/sleep".into(),
+                argv: vec!["/bin/sleep".into(), "infinity".into()],
+                ignore_failure: false,
+            }]))
+        );
+        // Every property appears once.
+        let mut names: Vec<_> = u.properties.iter().map(|p| p.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), u.properties.len());
+    }
+
+    #[test]
+    fn resources_follow_the_spec_and_config() {
+        // (vcpus, memory_mib, overhead, expected MemoryMax MiB, expected quota µs)
+        let cases = [
+            (1, 16, 0, 16, 1_000_000),
+            (2, 256, 128, 384, 2_000_000),
+            (8, 8192, 64, 8256, 8_000_000),
+            (
+                256,
+                4 * 1024 * 1024,
+                128,
+                4 * 1024 * 1024 + 128,
+                256_000_000,
+            ),
+        ];
+        for (vcpus, mem, overhead, want_mib, want_quota) in cases {
+            let mut s = spec("db", Hypervisor::Process);
+            s.vcpus = vcpus;
+            s.memory_mib = mem;
+            let cfg = VmUnitConfig {
+                memory_overhead_mib: overhead,
+                ..VmUnitConfig::default()
+            };
+            let u = build(&s, &builders(), &cfg).expect("unit");
+            assert_eq!(
+                u.get("MemoryMax"),
+                Some(&PropertyValue::U64(want_mib * MIB)),
+                "{vcpus}/{mem}"
+            );
+            assert_eq!(
+                u.get("CPUQuotaPerSecUSec"),
+                Some(&PropertyValue::U64(want_quota))
+            );
+        }
+    }
+
+    #[test]
+    fn impossible_resources_are_errors_not_overflows() {
+        let mut s = spec("db", Hypervisor::Process);
+        s.memory_mib = u64::MAX;
+        assert!(matches!(
+            build(&s, &builders(), &VmUnitConfig::default()),
+            Err(UnitSpecError::Resources(_))
+        ));
+        let mut s = spec("db", Hypervisor::Process);
+        s.vcpus = 0;
+        assert!(build(&s, &builders(), &VmUnitConfig::default()).is_err());
+    }
+
+    #[test]
+    fn hypervisors_without_a_builder_fail_clearly() {
+        for hv in [
+            Hypervisor::Qemu,
+            Hypervisor::CloudHypervisor,
+            Hypervisor::Firecracker,
+        ] {
+            let e = build(&spec("web", hv), &builders(), &VmUnitConfig::default())
+                .expect_err("no builder");
+            assert_eq!(
+                e.to_string(),
+                format!("hypervisor {} is not available on this host", hv.as_str())
+            );
+        }
+    }
+
+    #[test]
+    fn spec_text_never_reaches_the_argv() {
+        // The spec's cmdline holds shell syntax; the process argv is the configured one only.
+        let u = build(
+            &spec("web", Hypervisor::Process),
+            &builders(),
+            &VmUnitConfig::default(),
+        )
+        .expect("unit");
+        let Some(PropertyValue::Exec(cmds)) = u.get("ExecStart") else {
+            panic!("no ExecStart")
+        };
+        assert!(cmds
+            .iter()
+            .all(|c| c.argv.iter().all(|a| !a.contains("rm -rf"))));
+    }
+
+    #[test]
+    fn only_vm_units_in_the_vm_slice_count_as_vm_units() {
+        let mut u = build(
+            &spec("web", Hypervisor::Process),
+            &builders(),
+            &VmUnitConfig::default(),
+        )
+        .expect("unit");
+        assert!(u.is_vm_unit());
+        u.unit = "sshd.service".into();
+        assert!(!u.is_vm_unit());
+        u.unit = "blixard-vm-web.service".into();
+        for p in u.properties.iter_mut() {
+            if p.name == "Slice" {
+                p.value = PropertyValue::Str("system.slice".into());
+            }
+        }
+        assert!(!u.is_vm_unit());
+    }
+}
