@@ -62,7 +62,7 @@ pub struct Settings {
     #[arg(long)]
     pub initial_cluster: Option<String>,
     /// Join an existing cluster (added with `cluster add`) instead of forming one.
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(default)]
     pub join: Option<bool>,
     /// Take a snapshot and compact the log every this many entries.

@@ -12,13 +12,12 @@ where
 {
     let start = Instant::now();
     let mut pause = Duration::from_millis(20);
-    let mut last = String::from("never checked");
     loop {
-        match check().await {
+        let last = match check().await {
             Ok(Some(v)) => return Ok(v),
-            Ok(None) => last = "condition not met".into(),
-            Err(e) => last = e,
-        }
+            Ok(None) => "condition not met".to_string(),
+            Err(e) => e,
+        };
         if start.elapsed() > deadline {
             anyhow::bail!("timed out after {deadline:?} waiting for {what}: {last}");
         }

@@ -1,0 +1,178 @@
+//! Printing API objects as aligned tables or as JSON.
+
+use blixard_api::{ClusterStatus, Host, Member, Vm};
+use clap::ValueEnum;
+use serde::Serialize;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+pub fn print_json<T: Serialize + ?Sized>(v: &T) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("blixardctl: cannot encode output: {e}"),
+    }
+}
+
+/// Prints rows under a header, each column as wide as its widest cell.
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+fn dash(v: Option<&str>) -> String {
+    v.unwrap_or("-").to_string()
+}
+
+fn ago(ms: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let s = now.saturating_sub(ms) / 1000;
+    match s {
+        0..=119 => format!("{s}s ago"),
+        120..=7199 => format!("{}m ago", s / 60),
+        _ => format!("{}h ago", s / 3600),
+    }
+}
+
+pub fn print_vms(f: Format, vms: &[Vm]) {
+    if f == Format::Json {
+        return print_json(vms);
+    }
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|v| {
+            vec![
+                v.spec.name.clone(),
+                v.state.as_str().into(),
+                format!("{:?}", v.desired).to_lowercase(),
+                dash(v.host.as_deref()),
+                v.spec.vcpus.to_string(),
+                v.spec.memory_mib.to_string(),
+                ago(v.since_ms),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME", "STATE", "DESIRED", "HOST", "VCPUS", "MEMORY", "SINCE",
+        ],
+        &rows,
+    );
+}
+
+pub fn print_vm(f: Format, vm: &Vm) {
+    if f == Format::Json {
+        return print_json(vm);
+    }
+    println!("name:        {}", vm.spec.name);
+    println!(
+        "state:       {} (since {})",
+        vm.state.as_str(),
+        ago(vm.since_ms)
+    );
+    println!(
+        "desired:     {}",
+        format!("{:?}", vm.desired).to_lowercase()
+    );
+    println!("host:        {}", dash(vm.host.as_deref()));
+    if let Some(r) = &vm.reason {
+        println!("reason:      {r}");
+    }
+    println!("hypervisor:  {}", vm.spec.hypervisor.as_str());
+    println!("vcpus:       {}", vm.spec.vcpus);
+    println!("memory:      {} MiB", vm.spec.memory_mib);
+    println!("generation:  {}", vm.generation);
+}
+
+pub fn print_hosts(f: Format, hosts: &[Host]) {
+    if f == Format::Json {
+        return print_json(hosts);
+    }
+    let rows: Vec<Vec<String>> = hosts
+        .iter()
+        .map(|h| {
+            let labels: Vec<String> = h.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            vec![
+                h.id.clone(),
+                h.status.as_str().into(),
+                h.capacity.vcpus.to_string(),
+                h.capacity.memory_mib.to_string(),
+                h.capacity.disk_gib.to_string(),
+                if h.capacity.kvm { "yes" } else { "no" }.into(),
+                ago(h.last_heartbeat_ms),
+                if labels.is_empty() {
+                    "-".into()
+                } else {
+                    labels.join(",")
+                },
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "HOST",
+            "STATUS",
+            "VCPUS",
+            "MEMORY",
+            "DISK_GIB",
+            "KVM",
+            "HEARTBEAT",
+            "LABELS",
+        ],
+        &rows,
+    );
+}
+
+pub fn print_members(f: Format, members: &[Member]) {
+    if f == Format::Json {
+        return print_json(members);
+    }
+    let rows: Vec<Vec<String>> = members
+        .iter()
+        .map(|m| vec![m.id.to_string(), m.role.clone(), m.addr.clone()])
+        .collect();
+    table(&["ID", "ROLE", "URL"], &rows);
+}
+
+pub fn print_status(f: Format, s: &ClusterStatus) {
+    if f == Format::Json {
+        return print_json(s);
+    }
+    println!("node:          {} ({})", s.node_id, s.state);
+    match (s.leader, &s.leader_addr) {
+        (Some(l), Some(a)) => println!("leader:        {l} ({a})"),
+        (Some(l), None) => println!("leader:        {l}"),
+        _ => println!("leader:        none"),
+    }
+    println!("term:          {}", s.term);
+    println!("commit index:  {}", s.commit_index);
+    println!("applied index: {}", s.applied_index);
+    println!("members:");
+    for m in &s.members {
+        println!("  {} {} {}", m.id, m.role, m.addr);
+    }
+}
