@@ -132,7 +132,7 @@ struct CreateArgs {
 #[derive(Subcommand)]
 enum VmCmd {
     /// Create a VM and let the cluster place it.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List VMs.
     List,
     /// Show one VM.
@@ -250,7 +250,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Cmd::Vm(c) => match c {
             VmCmd::Create(a) => {
-                let spec = spec_from_args(a)?;
+                let spec = spec_from_args(*a)?;
                 validate::vm_spec(&spec)?;
                 print_vm(out, &client.create_vm(&spec).await?)
             }
