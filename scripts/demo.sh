@@ -1,0 +1,67 @@
+#!/bin/bash
+# The local demo: builds Blixard and starts a 3-node control plane on 127.0.0.1:7001-7003,
+# then (when the agent's dev hosts are available) simulated hosts with agents and a demo VM.
+#   scripts/demo.sh [up]     install, build, start, show `blixardctl cluster status`
+#   scripts/demo.sh down     stop everything the demo started
+# State and logs live in .demo/ in the repository.
+set -eu
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+D=$ROOT/.demo
+BIN=$ROOT/target/release
+IC="1=http://127.0.0.1:7001,2=http://127.0.0.1:7002,3=http://127.0.0.1:7003"
+export BLIXARD_ENDPOINTS=http://127.0.0.1:7001,http://127.0.0.1:7002,http://127.0.0.1:7003
+
+down() {
+  for p in "$D"/*.pid; do
+    [ -e "$p" ] || continue
+    kill "$(cat "$p")" 2>/dev/null || true
+    rm -f "$p"
+  done
+}
+
+wait_http() {
+  for _ in $(seq 300); do
+    curl -fsS "$1" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "timed out waiting for $1" >&2
+  return 1
+}
+
+case "${1:-up}" in
+down)
+  down
+  echo "demo stopped (data kept in $D; remove it for a fresh start)"
+  ;;
+up)
+  scripts/install-deps.sh
+  cargo build --release --bins --locked
+  down
+  mkdir -p "$D"
+  for i in 1 2 3; do
+    nohup "$BIN/blixard-control" --node-id "$i" --listen "127.0.0.1:700$i" \
+      --data-dir "$D/control-$i" --initial-cluster "$IC" >"$D/control-$i.log" 2>&1 &
+    echo $! >"$D/control-$i.pid"
+  done
+  wait_http http://127.0.0.1:7001/v1/health
+  if [ -x "$BIN/blixard-devhosts" ]; then
+    nohup "$BIN/blixard-devhosts" --dir "$D/hosts" --hosts 2 --endpoints "$BLIXARD_ENDPOINTS" \
+      >"$D/devhosts.log" 2>&1 &
+    echo $! >"$D/devhosts.pid"
+  fi
+  echo
+  "$BIN/blixardctl" cluster status
+  echo
+  echo "The control plane is up. Try:"
+  echo "  export PATH=$BIN:\$PATH BLIXARD_ENDPOINTS=$BLIXARD_ENDPOINTS"
+  echo "  blixardctl cluster members"
+  echo "  blixardctl vm create web-1 --hypervisor process --memory 64"
+  echo "  blixardctl vm list"
+  echo "Stop it with: scripts/demo.sh down"
+  ;;
+*)
+  echo "usage: scripts/demo.sh [up|down]" >&2
+  exit 2
+  ;;
+esac
