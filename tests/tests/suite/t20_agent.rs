@@ -10,6 +10,9 @@ use blixard_agent::systemd::{
 };
 use blixard_agent::unit_spec::{self, UnitSpec};
 use blixard_api::{unit_name, Hypervisor, PlacementStrategy, RestartPolicy, VmSpec, VmState};
+use blixard_api::{Client, Host, Vm};
+use blixard_tests::binaries::binary;
+use blixard_tests::cluster::Cluster;
 use blixard_tests::host::{get_property, SimHost};
 use blixard_tests::wait;
 use zbus::{OwnedVariant, Variant};
@@ -32,6 +35,8 @@ fn spec(name: &str) -> VmSpec {
         constraints: Default::default(),
         anti_affinity: None,
         strategy: PlacementStrategy::Spread,
+        max_restarts: None,
+        restart_window_secs: None,
     }
 }
 
@@ -321,5 +326,436 @@ async fn t20_adapter_vm_output_reaches_the_journal() -> anyhow::Result<()> {
         Err(format!("by unit: {by_unit:?}, by identifier: {by_id:?}"))
     })
     .await?;
+    Ok(())
+}
+
+// ---- the real agent against real control nodes -------------------------------------------
+
+/// Creates `spec`, retrying while the cluster has no leader.
+async fn create_vm(c: &Client, spec: &VmSpec) -> anyhow::Result<Vm> {
+    wait::until(&format!("create {}", spec.name), DEADLINE, || async {
+        match c.create_vm(spec).await {
+            Ok(vm) => Ok(Some(vm)),
+            Err(e) if e.status() == Some(503) || e.status().is_none() => Err(e.to_string()),
+            Err(e) => Err(format!("refused: {e}")),
+        }
+    })
+    .await
+}
+
+/// Waits until the API shows `vm` in `state` (on `host` if given) and returns it.
+async fn wait_vm_state(
+    c: &Client,
+    vm: &str,
+    state: VmState,
+    host: Option<&str>,
+) -> anyhow::Result<Vm> {
+    wait::until(
+        &format!("{vm} {} in the API", state.as_str()),
+        DEADLINE,
+        || async {
+            match c.get_vm(vm).await {
+                Ok(v) if v.state == state && (host.is_none() || v.host.as_deref() == host) => {
+                    Ok(Some(v))
+                }
+                Ok(v) => Err(format!(
+                    "state {} reason {:?} host {:?}",
+                    v.state.as_str(),
+                    v.reason,
+                    v.host
+                )),
+                Err(e) => Err(e.to_string()),
+            }
+        },
+    )
+    .await
+}
+
+/// Waits until the host is registered with `epoch` at least.
+async fn wait_registered(c: &Client, host: &str, epoch: u64) -> anyhow::Result<Host> {
+    wait::until(
+        &format!("{host} registered (epoch ≥ {epoch})"),
+        DEADLINE,
+        || async {
+            match c.get_host(host).await {
+                Ok(h) if h.epoch >= epoch => Ok(Some(h)),
+                Ok(h) => Err(format!("epoch {}", h.epoch)),
+                Err(e) => Err(e.to_string()),
+            }
+        },
+    )
+    .await
+}
+
+/// Fails with the agent's log when `f` fails: the first thing to read when a test breaks.
+async fn with_logs<T>(
+    hosts: &[&SimHost],
+    f: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    match f.await {
+        Ok(t) => Ok(t),
+        Err(e) => {
+            for h in hosts {
+                let log = h.agent_log();
+                let lines: Vec<&str> = log.lines().collect();
+                eprintln!(
+                    "---- agent log of {} (last 60 lines) ----\n{}",
+                    h.name(),
+                    lines[lines.len().saturating_sub(60)..].join("\n")
+                );
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Creating a VM through the API puts its unit on the host's manager with the expected
+/// properties, and the API follows the unit's state. Prints the placement → unit-active
+/// latency.
+#[tokio::test]
+async fn t21_agent_runs_a_created_vm() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3).await?;
+    let client = cluster.client();
+    let mut host = SimHost::start("h1").await?;
+    host.spawn_agent(&cluster.endpoints(), "")?;
+    let h = &host;
+    with_logs(&[h], async {
+        wait_registered(&client, "h1", 1).await?;
+        let sd = Systemd::connect_address(&h.bus_address()).await?;
+        let mut vm_spec = spec("web");
+        vm_spec.vcpus = 2;
+        vm_spec.memory_mib = 96;
+        let t0 = Instant::now();
+        create_vm(&client, &vm_spec).await?;
+        let created = t0.elapsed();
+        // Tight polling (not wait::until's backoff) so that the figure means something.
+        let unit = unit_name("web");
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(s) = sd.unit_status(&unit).await? {
+                if s.active_state == "active" {
+                    break;
+                }
+            }
+            anyhow::ensure!(Instant::now() < deadline, "{unit} never became active");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let active = t0.elapsed();
+        let vm = wait_vm_state(&client, "web", VmState::Running, Some("h1")).await?;
+        eprintln!(
+            "LATENCY create_vm answered in {created:?}; unit active {active:?} after the \
+             create call; API running after {:?} (generation {})",
+            t0.elapsed(),
+            vm.generation
+        );
+
+        let conn = h.connect().await?;
+        let svc = "org.freedesktop.systemd1.Service";
+        assert_eq!(
+            as_u64(&prop(&conn, &unit, svc, "MemoryMax").await?),
+            Some((96 + 128) * MIB)
+        );
+        assert_eq!(
+            as_u64(&prop(&conn, &unit, svc, "CPUQuotaPerSecUSec").await?),
+            Some(2_000_000)
+        );
+        assert_eq!(
+            as_str(&prop(&conn, &unit, svc, "Slice").await?).as_deref(),
+            Some("blixard-vms.slice")
+        );
+        let exec = prop(&conn, &unit, svc, "ExecStart").await?;
+        assert!(format!("{:?}", *exec).contains("/bin/sleep"), "{:?}", *exec);
+        Ok(())
+    })
+    .await
+}
+
+/// Stop makes the unit go away and the API say stopped; start brings a new unit; delete
+/// removes the unit and the VM.
+#[tokio::test]
+async fn t22_agent_stops_starts_and_deletes() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3).await?;
+    let client = cluster.client();
+    let mut host = SimHost::start("h1").await?;
+    host.spawn_agent(&cluster.endpoints(), "")?;
+    let h = &host;
+    with_logs(&[h], async {
+        wait_registered(&client, "h1", 1).await?;
+        let sd = Systemd::connect_address(&h.bus_address()).await?;
+        let unit = unit_name("db");
+        create_vm(&client, &spec("db")).await?;
+        wait_vm_state(&client, "db", VmState::Running, Some("h1")).await?;
+        let pid1 = wait_active(&sd, &unit).await?;
+
+        client.stop_vm("db").await?;
+        wait_gone(&sd, &unit).await?;
+        let vm = wait_vm_state(&client, "db", VmState::Stopped, Some("h1")).await?;
+        assert_eq!(vm.reason, None);
+        // Stopping a stopped VM changes nothing.
+        client.stop_vm("db").await?;
+        assert!(sd.unit_status(&unit).await?.is_none());
+
+        client.start_vm("db").await?;
+        wait_vm_state(&client, "db", VmState::Running, Some("h1")).await?;
+        let pid2 = wait_active(&sd, &unit).await?;
+        assert_ne!(pid1, pid2, "a started VM is a new process");
+
+        client.delete_vm("db").await?;
+        wait_gone(&sd, &unit).await?;
+        wait::until("db gone from the API", DEADLINE, || async {
+            match client.get_vm("db").await {
+                Err(e) if e.is_not_found() => Ok(Some(())),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await?;
+        assert!(sd.list_vm_units().await?.is_empty());
+        Ok(())
+    })
+    .await
+}
+
+/// SIGKILL the agent: the VM runs on; a new agent adopts it without restarting it (same
+/// main PID). SIGTERM: the agent exits cleanly and the VM still runs.
+#[tokio::test]
+async fn t23_agent_restart_adopts_running_vms() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3).await?;
+    let client = cluster.client();
+    let mut host = SimHost::start("h1").await?;
+    host.spawn_agent(&cluster.endpoints(), "")?;
+    let endpoints = cluster.endpoints();
+    let sd = Systemd::connect_address(&host.bus_address()).await?;
+    let unit = unit_name("keep");
+    let pid = with_logs(&[&host], async {
+        wait_registered(&client, "h1", 1).await?;
+        create_vm(&client, &spec("keep")).await?;
+        wait_vm_state(&client, "keep", VmState::Running, Some("h1")).await?;
+        wait_active(&sd, &unit).await
+    })
+    .await?;
+
+    host.kill_agent()?;
+    let s = sd.unit_status(&unit).await?;
+    assert_eq!(
+        s.as_ref().map(|s| (s.active_state.as_str(), s.main_pid)),
+        Some(("active", pid))
+    );
+
+    host.spawn_agent(&endpoints, "")?;
+    with_logs(&[&host], async {
+        wait_registered(&client, "h1", 2).await?;
+        wait::until("the new agent to adopt keep", DEADLINE, || async {
+            let log = host.agent_log();
+            let run2 = log.split("---- agent run 2 ----").nth(1).unwrap_or("");
+            Ok((run2.contains("adopting VM unit") && run2.contains("keep")).then_some(()))
+        })
+        .await?;
+        // The new session reports the VM again; it is still the same process.
+        wait_vm_state(&client, "keep", VmState::Running, Some("h1")).await?;
+        let s = sd.unit_status(&unit).await?;
+        assert_eq!(
+            s.map(|s| (s.active_state, s.main_pid)),
+            Some(("active".into(), pid))
+        );
+        Ok(())
+    })
+    .await?;
+
+    let status = host.stop_agent().await?;
+    assert!(status.success(), "agent exit after SIGTERM: {status}");
+    let s = sd.unit_status(&unit).await?;
+    assert_eq!(
+        s.map(|s| s.main_pid),
+        Some(pid),
+        "SIGTERM to the agent must not stop VMs"
+    );
+    Ok(())
+}
+
+/// A VM whose hypervisor binary is missing shows as failed in the API, with the reason, and
+/// is not restarted in a loop.
+#[tokio::test]
+async fn t24_agent_reports_a_failed_vm_with_its_reason() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3).await?;
+    let client = cluster.client();
+    let mut host = SimHost::start("h1").await?;
+    host.spawn_agent(
+        &cluster.endpoints(),
+        "process_command = [\"/nonexistent/hypervisor\", \"--serve\"]",
+    )?;
+    let h = &host;
+    with_logs(&[h], async {
+        wait_registered(&client, "h1", 1).await?;
+        create_vm(&client, &spec("broken")).await?;
+        let vm = wait_vm_state(&client, "broken", VmState::Failed, Some("h1")).await?;
+        let reason = vm.reason.unwrap_or_default();
+        eprintln!("failed VM reason: {reason}");
+        assert!(reason.starts_with("exit-code status=203"), "{reason}");
+        // Not restarted: the agent started it once.
+        let starts = h.agent_log().matches("starting VM").count();
+        assert_eq!(starts, 1, "starts: {starts}");
+        Ok(())
+    })
+    .await
+}
+
+/// Two hosts, each with its own manager: each runs exactly the VMs the API places on it.
+#[tokio::test]
+async fn t25_two_hosts_each_run_only_their_own_vms() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3).await?;
+    let client = cluster.client();
+    let mut h1 = SimHost::start("h1").await?;
+    let mut h2 = SimHost::start("h2").await?;
+    h1.spawn_agent(&cluster.endpoints(), "")?;
+    h2.spawn_agent(&cluster.endpoints(), "")?;
+    let (h1, h2) = (&h1, &h2);
+    with_logs(&[h1, h2], async {
+        wait_registered(&client, "h1", 1).await?;
+        wait_registered(&client, "h2", 1).await?;
+        let names = ["a1", "a2", "a3", "a4"];
+        for n in names {
+            create_vm(&client, &spec(n)).await?;
+        }
+        let mut placed = std::collections::BTreeMap::new();
+        for n in names {
+            let vm = wait_vm_state(&client, n, VmState::Running, None).await?;
+            placed.insert(n.to_string(), vm.host.unwrap_or_default());
+        }
+        for h in [h1, h2] {
+            let sd = Systemd::connect_address(&h.bus_address()).await?;
+            let mut on_host: Vec<String> = sd
+                .list_vm_units()
+                .await?
+                .into_iter()
+                .map(|u| u.vm)
+                .collect();
+            on_host.sort();
+            let mut want: Vec<String> = placed
+                .iter()
+                .filter(|(_, host)| host.as_str() == h.name())
+                .map(|(vm, _)| vm.clone())
+                .collect();
+            want.sort();
+            assert_eq!(
+                on_host,
+                want,
+                "units on {} (placement {placed:?})",
+                h.name()
+            );
+        }
+        assert!(
+            placed.values().any(|h| h == "h1") && placed.values().any(|h| h == "h2"),
+            "spread placement uses both hosts: {placed:?}"
+        );
+        Ok(())
+    })
+    .await
+}
+
+/// With the whole control plane down, a restarted agent leaves its VMs running and keeps
+/// trying; once the control plane is back it registers and reports them.
+#[tokio::test]
+async fn t26_control_plane_outage_leaves_vms_running() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(3).await?;
+    let client = cluster.client();
+    let mut host = SimHost::start("h1").await?;
+    let endpoints = cluster.endpoints();
+    host.spawn_agent(&endpoints, "")?;
+    let sd = Systemd::connect_address(&host.bus_address()).await?;
+    let unit = unit_name("steady");
+    let pid = with_logs(&[&host], async {
+        wait_registered(&client, "h1", 1).await?;
+        create_vm(&client, &spec("steady")).await?;
+        wait_vm_state(&client, "steady", VmState::Running, Some("h1")).await?;
+        wait_active(&sd, &unit).await
+    })
+    .await?;
+
+    for i in 0..3 {
+        cluster.kill(i);
+    }
+    host.kill_agent()?;
+    host.spawn_agent(&endpoints, "")?;
+    with_logs(&[&host], async {
+        wait::until("the agent to retry registering", DEADLINE, || async {
+            let log = host.agent_log();
+            let run2 = log.split("---- agent run 2 ----").nth(1).unwrap_or("");
+            Ok((run2.matches("cannot register the host").count() >= 3).then_some(()))
+        })
+        .await?;
+        let s = sd.unit_status(&unit).await?;
+        assert_eq!(
+            s.map(|s| (s.active_state, s.main_pid)),
+            Some(("active".into(), pid))
+        );
+        Ok(())
+    })
+    .await?;
+
+    anyhow::ensure!(host.agent_exit().is_none(), "the agent gave up");
+    for i in 0..3 {
+        cluster.restart(i)?;
+    }
+    with_logs(&[&host], async {
+        wait_registered(&client, "h1", 2).await?;
+        wait_vm_state(&client, "steady", VmState::Running, Some("h1")).await?;
+        let s = sd.unit_status(&unit).await?;
+        assert_eq!(s.map(|s| s.main_pid), Some(pid));
+        Ok(())
+    })
+    .await
+}
+
+/// Without a bus the agent exits non-zero with one clear line, and no panic.
+#[tokio::test]
+async fn t27_agent_without_a_bus_fails_clearly() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "host_id = \"nobus\"\ncontrol_endpoints = [\"http://127.0.0.1:9\"]\n\
+             systemd_bus = \"session\"\ndata_dir = {:?}\n",
+            dir.path().display().to_string()
+        ),
+    )?;
+    let bus = format!("unix:path={}/no-such-bus", dir.path().display());
+    let out = std::process::Command::new(binary("blixard-agent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--log-stderr")
+        .env("DBUS_SESSION_BUS_ADDRESS", &bus)
+        .env_remove("NOTIFY_SOCKET")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "blixard-agent: cannot connect to the session bus at {bus}"
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // check-config: 0 and a summary for a good file, 1 and one line for a bad one.
+    let ok = std::process::Command::new(binary("blixard-agent"))
+        .arg("check-config")
+        .arg(&config)
+        .output()?;
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    std::fs::write(&config, "host_id = \"Bad Name\"\ncontrol_endpoints = []\n")?;
+    let bad = std::process::Command::new(binary("blixard-agent"))
+        .arg("check-config")
+        .arg(&config)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(1));
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("host_id"), "{stderr}");
     Ok(())
 }
