@@ -99,22 +99,17 @@ impl CommandBuilders {
 pub(crate) mod tests {
     use super::*;
 
+    /// A spec from JSON, so that fields the API adds later (all optional) need no change.
     pub(crate) fn spec(name: &str, hypervisor: Hypervisor) -> VmSpec {
-        VmSpec {
-            name: name.into(),
-            vcpus: 2,
-            memory_mib: 256,
-            hypervisor,
-            kernel: Some("vmlinuz".into()),
-            initrd: None,
-            cmdline: Some("console=ttyS0; rm -rf /".into()),
-            disks: vec![],
-            nics: vec![],
-            restart_policy: Default::default(),
-            constraints: Default::default(),
-            anti_affinity: None,
-            strategy: Default::default(),
-        }
+        serde_json::from_value(serde_json::json!({
+            "name": name,
+            "vcpus": 2,
+            "memory_mib": 256,
+            "hypervisor": hypervisor,
+            "kernel": "vmlinuz",
+            "cmdline": "console=ttyS0; rm -rf /",
+        }))
+        .expect("a valid spec")
     }
 
     fn builders(process: Option<&[&str]>) -> CommandBuilders {

@@ -1,6 +1,7 @@
 //! Logging: to the journal when its socket exists (structured fields such as `vm` and `host`
 //! become the journal fields `VM=` and `HOST=`), to stderr otherwise. `RUST_LOG` filters (default `info`).
 
+use std::io::IsTerminal;
 use std::path::Path;
 
 use tracing_subscriber::layer::SubscriberExt;
@@ -36,6 +37,7 @@ pub fn init(force_stderr: bool) -> Target {
     }
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     let _ = tracing_subscriber::registry()
         .with(filter())

@@ -12,7 +12,8 @@
 //! The shell side lives in `tests/sim/`: `host-start.sh` joins the cgroups and unshares,
 //! `host-inner.sh` sets up `/run/systemd`, journald and the cgroup mounts and execs the
 //! manager, `host-exec.sh` runs a command on the host. Dropping a [`SimHost`] kills every
-//! process of the host (`cgroup.kill`) and removes its cgroups.
+//! process of the host (`cgroup.kill`) and removes its cgroups; its base directory goes too
+//! unless `BLIXARD_KEEP_HOSTS` is set.
 
 use std::fs;
 use std::io::Write;
@@ -309,6 +310,16 @@ impl SimHost {
     /// Writes the agent's config and starts `blixard-agent --config …` on the host. Its
     /// output goes to `agent.log` in the base directory (appended to across restarts).
     pub fn spawn_agent(&mut self, endpoints: &[String], extra: &str) -> anyhow::Result<()> {
+        self.spawn_agent_with_env(endpoints, extra, &[])
+    }
+
+    /// [`SimHost::spawn_agent`] with extra environment variables (e.g. `NOTIFY_SOCKET`).
+    pub fn spawn_agent_with_env(
+        &mut self,
+        endpoints: &[String],
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
         if self.agent.is_some() {
             bail!("the agent of {} is already running", self.name);
         }
@@ -327,6 +338,7 @@ impl SimHost {
             .arg(self.agent_config_path())
             .arg("--log-stderr")
             .env("RUST_LOG", "info,blixard_agent=debug")
+            .envs(env.iter().copied())
             .stdout(log.try_clone()?)
             .stderr(log);
         self.agent = Some(cmd.spawn().context("starting blixard-agent")?);
@@ -422,6 +434,11 @@ impl Drop for SimHost {
         }
         for h in &self.hierarchies {
             remove_cgroup_tree(&h.dir);
+        }
+        if std::env::var_os("BLIXARD_KEEP_HOSTS").is_some() {
+            // Keep the base directory (journal, agent.log) for a post-mortem.
+            self.base.disable_cleanup(true);
+            eprintln!("kept host {} at {}", self.name, self.base.path().display());
         }
     }
 }

@@ -9,7 +9,7 @@ use blixard_agent::systemd::{
     StartOutcome, StopOutcome, Systemd, SystemdClient, SystemdError, UnitEvent, UnitEvents,
 };
 use blixard_agent::unit_spec::{self, UnitSpec};
-use blixard_api::{unit_name, Hypervisor, PlacementStrategy, RestartPolicy, VmSpec, VmState};
+use blixard_api::{unit_name, VmSpec, VmState};
 use blixard_api::{Client, Host, Vm};
 use blixard_tests::binaries::binary;
 use blixard_tests::cluster::Cluster;
@@ -20,24 +20,17 @@ use zbus::{OwnedVariant, Variant};
 const DEADLINE: Duration = Duration::from_secs(30);
 const MIB: u64 = 1024 * 1024;
 
+/// A process VM that is never restarted by the cluster, from JSON so that fields the API
+/// adds later (all optional) need no change here.
 fn spec(name: &str) -> VmSpec {
-    VmSpec {
-        name: name.into(),
-        vcpus: 1,
-        memory_mib: 64,
-        hypervisor: Hypervisor::Process,
-        kernel: None,
-        initrd: None,
-        cmdline: None,
-        disks: vec![],
-        nics: vec![],
-        restart_policy: RestartPolicy::Never,
-        constraints: Default::default(),
-        anti_affinity: None,
-        strategy: PlacementStrategy::Spread,
-        max_restarts: None,
-        restart_window_secs: None,
-    }
+    serde_json::from_value(serde_json::json!({
+        "name": name,
+        "vcpus": 1,
+        "memory_mib": 64,
+        "hypervisor": "process",
+        "restart_policy": "never",
+    }))
+    .unwrap_or_else(|e| panic!("spec {name}: {e}"))
 }
 
 fn unit_for(name: &str, argv: &[&str]) -> anyhow::Result<UnitSpec> {
@@ -757,5 +750,52 @@ async fn t27_agent_without_a_bus_fails_clearly() -> anyhow::Result<()> {
     assert_eq!(bad.status.code(), Some(1));
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("host_id"), "{stderr}");
+    Ok(())
+}
+
+/// `Type=notify`: READY=1 once registered, STATUS= lines, WATCHDOG=1 at half of
+/// WATCHDOG_USEC, STOPPING=1 on SIGTERM.
+#[tokio::test]
+async fn t28_agent_speaks_sd_notify() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1).await?;
+    let mut host = SimHost::start("h1").await?;
+    let path = host.base_dir().join("notify.sock");
+    let sock = tokio::net::UnixDatagram::bind(&path)?;
+    let path = path.display().to_string();
+    host.spawn_agent_with_env(
+        &cluster.endpoints(),
+        "",
+        &[
+            ("NOTIFY_SOCKET", path.as_str()),
+            ("WATCHDOG_USEC", "600000"),
+        ],
+    )?;
+    let mut seen = String::new();
+    let mut buf = vec![0u8; 4096];
+    let want = [
+        "READY=1",
+        "STATUS=0 VMs running, control plane: connected",
+        "WATCHDOG=1",
+    ];
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !want.iter().all(|w| seen.lines().any(|l| l == *w)) {
+        let n = tokio::time::timeout_at(deadline, sock.recv(&mut buf))
+            .await
+            .map_err(|_| anyhow::anyhow!("no {want:?} in {seen:?}\n{}", host.agent_log()))??;
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        seen.push('\n');
+    }
+    let status = host.stop_agent().await?;
+    assert!(status.success(), "{status}");
+    loop {
+        let n = tokio::time::timeout_at(deadline, sock.recv(&mut buf))
+            .await
+            .map_err(|_| anyhow::anyhow!("no STOPPING=1 in {seen:?}"))??;
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if msg.lines().any(|l| l == "STOPPING=1") {
+            break;
+        }
+        seen.push_str(&msg);
+    }
     Ok(())
 }
