@@ -147,10 +147,10 @@ impl Default for VmUnitConfig {
 }
 
 fn default_data_dir() -> PathBuf {
-    PathBuf::from("/var/lib/blixard")
+    PathBuf::from("/var/lib/blixard-agent")
 }
 fn default_runtime_dir() -> PathBuf {
-    PathBuf::from("/run/blixard")
+    PathBuf::from("/run/blixard-agent")
 }
 fn default_image_dir() -> PathBuf {
     PathBuf::from("/var/lib/blixard/images")
@@ -379,7 +379,7 @@ mod tests {
         c.validate().expect("valid");
         assert_eq!(c.heartbeat_interval_ms, 2000);
         assert_eq!(c.systemd_bus, SystemdBus::System);
-        assert_eq!(c.data_dir, PathBuf::from("/var/lib/blixard"));
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/blixard-agent"));
         assert_eq!(c.vm_unit, VmUnitConfig::default());
         assert!(c.process_command.is_none());
     }
