@@ -96,16 +96,26 @@ impl SimHost {
     /// Starts host `name` (a DNS label; it becomes the hostname and the agent's host id) and
     /// waits until its manager answers on its bus.
     pub async fn start(name: &str) -> anyhow::Result<SimHost> {
-        if name.is_empty()
-            || !name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        {
-            bail!("host name {name:?} must be a DNS label");
-        }
+        check_name(name)?;
         let base = tempfile::Builder::new()
             .prefix(&format!("blixard-{name}-"))
             .tempdir()?;
+        Self::start_at(name, base).await
+    }
+
+    /// Like [`SimHost::start`], with the base directory (`NAME-XXXXXX`) under `parent`, kept
+    /// when the host is dropped (for the local demo: its journal and agent log stay).
+    pub async fn start_in(name: &str, parent: &Path) -> anyhow::Result<SimHost> {
+        check_name(name)?;
+        fs::create_dir_all(parent)?;
+        let mut base = tempfile::Builder::new()
+            .prefix(&format!("{name}-"))
+            .tempdir_in(parent)?;
+        base.disable_cleanup(true);
+        Self::start_at(name, base).await
+    }
+
+    async fn start_at(name: &str, base: TempDir) -> anyhow::Result<SimHost> {
         let b = base.path();
         for d in ["run-systemd", "journal", "home", "data", "run", "images"] {
             fs::create_dir_all(b.join(d))?;
@@ -441,6 +451,17 @@ impl Drop for SimHost {
             eprintln!("kept host {} at {}", self.name, self.base.path().display());
         }
     }
+}
+
+fn check_name(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !ok {
+        bail!("host name {name:?} must be a DNS label");
+    }
+    Ok(())
 }
 
 fn subtree_has_procs(dir: &Path) -> bool {
