@@ -77,6 +77,9 @@ pub struct Settings {
     /// Raft election timeout range (max) in milliseconds.
     #[arg(long)]
     pub election_timeout_max_ms: Option<u64>,
+    /// A host whose last heartbeat is older than this is down, and its VMs are moved.
+    #[arg(long)]
+    pub host_ttl_ms: Option<u64>,
 }
 
 impl Settings {
@@ -107,6 +110,7 @@ impl Settings {
             election_timeout_max_ms: over
                 .election_timeout_max_ms
                 .or(self.election_timeout_max_ms),
+            host_ttl_ms: over.host_ttl_ms.or(self.host_ttl_ms),
         }
     }
 }
@@ -124,6 +128,7 @@ pub struct Config {
     pub heartbeat_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
+    pub host_ttl_ms: u64,
 }
 
 /// Parses `1=http://a:1,2=http://b:2`.
@@ -209,6 +214,10 @@ impl Config {
                 "must be above election_timeout_min_ms",
             ));
         }
+        let host_ttl_ms = s.host_ttl_ms.unwrap_or(6_000);
+        if !(1_000..=3_600_000).contains(&host_ttl_ms) {
+            return Err(invalid("host_ttl_ms", "must be between 1000 and 3600000"));
+        }
         let snapshot_every = s.snapshot_every.unwrap_or(10_000);
         if snapshot_every < 10 {
             return Err(invalid("snapshot_every", "must be at least 10"));
@@ -226,6 +235,7 @@ impl Config {
             heartbeat_ms,
             election_timeout_min_ms,
             election_timeout_max_ms,
+            host_ttl_ms,
         })
     }
 }

@@ -12,6 +12,7 @@ pub mod leader_loop;
 pub mod metrics;
 pub mod network;
 pub mod node;
+pub mod plan;
 pub mod raft_types;
 pub mod scheduler;
 pub mod state_machine;

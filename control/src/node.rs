@@ -51,7 +51,7 @@ pub enum NodeError {
 /// Requests a follower sends to the leader.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Forward {
-    Propose(Command),
+    Propose(Box<Command>),
     ReadIndex,
     AddMember(AddMember),
     RemoveMember(u64),
@@ -288,6 +288,7 @@ impl ControlNode {
         match req {
             Forward::Propose(mut cmd) => {
                 cmd.stamp(now_ms());
+                let cmd = *cmd;
                 let kind = cmd.kind();
                 match self.raft.client_write(cmd).await {
                     Ok(r) => {
@@ -368,7 +369,7 @@ impl ControlNode {
     /// Proposes a command through Raft (on the leader, wherever that is) and returns the
     /// applied outcome.
     pub async fn propose(&self, cmd: Command) -> Result<Response, NodeError> {
-        match self.on_leader(Forward::Propose(cmd)).await? {
+        match self.on_leader(Forward::Propose(Box::new(cmd))).await? {
             ForwardReply::Response(r) => Ok(r),
             other => Err(NodeError::Raft(format!("unexpected reply {other:?}"))),
         }

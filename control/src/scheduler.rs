@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use blixard_api::{DesiredState, Host, HostStatus, PlacementStrategy, Vm, VmSpec};
+use blixard_api::{DesiredState, Host, HostStatus, PlacementStrategy, Vm, VmSpec, VmState};
 
 use crate::state_machine::{ClusterState, Placement, Unplaced};
 
@@ -111,7 +111,9 @@ pub fn pending(state: &ClusterState) -> Vec<&Vm> {
     let mut v: Vec<&Vm> = state
         .vms
         .values()
-        .filter(|vm| vm.host.is_none() && vm.desired == DesiredState::Running)
+        .filter(|vm| {
+            vm.host.is_none() && vm.desired == DesiredState::Running && vm.state == VmState::Pending
+        })
         .collect();
     v.sort_by(|a, b| (a.created_ms, &a.spec.name).cmp(&(b.created_ms, &b.spec.name)));
     v
@@ -194,7 +196,7 @@ fn host_word(n: usize) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use blixard_api::{Capacity, Hypervisor, RestartPolicy, VmState};
+    use blixard_api::{Capacity, Hypervisor, RestartPolicy};
 
     fn host(id: &str, vcpus: u32, mem: u64) -> Host {
         Host {
@@ -211,6 +213,7 @@ mod tests {
             status: HostStatus::Up,
             last_heartbeat_ms: 0,
             registered_ms: 0,
+            drain_deadline_ms: None,
             epoch: 1,
         }
     }
@@ -231,6 +234,8 @@ mod tests {
                 constraints: Default::default(),
                 anti_affinity: None,
                 strategy: PlacementStrategy::Spread,
+                max_restarts: None,
+                restart_window_secs: None,
             },
             desired: DesiredState::Running,
             state: VmState::Pending,
@@ -240,6 +245,9 @@ mod tests {
             since_ms: 0,
             created_ms: created,
             mod_index: 0,
+            restarts: vec![],
+            evicting: None,
+            idempotency_key: None,
         }
     }
 
@@ -247,7 +255,7 @@ mod tests {
         ClusterState {
             hosts: hosts.into_iter().map(|h| (h.id.clone(), h)).collect(),
             vms: vms.into_iter().map(|v| (v.spec.name.clone(), v)).collect(),
-            host_rev: Default::default(),
+            ..Default::default()
         }
     }
 

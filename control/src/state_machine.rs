@@ -6,15 +6,24 @@
 //! Timestamps come from the command (stamped by the leader), never from a clock, so every
 //! node computes the same state.
 //!
+//! VM lifecycle rules live here too: restart policies (a VM that ended on its own gets a new
+//! generation, up to `max_restarts` within the window, then stays `failed`), host loss (its
+//! VMs are taken off it and placed again, or failed for policy `never`), drains and updates
+//! (the VM is stopped on its host first, then placed again), and idempotent creates.
+//!
 //! The command enum is append-only: tags are explicit and pinned by a test, so old log
-//! entries and snapshots keep decoding.
+//! entries and snapshots keep decoding; new fields are optional.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use blixard_api::{
-    DesiredState, Host, HostRegistration, HostStatus, Vm, VmSpec, VmState, VmStatusReport,
+    DesiredState, Event, EventKind, Eviction, Host, HostRegistration, HostStatus, RestartPolicy,
+    Vm, VmSpec, VmState, VmStatusReport,
 };
 use serde::{Deserialize, Serialize};
+
+/// How many events each node keeps for `GET /v1/events`.
+pub const EVENT_LOG_CAP: usize = 20_000;
 
 /// One placement decided by the scheduler.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,22 +41,36 @@ pub struct Unplaced {
     pub reason: String,
 }
 
-/// A replicated command. Append-only: never reorder, rename or remove a variant.
+/// A VM to take off its host, at the generation the leader saw.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRef {
+    pub vm: String,
+    pub generation: u64,
+}
+
+/// A replicated command. Append-only: never reorder, rename or remove a variant; new fields
+/// must be optional.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Command {
     CreateVm {
         spec: VmSpec,
         now_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        idempotency_key: Option<String>,
     },
     DeleteVm {
         name: String,
         now_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expected_generation: Option<u64>,
     },
     SetDesired {
         name: String,
         desired: DesiredState,
         now_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expected_generation: Option<u64>,
     },
     RegisterHost {
         registration: HostRegistration,
@@ -73,6 +96,28 @@ pub enum Command {
         status: HostStatus,
         now_ms: u64,
     },
+    UpdateVm {
+        spec: VmSpec,
+        expected_generation: Option<u64>,
+        now_ms: u64,
+    },
+    DrainHost {
+        host: String,
+        deadline_ms: u64,
+        now_ms: u64,
+    },
+    /// Takes VMs off their hosts now (an eviction past its deadline).
+    Unassign {
+        vms: Vec<VmRef>,
+        reason: String,
+        now_ms: u64,
+    },
+    /// Replaces every host and VM (disaster recovery from `cluster snapshot save`).
+    RestoreState {
+        hosts: Vec<Host>,
+        vms: Vec<Vm>,
+        now_ms: u64,
+    },
 }
 
 impl Command {
@@ -86,7 +131,11 @@ impl Command {
             | Command::Heartbeat { now_ms, .. }
             | Command::ReportVmStatus { now_ms, .. }
             | Command::Place { now_ms, .. }
-            | Command::SetHostStatus { now_ms, .. } => *now_ms = now,
+            | Command::SetHostStatus { now_ms, .. }
+            | Command::UpdateVm { now_ms, .. }
+            | Command::DrainHost { now_ms, .. }
+            | Command::Unassign { now_ms, .. }
+            | Command::RestoreState { now_ms, .. } => *now_ms = now,
         }
     }
 
@@ -101,6 +150,10 @@ impl Command {
             Command::ReportVmStatus { .. } => "report_vm_status",
             Command::Place { .. } => "place",
             Command::SetHostStatus { .. } => "set_host_status",
+            Command::UpdateVm { .. } => "update_vm",
+            Command::DrainHost { .. } => "drain_host",
+            Command::Unassign { .. } => "unassign",
+            Command::RestoreState { .. } => "restore_state",
         }
     }
 }
@@ -131,6 +184,9 @@ pub enum Response {
         unplaced: usize,
     },
     Error(ApplyError),
+    /// A create that repeated an earlier one's idempotency key: the VM it made.
+    Existing(Box<Vm>),
+    Count(usize),
 }
 
 /// Keys whose rows changed, for the store to write.
@@ -155,13 +211,21 @@ pub struct ClusterState {
     /// Per host, the log index of the last change to its assignments (derived, not stored).
     #[serde(skip)]
     pub host_rev: BTreeMap<String, u64>,
+    /// Recent events, oldest first (derived, not stored).
+    #[serde(skip)]
+    pub events: VecDeque<Event>,
+    /// Events after this index are all in `events` (earlier ones may be gone).
+    #[serde(skip)]
+    pub events_from: u64,
 }
 
 impl ClusterState {
     /// Recomputes derived fields after loading from storage: every host's revision starts at
-    /// `index`, so a long-poll from before the load wakes once.
+    /// `index`, so a long-poll from before the load wakes once; events start at `index`.
     pub fn rebuild_derived(&mut self, index: u64) {
         self.host_rev = self.hosts.keys().map(|h| (h.clone(), index)).collect();
+        self.events.clear();
+        self.events_from = index;
     }
 
     /// The VMs assigned to `host`, by name.
@@ -174,6 +238,15 @@ impl ClusterState {
     /// Index of the last change to `host`'s assignments.
     pub fn host_revision(&self, host: &str) -> u64 {
         self.host_rev.get(host).copied().unwrap_or(0)
+    }
+
+    /// Events after `since`, or `None` if some of them are no longer kept.
+    pub fn events_after(&self, since: u64) -> Option<Vec<Event>> {
+        if since < self.events_from {
+            return None;
+        }
+        let start = self.events.partition_point(|e| e.index <= since);
+        Some(self.events.range(start..).cloned().collect())
     }
 
     fn bump_host(&mut self, host: Option<&str>, index: u64) {
@@ -191,532 +264,628 @@ fn set_state(vm: &mut Vm, state: VmState, reason: Option<String>, now_ms: u64) {
     vm.reason = reason;
 }
 
-/// Applies one committed command at log `index`.
-pub fn apply(state: &mut ClusterState, index: u64, cmd: &Command) -> (Response, Touched) {
-    let mut touched = Touched::default();
-    let resp = match cmd {
-        Command::CreateVm { spec, now_ms } => {
-            if state.vms.contains_key(&spec.name) {
-                Response::Error(ApplyError::AlreadyExists(format!(
-                    "vm {} already exists",
-                    spec.name
-                )))
-            } else {
-                let vm = Vm {
-                    spec: spec.clone(),
-                    desired: DesiredState::Running,
-                    state: VmState::Pending,
-                    reason: Some("waiting for placement".into()),
-                    host: None,
-                    generation: 1,
-                    since_ms: *now_ms,
-                    created_ms: *now_ms,
-                    mod_index: index,
-                };
-                state.vms.insert(spec.name.clone(), vm.clone());
-                touched.vms.insert(spec.name.clone());
-                Response::Vm(Box::new(vm))
+/// Applying one command: the state, the entry's index and time, and what changed.
+struct Apply<'a> {
+    s: &'a mut ClusterState,
+    index: u64,
+    now: u64,
+    touched: Touched,
+}
+
+fn not_found_vm(name: &str) -> Response {
+    Response::Error(ApplyError::NotFound(format!("vm {name} not found")))
+}
+
+fn generation_conflict(name: &str, expected: u64, actual: u64) -> Response {
+    Response::Error(ApplyError::Conflict(format!(
+        "vm {name} is at generation {actual}, not {expected}"
+    )))
+}
+
+impl Apply<'_> {
+    fn event(
+        &mut self,
+        kind: EventKind,
+        vm: Option<&Vm>,
+        host: Option<&str>,
+        message: Option<String>,
+    ) {
+        let ev = Event {
+            index: self.index,
+            time_ms: self.now,
+            kind,
+            vm: vm.map(|v| v.spec.name.clone()),
+            host: host
+                .map(str::to_string)
+                .or_else(|| vm.and_then(|v| v.host.clone())),
+            state: vm.map(|v| v.state),
+            host_status: None,
+            message,
+        };
+        self.push_event(ev);
+    }
+
+    fn push_event(&mut self, ev: Event) {
+        if self.s.events.len() >= EVENT_LOG_CAP {
+            if let Some(old) = self.s.events.pop_front() {
+                self.s.events_from = old.index;
             }
         }
-        Command::DeleteVm { name, .. } => match state.vms.remove(name) {
-            None => Response::Error(ApplyError::NotFound(format!("vm {name} not found"))),
-            Some(vm) => {
-                state.bump_host(vm.host.as_deref(), index);
-                touched.vms.insert(name.clone());
-                Response::Vm(Box::new(vm))
+        self.s.events.push_back(ev);
+    }
+
+    fn touch_vm(&mut self, name: &str) {
+        self.touched.vms.insert(name.to_string());
+        if let Some(vm) = self.s.vms.get_mut(name) {
+            vm.mod_index = self.index;
+        }
+    }
+
+    /// Takes a VM off its host: it becomes pending (or failed for policy `never` when the host
+    /// was lost), with a new generation, and its old host's agent stops it.
+    fn unassign(&mut self, name: &str, reason: &str, host_lost: bool) {
+        let (index, now) = (self.index, self.now);
+        let Some(vm) = self.s.vms.get_mut(name) else {
+            return;
+        };
+        let old = vm.host.take();
+        vm.evicting = None;
+        vm.generation += 1;
+        let next = if vm.desired == DesiredState::Stopped {
+            (VmState::Stopped, None)
+        } else if host_lost && vm.spec.restart_policy == RestartPolicy::Never {
+            (
+                VmState::Failed,
+                Some(format!("{reason}; restart policy is never")),
+            )
+        } else {
+            (
+                VmState::Pending,
+                Some(format!("{reason}; waiting for placement")),
+            )
+        };
+        set_state(vm, next.0, next.1.clone(), now);
+        let vm = vm.clone();
+        self.s.bump_host(old.as_deref(), index);
+        self.touch_vm(name);
+        self.event(EventKind::VmPending, Some(&vm), old.as_deref(), next.1);
+    }
+
+    fn create_vm(&mut self, spec: &VmSpec, key: &Option<String>) -> Response {
+        if let Some(k) = key {
+            if let Some(existing) = self
+                .s
+                .vms
+                .values()
+                .find(|v| v.idempotency_key.as_ref() == Some(k))
+            {
+                return Response::Existing(Box::new(existing.clone()));
             }
-        },
+        }
+        if self.s.vms.contains_key(&spec.name) {
+            return Response::Error(ApplyError::AlreadyExists(format!(
+                "vm {} already exists",
+                spec.name
+            )));
+        }
+        let vm = Vm {
+            spec: spec.clone(),
+            desired: DesiredState::Running,
+            state: VmState::Pending,
+            reason: Some("waiting for placement".into()),
+            host: None,
+            generation: 1,
+            since_ms: self.now,
+            created_ms: self.now,
+            mod_index: self.index,
+            restarts: vec![],
+            evicting: None,
+            idempotency_key: key.clone(),
+        };
+        self.s.vms.insert(spec.name.clone(), vm.clone());
+        self.touch_vm(&spec.name);
+        self.event(EventKind::VmCreated, Some(&vm), None, None);
+        Response::Vm(Box::new(vm))
+    }
+
+    fn update_vm(&mut self, spec: &VmSpec, expected: Option<u64>) -> Response {
+        let Some(vm) = self.s.vms.get_mut(&spec.name) else {
+            return not_found_vm(&spec.name);
+        };
+        if let Some(e) = expected.filter(|e| *e != vm.generation) {
+            return generation_conflict(&spec.name, e, vm.generation);
+        }
+        if vm.spec == *spec {
+            return Response::Vm(Box::new(vm.clone()));
+        }
+        vm.spec = spec.clone();
+        vm.generation += 1;
+        vm.restarts.clear();
+        let placed = vm.host.is_some();
+        let running = !matches!(vm.state, VmState::Stopped | VmState::Failed);
+        let name = spec.name.clone();
+        if placed && running && vm.desired == DesiredState::Running {
+            // Stop it where it is, then place it again with the new spec.
+            vm.evicting = Some(Eviction {
+                reason: "spec updated".into(),
+                deadline_ms: self.now + 60_000,
+            });
+            set_state(
+                vm,
+                VmState::Stopping,
+                Some("spec updated; moving".into()),
+                self.now,
+            );
+            let host = vm.host.clone();
+            self.s.bump_host(host.as_deref(), self.index);
+        } else if placed {
+            self.unassign(&name, "spec updated", false);
+        } else if vm.desired == DesiredState::Running {
+            set_state(
+                vm,
+                VmState::Pending,
+                Some("waiting for placement".into()),
+                self.now,
+            );
+        }
+        self.touch_vm(&name);
+        let vm = self.s.vms.get(&name).cloned();
+        if let Some(v) = &vm {
+            self.event(EventKind::VmUpdated, Some(v), None, None);
+        }
+        vm.map(|v| Response::Vm(Box::new(v)))
+            .unwrap_or(Response::None)
+    }
+
+    fn delete_vm(&mut self, name: &str, expected: Option<u64>) -> Response {
+        let Some(vm) = self.s.vms.get(name) else {
+            return not_found_vm(name);
+        };
+        if let Some(e) = expected.filter(|e| *e != vm.generation) {
+            return generation_conflict(name, e, vm.generation);
+        }
+        let Some(vm) = self.s.vms.remove(name) else {
+            return not_found_vm(name);
+        };
+        self.s.bump_host(vm.host.as_deref(), self.index);
+        self.touched.vms.insert(name.to_string());
+        self.event(EventKind::VmDeleted, Some(&vm), None, None);
+        Response::Vm(Box::new(vm))
+    }
+
+    fn set_desired(
+        &mut self,
+        name: &str,
+        desired: DesiredState,
+        expected: Option<u64>,
+    ) -> Response {
+        let now = self.now;
+        let Some(vm) = self.s.vms.get_mut(name) else {
+            return not_found_vm(name);
+        };
+        if let Some(e) = expected.filter(|e| *e != vm.generation) {
+            return generation_conflict(name, e, vm.generation);
+        }
+        let ended = matches!(vm.state, VmState::Stopped | VmState::Failed);
+        // Starting a VM that wants to run but ended (failed, gave up restarting) restarts it.
+        let restart = desired == DesiredState::Running && vm.desired == desired && ended;
+        if vm.desired == desired && !restart {
+            return Response::Vm(Box::new(vm.clone()));
+        }
+        vm.desired = desired;
+        vm.generation += 1;
+        vm.restarts.clear();
+        match (desired, vm.host.is_some()) {
+            (DesiredState::Stopped, false) => set_state(vm, VmState::Stopped, None, now),
+            (DesiredState::Running, false) => set_state(
+                vm,
+                VmState::Pending,
+                Some("waiting for placement".into()),
+                now,
+            ),
+            (DesiredState::Stopped, true) => {
+                if !ended {
+                    set_state(vm, VmState::Stopping, None, now);
+                }
+            }
+            (DesiredState::Running, true) => {
+                if vm.state != VmState::Running {
+                    set_state(vm, VmState::Scheduled, None, now);
+                }
+            }
+        }
+        let vm = vm.clone();
+        self.s.bump_host(vm.host.as_deref(), self.index);
+        self.touch_vm(name);
+        self.event(EventKind::VmState, Some(&vm), None, None);
+        Response::Vm(Box::new(vm))
+    }
+
+    fn register_host(&mut self, r: &HostRegistration) -> Response {
+        let now = self.now;
+        let host = match self.s.hosts.get(&r.id) {
+            Some(old) => Host {
+                id: r.id.clone(),
+                address: r.address.clone(),
+                capacity: r.capacity,
+                labels: r.labels.clone(),
+                hypervisors: r.hypervisors.clone(),
+                // A draining host stays draining across agent restarts.
+                status: if old.status == HostStatus::Draining {
+                    HostStatus::Draining
+                } else {
+                    HostStatus::Up
+                },
+                last_heartbeat_ms: now,
+                registered_ms: old.registered_ms,
+                drain_deadline_ms: old.drain_deadline_ms,
+                epoch: old.epoch + 1,
+            },
+            None => Host {
+                id: r.id.clone(),
+                address: r.address.clone(),
+                capacity: r.capacity,
+                labels: r.labels.clone(),
+                hypervisors: r.hypervisors.clone(),
+                status: HostStatus::Up,
+                last_heartbeat_ms: now,
+                registered_ms: now,
+                drain_deadline_ms: None,
+                epoch: 1,
+            },
+        };
+        self.s.hosts.insert(r.id.clone(), host.clone());
+        self.s.bump_host(Some(&r.id), self.index);
+        self.touched.hosts.insert(r.id.clone());
+        self.host_event(&host, EventKind::HostRegistered);
+        Response::Host(Box::new(host))
+    }
+
+    fn host_event(&mut self, h: &Host, kind: EventKind) {
+        let ev = Event {
+            index: self.index,
+            time_ms: self.now,
+            kind,
+            vm: None,
+            host: Some(h.id.clone()),
+            state: None,
+            host_status: Some(h.status),
+            message: None,
+        };
+        self.push_event(ev);
+    }
+
+    fn heartbeat(&mut self, host: &str) -> Response {
+        let Some(h) = self.s.hosts.get_mut(host) else {
+            return Response::Error(ApplyError::NotFound(format!("host {host} not registered")));
+        };
+        h.last_heartbeat_ms = self.now;
+        let came_back = h.status == HostStatus::Down;
+        if came_back {
+            h.status = HostStatus::Up;
+        }
+        let h = h.clone();
+        self.touched.hosts.insert(host.to_string());
+        if came_back {
+            self.host_event(&h, EventKind::HostStatus);
+        }
+        Response::Host(Box::new(h))
+    }
+
+    fn report(&mut self, host: &str, name: &str, report: &VmStatusReport) -> Response {
+        let (now, index) = (self.now, self.index);
+        let Some(vm) = self.s.vms.get_mut(name) else {
+            return not_found_vm(name);
+        };
+        if vm.host.as_deref() != Some(host) {
+            return Response::Error(ApplyError::Conflict(format!(
+                "vm {name} is not assigned to host {host}"
+            )));
+        }
+        let ended = matches!(report.state, VmState::Stopped | VmState::Failed);
+        // A report about an older generation says nothing about what the host runs now.
+        if report.generation != 0 && report.generation < vm.generation && !ended {
+            return Response::Vm(Box::new(vm.clone()));
+        }
+        if ended && vm.evicting.is_some() {
+            self.unassign(name, "moved off its host", false);
+            return self
+                .s
+                .vms
+                .get(name)
+                .cloned()
+                .map(|v| Response::Vm(Box::new(v)))
+                .unwrap_or_default();
+        }
+        if report.generation != 0 && report.generation < vm.generation {
+            return Response::Vm(Box::new(vm.clone()));
+        }
+        if vm.state == report.state && vm.reason == report.reason {
+            return Response::Vm(Box::new(vm.clone()));
+        }
+        set_state(vm, report.state, report.reason.clone(), now);
+        let mut restarted = false;
+        if ended && vm.desired == DesiredState::Running {
+            let restart = match vm.spec.restart_policy {
+                RestartPolicy::Always => true,
+                RestartPolicy::OnFailure => report.state == VmState::Failed,
+                RestartPolicy::Never => false,
+            };
+            if restart {
+                let window = vm.spec.restart_window_ms();
+                vm.restarts.retain(|t| now.saturating_sub(*t) < window);
+                let why = report
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| report.state.as_str().into());
+                if vm.restarts.len() as u32 >= vm.spec.max_restarts() {
+                    let msg = format!(
+                        "{why}; restarted {} times within {}s, giving up",
+                        vm.restarts.len(),
+                        window / 1000
+                    );
+                    set_state(vm, VmState::Failed, Some(msg), now);
+                } else {
+                    vm.restarts.push(now);
+                    vm.generation += 1;
+                    set_state(
+                        vm,
+                        VmState::Scheduled,
+                        Some(format!("restarting after: {why}")),
+                        now,
+                    );
+                    restarted = true;
+                }
+            }
+        }
+        let vm = vm.clone();
+        if restarted {
+            self.s.bump_host(Some(host), index);
+        }
+        self.touch_vm(name);
+        self.event(EventKind::VmState, Some(&vm), None, vm.reason.clone());
+        Response::Vm(Box::new(vm))
+    }
+
+    fn place(&mut self, placements: &[Placement], unplaced: &[Unplaced]) -> Response {
+        let mut placed = 0;
+        for p in placements {
+            let host_ok = self
+                .s
+                .hosts
+                .get(&p.host)
+                .is_some_and(|h| h.status == HostStatus::Up);
+            let Some(vm) = self.s.vms.get_mut(&p.vm) else {
+                continue;
+            };
+            if !host_ok
+                || vm.generation != p.generation
+                || vm.host.is_some()
+                || vm.state != VmState::Pending
+            {
+                continue;
+            }
+            vm.host = Some(p.host.clone());
+            vm.generation += 1;
+            let next = if vm.desired == DesiredState::Running {
+                VmState::Scheduled
+            } else {
+                VmState::Stopped
+            };
+            set_state(vm, next, None, self.now);
+            let vm = vm.clone();
+            self.touch_vm(&p.vm);
+            self.s.host_rev.insert(p.host.clone(), self.index);
+            self.event(EventKind::VmPlaced, Some(&vm), None, None);
+            placed += 1;
+        }
+        let mut not_placed = 0;
+        for u in unplaced {
+            let Some(vm) = self.s.vms.get_mut(&u.vm) else {
+                continue;
+            };
+            if vm.host.is_none()
+                && vm.state == VmState::Pending
+                && vm.reason.as_deref() != Some(u.reason.as_str())
+            {
+                vm.reason = Some(u.reason.clone());
+                let vm = vm.clone();
+                self.touch_vm(&u.vm);
+                self.event(
+                    EventKind::VmPending,
+                    Some(&vm),
+                    None,
+                    Some(u.reason.clone()),
+                );
+            }
+            not_placed += 1;
+        }
+        Response::Placed {
+            placed,
+            unplaced: not_placed,
+        }
+    }
+
+    fn set_host_status(&mut self, host: &str, status: HostStatus) -> Response {
+        let Some(h) = self.s.hosts.get_mut(host) else {
+            return Response::Error(ApplyError::NotFound(format!("host {host} not registered")));
+        };
+        let was = h.status;
+        h.status = status;
+        if status != HostStatus::Draining {
+            h.drain_deadline_ms = None;
+        }
+        let h = h.clone();
+        self.touched.hosts.insert(host.to_string());
+        self.s.bump_host(Some(host), self.index);
+        if was != status {
+            self.host_event(&h, EventKind::HostStatus);
+        }
+        if status == HostStatus::Down && was != HostStatus::Down {
+            let names: Vec<String> = self
+                .s
+                .assigned_to(host)
+                .map(|v| v.spec.name.clone())
+                .collect();
+            for n in names {
+                self.unassign(&n, &format!("host {host} lost"), true);
+            }
+        }
+        Response::Host(Box::new(h))
+    }
+
+    fn drain(&mut self, host: &str, deadline_ms: u64) -> Response {
+        let now = self.now;
+        let Some(h) = self.s.hosts.get_mut(host) else {
+            return Response::Error(ApplyError::NotFound(format!("host {host} not registered")));
+        };
+        if h.status == HostStatus::Down {
+            return Response::Error(ApplyError::Conflict(format!("host {host} is down")));
+        }
+        h.status = HostStatus::Draining;
+        h.drain_deadline_ms = Some(deadline_ms);
+        let h = h.clone();
+        self.touched.hosts.insert(host.to_string());
+        self.s.bump_host(Some(host), self.index);
+        self.host_event(&h, EventKind::HostStatus);
+        let names: Vec<String> = self
+            .s
+            .assigned_to(host)
+            .map(|v| v.spec.name.clone())
+            .collect();
+        for n in names {
+            let Some(vm) = self.s.vms.get_mut(&n) else {
+                continue;
+            };
+            let active = vm.desired == DesiredState::Running
+                && !matches!(vm.state, VmState::Stopped | VmState::Failed);
+            if active {
+                vm.evicting = Some(Eviction {
+                    reason: format!("host {host} draining"),
+                    deadline_ms,
+                });
+                vm.generation += 1;
+                set_state(
+                    vm,
+                    VmState::Stopping,
+                    Some(format!("host {host} draining; moving")),
+                    now,
+                );
+                let vm = vm.clone();
+                self.touch_vm(&n);
+                self.event(EventKind::VmState, Some(&vm), None, vm.reason.clone());
+            } else {
+                self.unassign(&n, &format!("host {host} draining"), false);
+            }
+        }
+        Response::Host(Box::new(h))
+    }
+
+    fn unassign_many(&mut self, vms: &[VmRef], reason: &str) -> Response {
+        let mut n = 0;
+        for r in vms {
+            let current = self
+                .s
+                .vms
+                .get(&r.vm)
+                .is_some_and(|v| v.generation == r.generation && v.host.is_some());
+            if current {
+                self.unassign(&r.vm, reason, false);
+                n += 1;
+            }
+        }
+        Response::Count(n)
+    }
+
+    fn restore(&mut self, hosts: &[Host], vms: &[Vm]) -> Response {
+        for name in self.s.vms.keys() {
+            self.touched.vms.insert(name.clone());
+        }
+        for id in self.s.hosts.keys() {
+            self.touched.hosts.insert(id.clone());
+        }
+        self.s.hosts = hosts.iter().map(|h| (h.id.clone(), h.clone())).collect();
+        self.s.vms = vms
+            .iter()
+            .map(|v| (v.spec.name.clone(), v.clone()))
+            .collect();
+        self.touched.vms.extend(self.s.vms.keys().cloned());
+        self.touched.hosts.extend(self.s.hosts.keys().cloned());
+        let index = self.index;
+        let ids: Vec<String> = self.s.hosts.keys().cloned().collect();
+        for id in ids {
+            self.s.bump_host(Some(&id), index);
+        }
+        Response::Count(vms.len())
+    }
+}
+
+/// Applies one committed command at log `index`.
+pub fn apply(state: &mut ClusterState, index: u64, cmd: &Command) -> (Response, Touched) {
+    let now = match cmd {
+        Command::CreateVm { now_ms, .. }
+        | Command::DeleteVm { now_ms, .. }
+        | Command::SetDesired { now_ms, .. }
+        | Command::RegisterHost { now_ms, .. }
+        | Command::Heartbeat { now_ms, .. }
+        | Command::ReportVmStatus { now_ms, .. }
+        | Command::Place { now_ms, .. }
+        | Command::SetHostStatus { now_ms, .. }
+        | Command::UpdateVm { now_ms, .. }
+        | Command::DrainHost { now_ms, .. }
+        | Command::Unassign { now_ms, .. }
+        | Command::RestoreState { now_ms, .. } => *now_ms,
+    };
+    let mut a = Apply {
+        s: state,
+        index,
+        now,
+        touched: Touched::default(),
+    };
+    let resp = match cmd {
+        Command::CreateVm {
+            spec,
+            idempotency_key,
+            ..
+        } => a.create_vm(spec, idempotency_key),
+        Command::DeleteVm {
+            name,
+            expected_generation,
+            ..
+        } => a.delete_vm(name, *expected_generation),
         Command::SetDesired {
             name,
             desired,
-            now_ms,
-        } => {
-            let Some(vm) = state.vms.get_mut(name) else {
-                return (
-                    Response::Error(ApplyError::NotFound(format!("vm {name} not found"))),
-                    touched,
-                );
-            };
-            if vm.desired != *desired {
-                vm.desired = *desired;
-                vm.generation += 1;
-                vm.mod_index = index;
-                match (desired, vm.host.is_some()) {
-                    (DesiredState::Stopped, false) => {
-                        set_state(vm, VmState::Stopped, None, *now_ms);
-                    }
-                    (DesiredState::Running, false) => set_state(
-                        vm,
-                        VmState::Pending,
-                        Some("waiting for placement".into()),
-                        *now_ms,
-                    ),
-                    (DesiredState::Stopped, true) => {
-                        if vm.state != VmState::Stopped && vm.state != VmState::Failed {
-                            set_state(vm, VmState::Stopping, None, *now_ms);
-                        }
-                    }
-                    (DesiredState::Running, true) => {
-                        if vm.state != VmState::Running {
-                            set_state(vm, VmState::Scheduled, None, *now_ms);
-                        }
-                    }
-                }
-                let host = vm.host.clone();
-                let vm = vm.clone();
-                state.bump_host(host.as_deref(), index);
-                touched.vms.insert(name.clone());
-                Response::Vm(Box::new(vm))
-            } else {
-                Response::Vm(Box::new(vm.clone()))
-            }
-        }
-        Command::RegisterHost {
-            registration: r,
-            now_ms,
-        } => {
-            let host = match state.hosts.get(&r.id) {
-                Some(old) => Host {
-                    id: r.id.clone(),
-                    address: r.address.clone(),
-                    capacity: r.capacity,
-                    labels: r.labels.clone(),
-                    hypervisors: r.hypervisors.clone(),
-                    // A draining host stays draining across agent restarts.
-                    status: if old.status == HostStatus::Draining {
-                        HostStatus::Draining
-                    } else {
-                        HostStatus::Up
-                    },
-                    last_heartbeat_ms: *now_ms,
-                    registered_ms: old.registered_ms,
-                    epoch: old.epoch + 1,
-                },
-                None => Host {
-                    id: r.id.clone(),
-                    address: r.address.clone(),
-                    capacity: r.capacity,
-                    labels: r.labels.clone(),
-                    hypervisors: r.hypervisors.clone(),
-                    status: HostStatus::Up,
-                    last_heartbeat_ms: *now_ms,
-                    registered_ms: *now_ms,
-                    epoch: 1,
-                },
-            };
-            state.hosts.insert(r.id.clone(), host.clone());
-            state.bump_host(Some(&r.id), index);
-            touched.hosts.insert(r.id.clone());
-            Response::Host(Box::new(host))
-        }
-        Command::Heartbeat { host, now_ms } => match state.hosts.get_mut(host) {
-            None => Response::Error(ApplyError::NotFound(format!("host {host} not registered"))),
-            Some(h) => {
-                h.last_heartbeat_ms = *now_ms;
-                if h.status == HostStatus::Down {
-                    h.status = HostStatus::Up;
-                }
-                touched.hosts.insert(host.clone());
-                Response::Host(Box::new(h.clone()))
-            }
-        },
+            expected_generation,
+            ..
+        } => a.set_desired(name, *desired, *expected_generation),
+        Command::RegisterHost { registration, .. } => a.register_host(registration),
+        Command::Heartbeat { host, .. } => a.heartbeat(host),
         Command::ReportVmStatus {
-            host,
-            name,
-            report,
-            now_ms,
-        } => {
-            let Some(vm) = state.vms.get_mut(name) else {
-                return (
-                    Response::Error(ApplyError::NotFound(format!("vm {name} not found"))),
-                    touched,
-                );
-            };
-            if vm.host.as_deref() != Some(host.as_str()) {
-                return (
-                    Response::Error(ApplyError::Conflict(format!(
-                        "vm {name} is not assigned to host {host}"
-                    ))),
-                    touched,
-                );
-            }
-            if vm.state != report.state || vm.reason != report.reason {
-                set_state(vm, report.state, report.reason.clone(), *now_ms);
-                vm.mod_index = index;
-                touched.vms.insert(name.clone());
-            }
-            Response::Vm(Box::new(vm.clone()))
-        }
+            host, name, report, ..
+        } => a.report(host, name, report),
         Command::Place {
             placements,
             unplaced,
-            now_ms,
-        } => {
-            let mut placed = 0;
-            for p in placements {
-                let host_ok = state
-                    .hosts
-                    .get(&p.host)
-                    .is_some_and(|h| h.status == HostStatus::Up);
-                let Some(vm) = state.vms.get_mut(&p.vm) else {
-                    continue;
-                };
-                if !host_ok || vm.generation != p.generation || vm.host.is_some() {
-                    continue;
-                }
-                vm.host = Some(p.host.clone());
-                vm.generation += 1;
-                vm.mod_index = index;
-                let next = if vm.desired == DesiredState::Running {
-                    VmState::Scheduled
-                } else {
-                    VmState::Stopped
-                };
-                set_state(vm, next, None, *now_ms);
-                touched.vms.insert(p.vm.clone());
-                state.host_rev.insert(p.host.clone(), index);
-                placed += 1;
-            }
-            let mut not_placed = 0;
-            for u in unplaced {
-                let Some(vm) = state.vms.get_mut(&u.vm) else {
-                    continue;
-                };
-                if vm.host.is_none() && vm.reason.as_deref() != Some(u.reason.as_str()) {
-                    vm.reason = Some(u.reason.clone());
-                    vm.mod_index = index;
-                    touched.vms.insert(u.vm.clone());
-                }
-                not_placed += 1;
-            }
-            Response::Placed {
-                placed,
-                unplaced: not_placed,
-            }
-        }
-        Command::SetHostStatus { host, status, .. } => match state.hosts.get_mut(host) {
-            None => Response::Error(ApplyError::NotFound(format!("host {host} not registered"))),
-            Some(h) => {
-                h.status = *status;
-                let h = h.clone();
-                touched.hosts.insert(host.clone());
-                state.bump_host(Some(host), index);
-                Response::Host(Box::new(h))
-            }
-        },
+            ..
+        } => a.place(placements, unplaced),
+        Command::SetHostStatus { host, status, .. } => a.set_host_status(host, *status),
+        Command::UpdateVm {
+            spec,
+            expected_generation,
+            ..
+        } => a.update_vm(spec, *expected_generation),
+        Command::DrainHost {
+            host, deadline_ms, ..
+        } => a.drain(host, *deadline_ms),
+        Command::Unassign { vms, reason, .. } => a.unassign_many(vms, reason),
+        Command::RestoreState { hosts, vms, .. } => a.restore(hosts, vms),
     };
-    (resp, touched)
+    (resp, a.touched)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use blixard_api::{Capacity, Hypervisor, PlacementStrategy, RestartPolicy};
+pub(crate) mod tests;
 
-    pub(crate) fn spec(name: &str) -> VmSpec {
-        VmSpec {
-            name: name.into(),
-            vcpus: 1,
-            memory_mib: 128,
-            hypervisor: Hypervisor::Process,
-            kernel: None,
-            initrd: None,
-            cmdline: None,
-            disks: vec![],
-            nics: vec![],
-            restart_policy: RestartPolicy::Always,
-            constraints: Default::default(),
-            anti_affinity: None,
-            strategy: PlacementStrategy::Spread,
-        }
-    }
-
-    fn reg(id: &str) -> HostRegistration {
-        HostRegistration {
-            id: id.into(),
-            address: String::new(),
-            capacity: Capacity {
-                vcpus: 4,
-                memory_mib: 4096,
-                disk_gib: 10,
-                kvm: false,
-            },
-            labels: Default::default(),
-            hypervisors: vec![Hypervisor::Process],
-        }
-    }
-
-    fn run(state: &mut ClusterState, cmds: &[Command]) -> Vec<Response> {
-        cmds.iter()
-            .enumerate()
-            .map(|(i, c)| apply(state, i as u64 + 1, c).0)
-            .collect()
-    }
-
-    #[test]
-    fn create_place_report_stop_delete() {
-        let mut s = ClusterState::default();
-        let out = run(
-            &mut s,
-            &[
-                Command::RegisterHost {
-                    registration: reg("h1"),
-                    now_ms: 1,
-                },
-                Command::CreateVm {
-                    spec: spec("a"),
-                    now_ms: 2,
-                },
-                Command::Place {
-                    placements: vec![Placement {
-                        vm: "a".into(),
-                        host: "h1".into(),
-                        generation: 1,
-                    }],
-                    unplaced: vec![],
-                    now_ms: 3,
-                },
-                Command::ReportVmStatus {
-                    host: "h1".into(),
-                    name: "a".into(),
-                    report: VmStatusReport {
-                        state: VmState::Running,
-                        reason: None,
-                        generation: 2,
-                    },
-                    now_ms: 4,
-                },
-            ],
-        );
-        assert!(matches!(
-            out[2],
-            Response::Placed {
-                placed: 1,
-                unplaced: 0
-            }
-        ));
-        let vm = &s.vms["a"];
-        assert_eq!(
-            (vm.state, vm.host.as_deref(), vm.generation),
-            (VmState::Running, Some("h1"), 2)
-        );
-        assert_eq!(s.host_revision("h1"), 3);
-
-        let (r, _) = apply(
-            &mut s,
-            5,
-            &Command::SetDesired {
-                name: "a".into(),
-                desired: DesiredState::Stopped,
-                now_ms: 5,
-            },
-        );
-        assert!(matches!(r, Response::Vm(ref v) if v.state == VmState::Stopping));
-        assert_eq!(s.host_revision("h1"), 5);
-        let (r, t) = apply(
-            &mut s,
-            6,
-            &Command::DeleteVm {
-                name: "a".into(),
-                now_ms: 6,
-            },
-        );
-        assert!(matches!(r, Response::Vm(_)));
-        assert!(t.vms.contains("a") && s.vms.is_empty());
-        assert_eq!(s.host_revision("h1"), 6);
-    }
-
-    #[test]
-    fn refusals() {
-        let mut s = ClusterState::default();
-        let out = run(
-            &mut s,
-            &[
-                Command::CreateVm {
-                    spec: spec("a"),
-                    now_ms: 1,
-                },
-                Command::CreateVm {
-                    spec: spec("a"),
-                    now_ms: 2,
-                },
-                Command::DeleteVm {
-                    name: "zz".into(),
-                    now_ms: 3,
-                },
-                Command::Heartbeat {
-                    host: "nope".into(),
-                    now_ms: 4,
-                },
-                Command::ReportVmStatus {
-                    host: "h9".into(),
-                    name: "a".into(),
-                    report: VmStatusReport {
-                        state: VmState::Running,
-                        reason: None,
-                        generation: 0,
-                    },
-                    now_ms: 5,
-                },
-                Command::SetDesired {
-                    name: "x".into(),
-                    desired: DesiredState::Stopped,
-                    now_ms: 6,
-                },
-            ],
-        );
-        assert!(matches!(
-            out[1],
-            Response::Error(ApplyError::AlreadyExists(_))
-        ));
-        assert!(matches!(out[2], Response::Error(ApplyError::NotFound(_))));
-        assert!(matches!(out[3], Response::Error(ApplyError::NotFound(_))));
-        assert!(matches!(out[4], Response::Error(ApplyError::Conflict(_))));
-        assert!(matches!(out[5], Response::Error(ApplyError::NotFound(_))));
-    }
-
-    #[test]
-    fn stale_or_bad_placements_are_dropped() {
-        let mut s = ClusterState::default();
-        run(
-            &mut s,
-            &[
-                Command::RegisterHost {
-                    registration: reg("h1"),
-                    now_ms: 1,
-                },
-                Command::CreateVm {
-                    spec: spec("a"),
-                    now_ms: 2,
-                },
-                Command::SetHostStatus {
-                    host: "h1".into(),
-                    status: HostStatus::Down,
-                    now_ms: 3,
-                },
-            ],
-        );
-        let (r, _) = apply(
-            &mut s,
-            4,
-            &Command::Place {
-                placements: vec![
-                    Placement {
-                        vm: "a".into(),
-                        host: "h1".into(),
-                        generation: 1,
-                    },
-                    Placement {
-                        vm: "ghost".into(),
-                        host: "h1".into(),
-                        generation: 1,
-                    },
-                ],
-                unplaced: vec![],
-                now_ms: 4,
-            },
-        );
-        assert_eq!(
-            r,
-            Response::Placed {
-                placed: 0,
-                unplaced: 0
-            }
-        );
-        assert_eq!(s.vms["a"].host, None);
-    }
-
-    #[test]
-    fn stop_before_placement_and_restart() {
-        let mut s = ClusterState::default();
-        run(
-            &mut s,
-            &[
-                Command::CreateVm {
-                    spec: spec("a"),
-                    now_ms: 1,
-                },
-                Command::SetDesired {
-                    name: "a".into(),
-                    desired: DesiredState::Stopped,
-                    now_ms: 2,
-                },
-            ],
-        );
-        assert_eq!(s.vms["a"].state, VmState::Stopped);
-        apply(
-            &mut s,
-            3,
-            &Command::SetDesired {
-                name: "a".into(),
-                desired: DesiredState::Running,
-                now_ms: 3,
-            },
-        );
-        assert_eq!(s.vms["a"].state, VmState::Pending);
-        assert_eq!(s.vms["a"].generation, 3);
-    }
-
-    /// Pins the serialized form of every command: changing it breaks old logs and snapshots.
-    #[test]
-    fn command_encoding_is_stable() {
-        let cases = [
-            (
-                Command::DeleteVm {
-                    name: "a".into(),
-                    now_ms: 7,
-                },
-                r#"{"type":"delete_vm","name":"a","now_ms":7}"#,
-            ),
-            (
-                Command::SetDesired {
-                    name: "a".into(),
-                    desired: DesiredState::Stopped,
-                    now_ms: 1,
-                },
-                r#"{"type":"set_desired","name":"a","desired":"stopped","now_ms":1}"#,
-            ),
-            (
-                Command::Heartbeat {
-                    host: "h".into(),
-                    now_ms: 2,
-                },
-                r#"{"type":"heartbeat","host":"h","now_ms":2}"#,
-            ),
-            (
-                Command::SetHostStatus {
-                    host: "h".into(),
-                    status: HostStatus::Down,
-                    now_ms: 3,
-                },
-                r#"{"type":"set_host_status","host":"h","status":"down","now_ms":3}"#,
-            ),
-            (
-                Command::Place {
-                    placements: vec![Placement {
-                        vm: "a".into(),
-                        host: "h".into(),
-                        generation: 1,
-                    }],
-                    unplaced: vec![Unplaced {
-                        vm: "b".into(),
-                        reason: "r".into(),
-                    }],
-                    now_ms: 4,
-                },
-                r#"{"type":"place","placements":[{"vm":"a","host":"h","generation":1}],"unplaced":[{"vm":"b","reason":"r"}],"now_ms":4}"#,
-            ),
-        ];
-        for (cmd, json) in cases {
-            assert_eq!(serde_json::to_string(&cmd).ok().as_deref(), Some(json));
-            let back: Command = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(back, cmd);
-        }
-        let create = r#"{"type":"create_vm","spec":{"name":"a","vcpus":1,"memory_mib":128,"hypervisor":"process","restart_policy":"always","strategy":"spread"},"now_ms":1}"#;
-        let cmd = Command::CreateVm {
-            spec: spec("a"),
-            now_ms: 1,
-        };
-        assert_eq!(serde_json::to_string(&cmd).ok().as_deref(), Some(create));
-    }
-}
+#[cfg(test)]
+pub(crate) use tests as tests_support;

@@ -12,8 +12,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::types::{
-    codes, AddMember, Assignments, ClusterStatus, ErrorBody, Health, Host, HostRegistration,
-    Member, Vm, VmSpec, VmStatusReport,
+    codes, AddMember, Assignments, ClusterStatus, DrainRequest, ErrorBody, Events, Health, Host,
+    HostRegistration, Member, Plan, PlanRequest, StateSnapshot, UpdateVm, Vm, VmSpec,
+    VmStatusReport,
 };
 
 /// Errors of the typed client.
@@ -128,6 +129,17 @@ impl Client {
         body: Option<&B>,
         timeout: Duration,
     ) -> Result<T, ClientError> {
+        self.call_with(method, path, body, timeout, None).await
+    }
+
+    async fn call_with<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        timeout: Duration,
+        idempotency_key: Option<&str>,
+    ) -> Result<T, ClientError> {
         let n = self.endpoints.len();
         let start = self.preferred.load(Ordering::Relaxed) % n;
         let mut last_err = None;
@@ -141,6 +153,9 @@ impl Client {
             }
             if let Some(b) = body {
                 req = req.json(b);
+            }
+            if let Some(k) = idempotency_key {
+                req = req.header("idempotency-key", k);
             }
             let resp = match req.send().await {
                 Ok(r) => r,
@@ -235,6 +250,82 @@ impl Client {
 
     pub async fn create_vm(&self, spec: &VmSpec) -> Result<Vm, ClientError> {
         self.post("/v1/vms", spec).await
+    }
+
+    /// Creates a VM; a retry with the same `key` returns the VM the first attempt made
+    /// instead of failing or creating a second one.
+    pub async fn create_vm_idempotent(&self, spec: &VmSpec, key: &str) -> Result<Vm, ClientError> {
+        self.call_with(
+            Method::POST,
+            "/v1/vms",
+            Some(spec),
+            DEFAULT_TIMEOUT,
+            Some(key),
+        )
+        .await
+    }
+
+    /// Replaces a VM's spec; with `expected_generation`, only if nobody changed it meanwhile.
+    pub async fn update_vm(&self, update: &UpdateVm) -> Result<Vm, ClientError> {
+        let path = format!("/v1/vms/{}", encode(&update.spec.name));
+        self.call(Method::PUT, &path, Some(update), DEFAULT_TIMEOUT)
+            .await
+    }
+
+    /// Deletes a VM only if it is still at `generation`.
+    pub async fn delete_vm_at(&self, name: &str, generation: u64) -> Result<Vm, ClientError> {
+        let path = format!("/v1/vms/{}?expected_generation={generation}", encode(name));
+        self.call::<(), _>(Method::DELETE, &path, None, DEFAULT_TIMEOUT)
+            .await
+    }
+
+    pub async fn drain_host(
+        &self,
+        id: &str,
+        deadline_secs: Option<u64>,
+    ) -> Result<Host, ClientError> {
+        self.post(
+            &format!("/v1/hosts/{}/drain", encode(id)),
+            &DrainRequest { deadline_secs },
+        )
+        .await
+    }
+
+    pub async fn undrain_host(&self, id: &str) -> Result<Host, ClientError> {
+        self.post(
+            &format!("/v1/hosts/{}/undrain", encode(id)),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
+    /// Events after index `since`; waits up to `wait` for one (a long-poll).
+    pub async fn events(&self, since: u64, wait: Duration) -> Result<Events, ClientError> {
+        let path = format!("/v1/events?since={since}&wait_ms={}", wait.as_millis());
+        self.call::<(), _>(Method::GET, &path, None, wait + DEFAULT_TIMEOUT)
+            .await
+    }
+
+    /// What applying `req` would change.
+    pub async fn plan(&self, req: &PlanRequest) -> Result<Plan, ClientError> {
+        self.post("/v1/plan", req).await
+    }
+
+    pub async fn save_snapshot(&self) -> Result<StateSnapshot, ClientError> {
+        self.get("/v1/cluster/snapshot").await
+    }
+
+    pub async fn restore_snapshot(
+        &self,
+        snap: &StateSnapshot,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.call(
+            Method::POST,
+            "/v1/cluster/snapshot",
+            Some(snap),
+            Duration::from_secs(60),
+        )
+        .await
     }
 
     pub async fn list_vms(&self) -> Result<Vec<Vm>, ClientError> {

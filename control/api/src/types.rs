@@ -121,6 +121,36 @@ pub struct VmSpec {
     pub anti_affinity: Option<String>,
     #[serde(default)]
     pub strategy: PlacementStrategy,
+    /// Most restarts within `restart_window_secs` before the VM is left `failed` (default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_restarts: Option<u32>,
+    /// Window for `max_restarts`, in seconds (default 600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_window_secs: Option<u64>,
+}
+
+impl VmSpec {
+    pub const DEFAULT_MAX_RESTARTS: u32 = 5;
+    pub const DEFAULT_RESTART_WINDOW_SECS: u64 = 600;
+
+    pub fn max_restarts(&self) -> u32 {
+        self.max_restarts.unwrap_or(Self::DEFAULT_MAX_RESTARTS)
+    }
+
+    pub fn restart_window_ms(&self) -> u64 {
+        self.restart_window_secs
+            .unwrap_or(Self::DEFAULT_RESTART_WINDOW_SECS)
+            .saturating_mul(1000)
+    }
+}
+
+/// A VM being moved off its host: it is stopped there first, then placed again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Eviction {
+    pub reason: String,
+    /// Unix milliseconds after which the VM is taken off its host even if the host has not
+    /// confirmed the stop (the host's agent fences it when it comes back).
+    pub deadline_ms: u64,
 }
 
 /// What the user wants a VM to be doing.
@@ -181,6 +211,15 @@ pub struct Vm {
     pub created_ms: u64,
     /// Raft log index of the last change to this VM.
     pub mod_index: u64,
+    /// Unix milliseconds of the restarts within the restart window.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restarts: Vec<u64>,
+    /// Set while the VM is being moved off its host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evicting: Option<Eviction>,
+    /// The idempotency key of the create that made this VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// Host lifecycle as the control plane sees it.
@@ -244,8 +283,117 @@ pub struct Host {
     /// Unix milliseconds of the last heartbeat the leader accepted.
     pub last_heartbeat_ms: u64,
     pub registered_ms: u64,
+    /// While draining: when the host's VMs are taken off it regardless.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_deadline_ms: Option<u64>,
     /// Bumped whenever the agent (re)registers: a new session of the agent.
     pub epoch: u64,
+}
+
+/// Body of `POST /v1/hosts/{id}/drain`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DrainRequest {
+    /// Seconds the host's VMs get to stop before they are taken off it anyway (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_secs: Option<u64>,
+}
+
+/// Body of `PUT /v1/vms/{name}`: a new spec, optionally only if the VM is still at
+/// `expected_generation`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateVm {
+    pub spec: VmSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_generation: Option<u64>,
+}
+
+/// What changed in the cluster, as `GET /v1/events` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    VmCreated,
+    VmUpdated,
+    VmDeleted,
+    VmPlaced,
+    VmState,
+    VmPending,
+    HostRegistered,
+    HostStatus,
+}
+
+/// One change, at the Raft index that made it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub index: u64,
+    pub time_ms: u64,
+    pub kind: EventKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<VmState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_status: Option<HostStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Answer to `GET /v1/events?since=INDEX`: the events after `since`, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Events {
+    /// Pass as `since` to continue after these.
+    pub index: u64,
+    pub events: Vec<Event>,
+}
+
+/// Body of `POST /v1/plan`: the VMs a file declares.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanRequest {
+    pub vms: Vec<VmSpec>,
+    /// Also delete the VMs the file does not declare.
+    #[serde(default)]
+    pub prune: bool,
+}
+
+/// One VM the plan changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanItem {
+    pub name: String,
+    /// Fields that differ, for updates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<String>,
+    /// Where the scheduler would place it now (creates and updates), if anywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Why it would stay pending, if it would.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_reason: Option<String>,
+    /// Generation the update expects (to send back with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+}
+
+/// What `apply` would do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Plan {
+    pub create: Vec<PlanItem>,
+    pub update: Vec<PlanItem>,
+    pub delete: Vec<PlanItem>,
+    pub unchanged: Vec<String>,
+}
+
+/// A saved copy of the cluster's hosts and VMs (`cluster snapshot save|restore`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSnapshot {
+    /// Applied index the copy was taken at.
+    pub index: u64,
+    pub hosts: Vec<Host>,
+    pub vms: Vec<Vm>,
 }
 
 /// Body of `POST /v1/vms/{name}/stop` and `start`: none needed, kept for future options.
@@ -334,6 +482,7 @@ pub mod codes {
     pub const UNAVAILABLE: &str = "unavailable";
     pub const INTERNAL: &str = "internal";
     pub const UNSUPPORTED_MEDIA_TYPE: &str = "unsupported_media_type";
+    pub const GONE: &str = "gone";
 }
 
 /// The error object of every non-2xx answer: `{"error": {"code": …, "message": …}}`.

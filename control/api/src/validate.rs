@@ -206,6 +206,15 @@ pub fn vm_spec(spec: &VmSpec) -> Result<(), ValidationError> {
     for (i, n) in spec.nics.iter().enumerate() {
         nic(i, n)?;
     }
+    if spec.max_restarts.is_some_and(|m| m > 1000) {
+        return Err(err("max_restarts", "must be at most 1000"));
+    }
+    if spec
+        .restart_window_secs
+        .is_some_and(|w| w == 0 || w > 7 * 86_400)
+    {
+        return Err(err("restart_window_secs", "must be between 1 and 604800"));
+    }
     labels("constraints", &spec.constraints)?;
     if let Some(g) = &spec.anti_affinity {
         dns_label("anti_affinity", g)?;
@@ -273,6 +282,8 @@ mod tests {
             constraints: BTreeMap::new(),
             anti_affinity: None,
             strategy: PlacementStrategy::Spread,
+            max_restarts: None,
+            restart_window_secs: None,
         }
     }
 

@@ -127,6 +127,12 @@ struct CreateArgs {
     anti_affinity: Option<String>,
     #[arg(long, value_enum, default_value_t = StrategyArg::Spread)]
     strategy: StrategyArg,
+    /// Most restarts within the window before the VM is left failed.
+    #[arg(long)]
+    max_restarts: Option<u32>,
+    /// The restart window, in seconds.
+    #[arg(long)]
+    restart_window: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -231,6 +237,8 @@ fn spec_from_args(a: CreateArgs) -> anyhow::Result<VmSpec> {
             StrategyArg::Spread => PlacementStrategy::Spread,
             StrategyArg::Binpack => PlacementStrategy::Binpack,
         },
+        max_restarts: a.max_restarts,
+        restart_window_secs: a.restart_window,
     })
 }
 

@@ -5,14 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use blixard_api::types::codes;
 use blixard_api::{
-    validate, AddMember, Assignment, Assignments, ClusterStatus, DesiredState, Health, Host,
-    HostRegistration, Member, Vm, VmSpec, VmStatusReport,
+    validate, AddMember, Assignment, Assignments, ClusterStatus, DesiredState, DrainRequest,
+    Events, Health, Host, HostRegistration, HostStatus, Member, Plan, PlanRequest, StateSnapshot,
+    UpdateVm, Vm, VmSpec, VmStatusReport,
 };
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -51,12 +52,23 @@ pub fn routes() -> Router<Arc<ControlNode>> {
             axum::routing::delete(remove_member),
         )
         .route("/v1/vms", get(list_vms).post(create_vm))
-        .route("/v1/vms/{name}", get(get_vm).delete(delete_vm))
+        .route(
+            "/v1/vms/{name}",
+            get(get_vm).put(update_vm).delete(delete_vm),
+        )
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
         .route("/v1/hosts", get(list_hosts).post(register_host))
         .route("/v1/hosts/{id}", get(get_host))
         .route("/v1/hosts/{id}/heartbeat", post(heartbeat))
+        .route("/v1/hosts/{id}/drain", post(drain_host))
+        .route("/v1/hosts/{id}/undrain", post(undrain_host))
+        .route("/v1/events", get(events))
+        .route("/v1/plan", post(plan))
+        .route(
+            "/v1/cluster/snapshot",
+            get(save_snapshot).post(restore_snapshot),
+        )
         .route("/v1/hosts/{id}/assignments", get(assignments))
         .route("/v1/hosts/{id}/vms/{name}/status", put(report_status))
         .fallback(not_found)
@@ -164,13 +176,68 @@ async fn remove_member(
     Ok(Json(node.remove_member(id).await?))
 }
 
+/// Optional `?expected_generation=N` of writes to one VM.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GenerationQuery {
+    expected_generation: Option<u64>,
+}
+
+type GenQuery = Result<Query<GenerationQuery>, axum::extract::rejection::QueryRejection>;
+
+/// The `Idempotency-Key` header of a create, if any.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let k = v
+        .to_str()
+        .map_err(|_| ApiError::invalid("Idempotency-Key: must be ASCII"))?;
+    if k.is_empty() || k.len() > 128 || k.chars().any(|c| c.is_control()) {
+        return Err(ApiError::invalid(
+            "Idempotency-Key: 1-128 printable characters",
+        ));
+    }
+    Ok(Some(k.to_string()))
+}
+
 async fn create_vm(
     State(node): Node,
+    headers: HeaderMap,
     ApiJson(spec): ApiJson<VmSpec>,
 ) -> Result<impl IntoResponse, ApiError> {
     validate::vm_spec(&spec)?;
-    let vm = expect_vm(node.propose(Command::CreateVm { spec, now_ms: 0 }).await?)?;
-    Ok((StatusCode::CREATED, Json(vm)))
+    let idempotency_key = idempotency_key(&headers)?;
+    match node
+        .propose(Command::CreateVm {
+            spec,
+            now_ms: 0,
+            idempotency_key,
+        })
+        .await?
+    {
+        SmResponse::Existing(vm) => Ok((StatusCode::OK, Json(*vm))),
+        other => Ok((StatusCode::CREATED, Json(expect_vm(other)?))),
+    }
+}
+
+async fn update_vm(
+    State(node): Node,
+    Path(name): Path<String>,
+    ApiJson(update): ApiJson<UpdateVm>,
+) -> Result<Json<Vm>, ApiError> {
+    validate::vm_spec(&update.spec)?;
+    if update.spec.name != name {
+        return Err(ApiError::invalid(
+            "spec.name: must match the VM in the path",
+        ));
+    }
+    let cmd = Command::UpdateVm {
+        spec: update.spec,
+        expected_generation: update.expected_generation,
+        now_ms: 0,
+    };
+    Ok(Json(expect_vm(node.propose(cmd).await?)?))
 }
 
 async fn list_vms(State(node): Node) -> Result<Json<Vec<Vm>>, ApiError> {
@@ -187,35 +254,200 @@ async fn get_vm(State(node): Node, Path(name): Path<String>) -> Result<Json<Vm>,
         .ok_or_else(|| ApiError::not_found(format!("vm {name} not found")))
 }
 
-async fn delete_vm(State(node): Node, Path(name): Path<String>) -> Result<Json<Vm>, ApiError> {
+async fn delete_vm(
+    State(node): Node,
+    Path(name): Path<String>,
+    q: GenQuery,
+) -> Result<Json<Vm>, ApiError> {
+    let Query(q) = q?;
     validate::dns_label("name", &name)?;
-    Ok(Json(expect_vm(
-        node.propose(Command::DeleteVm { name, now_ms: 0 }).await?,
-    )?))
+    let cmd = Command::DeleteVm {
+        name,
+        now_ms: 0,
+        expected_generation: q.expected_generation,
+    };
+    Ok(Json(expect_vm(node.propose(cmd).await?)?))
 }
 
 async fn set_desired(
     node: &ControlNode,
     name: String,
     desired: DesiredState,
+    q: GenQuery,
 ) -> Result<Json<Vm>, ApiError> {
+    let Query(q) = q?;
     validate::dns_label("name", &name)?;
-    Ok(Json(expect_vm(
-        node.propose(Command::SetDesired {
-            name,
-            desired,
+    let cmd = Command::SetDesired {
+        name,
+        desired,
+        now_ms: 0,
+        expected_generation: q.expected_generation,
+    };
+    Ok(Json(expect_vm(node.propose(cmd).await?)?))
+}
+
+async fn start_vm(
+    State(node): Node,
+    Path(name): Path<String>,
+    q: GenQuery,
+) -> Result<Json<Vm>, ApiError> {
+    set_desired(&node, name, DesiredState::Running, q).await
+}
+
+async fn stop_vm(
+    State(node): Node,
+    Path(name): Path<String>,
+    q: GenQuery,
+) -> Result<Json<Vm>, ApiError> {
+    set_desired(&node, name, DesiredState::Stopped, q).await
+}
+
+async fn drain_host(
+    State(node): Node,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Host>, ApiError> {
+    validate::dns_label("id", &id)?;
+    // The body is optional: no body means the default deadline.
+    let req: DrainRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        DrainRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::invalid(e.to_string()))?
+    };
+    let secs = req.deadline_secs.unwrap_or(300);
+    if secs == 0 || secs > 7 * 86_400 {
+        return Err(ApiError::invalid(
+            "deadline_secs: must be between 1 and 604800",
+        ));
+    }
+    let deadline_ms = crate::node::now_ms() + secs * 1000;
+    Ok(Json(expect_host(
+        node.propose(Command::DrainHost {
+            host: id,
+            deadline_ms,
             now_ms: 0,
         })
         .await?,
     )?))
 }
 
-async fn start_vm(State(node): Node, Path(name): Path<String>) -> Result<Json<Vm>, ApiError> {
-    set_desired(&node, name, DesiredState::Running).await
+async fn undrain_host(State(node): Node, Path(id): Path<String>) -> Result<Json<Host>, ApiError> {
+    validate::dns_label("id", &id)?;
+    let status = node.state.read(|s| s.hosts.get(&id).map(|h| h.status));
+    match status {
+        None => Err(ApiError::not_found(format!("host {id} not found"))),
+        Some(HostStatus::Draining) => Ok(Json(expect_host(
+            node.propose(Command::SetHostStatus {
+                host: id,
+                status: HostStatus::Up,
+                now_ms: 0,
+            })
+            .await?,
+        )?)),
+        Some(other) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            codes::CONFLICT,
+            format!("host {id} is {}, not draining", other.as_str()),
+        )),
+    }
 }
 
-async fn stop_vm(State(node): Node, Path(name): Path<String>) -> Result<Json<Vm>, ApiError> {
-    set_desired(&node, name, DesiredState::Stopped).await
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    since: Option<u64>,
+    wait_ms: Option<u64>,
+}
+
+/// Events after `since`; with `wait_ms`, waits (a long-poll) until there is one.
+async fn events(
+    State(node): Node,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Events>, ApiError> {
+    let Query(q) = query?;
+    node.read_barrier().await?;
+    let since = q.since.unwrap_or(0);
+    let wait = Duration::from_millis(q.wait_ms.unwrap_or(0)).min(MAX_WAIT);
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut rx = node.state.subscribe();
+    loop {
+        let found = node.state.read(|s| s.events_after(since));
+        let Some(events) = found else {
+            return Err(ApiError::new(
+                StatusCode::GONE,
+                codes::GONE,
+                format!("events after {since} are no longer kept; list the current state and resume from its index"),
+            ));
+        };
+        if !events.is_empty() || wait.is_zero() {
+            let index = events.last().map(|e| e.index).unwrap_or(since).max(since);
+            return Ok(Json(Events { index, events }));
+        }
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => {}
+            _ => {
+                return Ok(Json(Events {
+                    index: since,
+                    events: vec![],
+                }))
+            }
+        }
+    }
+}
+
+async fn plan(
+    State(node): Node,
+    ApiJson(req): ApiJson<PlanRequest>,
+) -> Result<Json<Plan>, ApiError> {
+    if req.vms.len() > 10_000 {
+        return Err(ApiError::invalid("vms: at most 10000 per plan"));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, spec) in req.vms.iter().enumerate() {
+        validate::vm_spec(spec).map_err(|e| ApiError::invalid(format!("vms[{i}].{e}")))?;
+        if !seen.insert(spec.name.clone()) {
+            return Err(ApiError::invalid(format!(
+                "vms[{i}].name: {} is declared twice",
+                spec.name
+            )));
+        }
+    }
+    node.read_barrier().await?;
+    Ok(Json(
+        node.state
+            .read(|s| crate::plan::plan(s, &req, Default::default())),
+    ))
+}
+
+async fn save_snapshot(State(node): Node) -> Result<Json<StateSnapshot>, ApiError> {
+    node.read_barrier().await?;
+    let index = node.state.applied_index();
+    Ok(Json(node.state.read(|s| StateSnapshot {
+        index,
+        hosts: s.hosts.values().cloned().collect(),
+        vms: s.vms.values().cloned().collect(),
+    })))
+}
+
+async fn restore_snapshot(
+    State(node): Node,
+    ApiJson(snap): ApiJson<StateSnapshot>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    for h in &snap.hosts {
+        validate::dns_label("hosts[].id", &h.id)?;
+    }
+    for v in &snap.vms {
+        validate::vm_spec(&v.spec)?;
+    }
+    let cmd = Command::RestoreState {
+        hosts: snap.hosts,
+        vms: snap.vms,
+        now_ms: 0,
+    };
+    match node.propose(cmd).await? {
+        SmResponse::Count(n) => Ok(Json(serde_json::json!({ "restored_vms": n }))),
+        other => Err(unexpected(other)),
+    }
 }
 
 async fn register_host(
@@ -295,7 +527,12 @@ async fn assignments(
                 .assigned_to(&id)
                 .map(|vm| Assignment {
                     spec: vm.spec.clone(),
-                    desired: vm.desired,
+                    // A VM being moved off this host is to be stopped here.
+                    desired: if vm.evicting.is_some() {
+                        DesiredState::Stopped
+                    } else {
+                        vm.desired
+                    },
                     generation: vm.generation,
                 })
                 .collect();

@@ -24,6 +24,8 @@ fn spec(name: &str) -> VmSpec {
         constraints: Default::default(),
         anti_affinity: None,
         strategy: PlacementStrategy::Spread,
+        max_restarts: None,
+        restart_window_secs: None,
     }
 }
 

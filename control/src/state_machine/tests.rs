@@ -1,0 +1,615 @@
+//! Table tests of the pure state machine.
+
+use super::*;
+use blixard_api::{Capacity, Hypervisor, PlacementStrategy};
+
+pub(crate) fn spec(name: &str) -> VmSpec {
+    VmSpec {
+        name: name.into(),
+        vcpus: 1,
+        memory_mib: 128,
+        hypervisor: Hypervisor::Process,
+        kernel: None,
+        initrd: None,
+        cmdline: None,
+        disks: vec![],
+        nics: vec![],
+        restart_policy: RestartPolicy::Always,
+        constraints: Default::default(),
+        anti_affinity: None,
+        strategy: PlacementStrategy::Spread,
+        max_restarts: None,
+        restart_window_secs: None,
+    }
+}
+
+fn reg(id: &str) -> HostRegistration {
+    HostRegistration {
+        id: id.into(),
+        address: String::new(),
+        capacity: Capacity {
+            vcpus: 4,
+            memory_mib: 4096,
+            disk_gib: 10,
+            kvm: false,
+        },
+        labels: Default::default(),
+        hypervisors: vec![Hypervisor::Process],
+    }
+}
+
+fn create(name: &str) -> Command {
+    Command::CreateVm {
+        spec: spec(name),
+        now_ms: 1,
+        idempotency_key: None,
+    }
+}
+
+fn place(vm: &str, host: &str, generation: u64) -> Command {
+    Command::Place {
+        placements: vec![Placement {
+            vm: vm.into(),
+            host: host.into(),
+            generation,
+        }],
+        unplaced: vec![],
+        now_ms: 3,
+    }
+}
+
+fn report(host: &str, vm: &str, state: VmState, generation: u64, now_ms: u64) -> Command {
+    Command::ReportVmStatus {
+        host: host.into(),
+        name: vm.into(),
+        report: VmStatusReport {
+            state,
+            reason: Some(format!("{state:?}")),
+            generation,
+        },
+        now_ms,
+    }
+}
+
+fn desired(name: &str, d: DesiredState) -> Command {
+    Command::SetDesired {
+        name: name.into(),
+        desired: d,
+        now_ms: 5,
+        expected_generation: None,
+    }
+}
+
+/// Applies commands at indexes 1.. and returns the responses.
+fn run(state: &mut ClusterState, cmds: &[Command]) -> Vec<Response> {
+    let base = state.events.back().map(|e| e.index).unwrap_or(0);
+    cmds.iter()
+        .enumerate()
+        .map(|(i, c)| apply(state, base + i as u64 + 1, c).0)
+        .collect()
+}
+
+/// One host `h1` with VM `a` placed and running at generation 2.
+fn running() -> ClusterState {
+    let mut s = ClusterState::default();
+    run(
+        &mut s,
+        &[
+            Command::RegisterHost {
+                registration: reg("h1"),
+                now_ms: 1,
+            },
+            create("a"),
+            place("a", "h1", 1),
+            report("h1", "a", VmState::Running, 2, 4),
+        ],
+    );
+    assert_eq!(s.vms["a"].state, VmState::Running);
+    s
+}
+
+#[test]
+fn create_place_report_stop_delete() {
+    let mut s = running();
+    let vm = &s.vms["a"];
+    assert_eq!((vm.host.as_deref(), vm.generation), (Some("h1"), 2));
+    let r = run(&mut s, &[desired("a", DesiredState::Stopped)]);
+    assert!(matches!(&r[0], Response::Vm(v) if v.state == VmState::Stopping));
+    let rev = s.host_revision("h1");
+    let r = run(&mut s, &[report("h1", "a", VmState::Stopped, 3, 6)]);
+    assert!(matches!(&r[0], Response::Vm(v) if v.state == VmState::Stopped && v.generation == 3));
+    let r = run(
+        &mut s,
+        &[Command::DeleteVm {
+            name: "a".into(),
+            now_ms: 6,
+            expected_generation: None,
+        }],
+    );
+    assert!(matches!(r[0], Response::Vm(_)));
+    assert!(s.vms.is_empty());
+    assert!(s.host_revision("h1") > rev);
+}
+
+#[test]
+fn refusals() {
+    let mut s = ClusterState::default();
+    let out = run(
+        &mut s,
+        &[
+            create("a"),
+            create("a"),
+            Command::DeleteVm {
+                name: "zz".into(),
+                now_ms: 3,
+                expected_generation: None,
+            },
+            Command::Heartbeat {
+                host: "nope".into(),
+                now_ms: 4,
+            },
+            report("h9", "a", VmState::Running, 0, 5),
+            desired("x", DesiredState::Stopped),
+            Command::DeleteVm {
+                name: "a".into(),
+                now_ms: 6,
+                expected_generation: Some(7),
+            },
+            Command::UpdateVm {
+                spec: spec("a"),
+                expected_generation: Some(9),
+                now_ms: 7,
+            },
+            Command::DrainHost {
+                host: "nope".into(),
+                deadline_ms: 1,
+                now_ms: 8,
+            },
+        ],
+    );
+    assert!(matches!(
+        out[1],
+        Response::Error(ApplyError::AlreadyExists(_))
+    ));
+    assert!(matches!(out[2], Response::Error(ApplyError::NotFound(_))));
+    assert!(matches!(out[3], Response::Error(ApplyError::NotFound(_))));
+    assert!(matches!(out[4], Response::Error(ApplyError::Conflict(_))));
+    assert!(matches!(out[5], Response::Error(ApplyError::NotFound(_))));
+    assert!(matches!(out[6], Response::Error(ApplyError::Conflict(_))));
+    assert!(matches!(out[7], Response::Error(ApplyError::Conflict(_))));
+    assert!(matches!(out[8], Response::Error(ApplyError::NotFound(_))));
+}
+
+#[test]
+fn idempotent_create_returns_the_first_vm() {
+    let mut s = ClusterState::default();
+    let k = Some("key-1".to_string());
+    let out = run(
+        &mut s,
+        &[
+            Command::CreateVm {
+                spec: spec("a"),
+                now_ms: 1,
+                idempotency_key: k.clone(),
+            },
+            Command::CreateVm {
+                spec: spec("a"),
+                now_ms: 2,
+                idempotency_key: k.clone(),
+            },
+            Command::CreateVm {
+                spec: spec("a"),
+                now_ms: 3,
+                idempotency_key: Some("other".into()),
+            },
+        ],
+    );
+    assert!(matches!(&out[0], Response::Vm(v) if v.created_ms == 1));
+    assert!(matches!(&out[1], Response::Existing(v) if v.created_ms == 1));
+    assert!(matches!(
+        out[2],
+        Response::Error(ApplyError::AlreadyExists(_))
+    ));
+    assert_eq!(s.vms.len(), 1);
+}
+
+#[test]
+fn stale_or_bad_placements_are_dropped() {
+    let mut s = ClusterState::default();
+    run(
+        &mut s,
+        &[
+            Command::RegisterHost {
+                registration: reg("h1"),
+                now_ms: 1,
+            },
+            create("a"),
+            Command::SetHostStatus {
+                host: "h1".into(),
+                status: HostStatus::Down,
+                now_ms: 3,
+            },
+        ],
+    );
+    let (r, _) = apply(
+        &mut s,
+        10,
+        &Command::Place {
+            placements: vec![
+                Placement {
+                    vm: "a".into(),
+                    host: "h1".into(),
+                    generation: 1,
+                },
+                Placement {
+                    vm: "ghost".into(),
+                    host: "h1".into(),
+                    generation: 1,
+                },
+            ],
+            unplaced: vec![],
+            now_ms: 4,
+        },
+    );
+    assert_eq!(
+        r,
+        Response::Placed {
+            placed: 0,
+            unplaced: 0
+        }
+    );
+    assert_eq!(s.vms["a"].host, None);
+}
+
+#[test]
+fn stop_before_placement_and_start_again() {
+    let mut s = ClusterState::default();
+    run(&mut s, &[create("a"), desired("a", DesiredState::Stopped)]);
+    assert_eq!(s.vms["a"].state, VmState::Stopped);
+    run(&mut s, &[desired("a", DesiredState::Running)]);
+    assert_eq!(s.vms["a"].state, VmState::Pending);
+    assert_eq!(s.vms["a"].generation, 3);
+}
+
+/// (policy, reported end, expect a restart)
+#[test]
+fn restart_policies() {
+    let cases = [
+        (RestartPolicy::Always, VmState::Failed, true),
+        (RestartPolicy::Always, VmState::Stopped, true),
+        (RestartPolicy::OnFailure, VmState::Failed, true),
+        (RestartPolicy::OnFailure, VmState::Stopped, false),
+        (RestartPolicy::Never, VmState::Failed, false),
+        (RestartPolicy::Never, VmState::Stopped, false),
+    ];
+    for (policy, end, restart) in cases {
+        let mut s = running();
+        if let Some(vm) = s.vms.get_mut("a") {
+            vm.spec.restart_policy = policy;
+        }
+        run(&mut s, &[report("h1", "a", end, 2, 10)]);
+        let vm = &s.vms["a"];
+        if restart {
+            assert_eq!(
+                (vm.state, vm.generation),
+                (VmState::Scheduled, 3),
+                "{policy:?} {end:?}"
+            );
+            assert_eq!(vm.restarts, vec![10]);
+        } else {
+            assert_eq!((vm.state, vm.generation), (end, 2), "{policy:?} {end:?}");
+        }
+    }
+}
+
+#[test]
+fn crash_loop_ends_failed_and_the_window_forgets() {
+    let mut s = running();
+    if let Some(vm) = s.vms.get_mut("a") {
+        vm.spec.max_restarts = Some(3);
+        vm.spec.restart_window_secs = Some(60);
+    }
+    // Three failures within the window are restarted, the fourth is not.
+    for (i, t) in [1_000u64, 2_000, 3_000].iter().enumerate() {
+        let g = s.vms["a"].generation;
+        run(&mut s, &[report("h1", "a", VmState::Failed, g, *t)]);
+        assert_eq!(s.vms["a"].state, VmState::Scheduled, "failure {i}");
+    }
+    let g = s.vms["a"].generation;
+    run(&mut s, &[report("h1", "a", VmState::Failed, g, 4_000)]);
+    let vm = &s.vms["a"];
+    assert_eq!(vm.state, VmState::Failed);
+    assert!(
+        vm.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("giving up")),
+        "{:?}",
+        vm.reason
+    );
+    // `vm start` gives it a fresh budget.
+    run(&mut s, &[desired("a", DesiredState::Running)]);
+    assert_eq!(s.vms["a"].state, VmState::Scheduled);
+    assert!(s.vms["a"].restarts.is_empty());
+    // Failures spread wider than the window never give up.
+    let mut t = 100_000;
+    for _ in 0..10 {
+        let g = s.vms["a"].generation;
+        run(&mut s, &[report("h1", "a", VmState::Failed, g, t)]);
+        assert_eq!(s.vms["a"].state, VmState::Scheduled);
+        t += 61_000;
+    }
+}
+
+#[test]
+fn stale_reports_are_ignored() {
+    let mut s = running();
+    run(&mut s, &[report("h1", "a", VmState::Failed, 2, 10)]);
+    assert_eq!(s.vms["a"].generation, 3);
+    // The same failure again (an agent retrying its report) changes nothing.
+    run(&mut s, &[report("h1", "a", VmState::Failed, 2, 11)]);
+    assert_eq!(
+        (s.vms["a"].state, s.vms["a"].generation),
+        (VmState::Scheduled, 3)
+    );
+}
+
+#[test]
+fn host_loss_moves_or_fails_its_vms() {
+    let mut s = running();
+    run(
+        &mut s,
+        &[Command::CreateVm {
+            spec: VmSpec {
+                restart_policy: RestartPolicy::Never,
+                ..spec("n")
+            },
+            now_ms: 1,
+            idempotency_key: None,
+        }],
+    );
+    run(&mut s, &[place("n", "h1", 1)]);
+    run(
+        &mut s,
+        &[Command::SetHostStatus {
+            host: "h1".into(),
+            status: HostStatus::Down,
+            now_ms: 20,
+        }],
+    );
+    let a = &s.vms["a"];
+    assert_eq!((a.state, a.host.as_deref()), (VmState::Pending, None));
+    assert!(a
+        .reason
+        .as_deref()
+        .is_some_and(|r| r.contains("host h1 lost")));
+    let n = &s.vms["n"];
+    assert_eq!((n.state, n.host.as_deref()), (VmState::Failed, None));
+    // The host's agent, back, is refused: it must stop its copy (fencing).
+    let r = run(&mut s, &[report("h1", "a", VmState::Running, 2, 21)]);
+    assert!(matches!(r[0], Response::Error(ApplyError::Conflict(_))));
+    // A heartbeat brings the host back up.
+    run(
+        &mut s,
+        &[Command::Heartbeat {
+            host: "h1".into(),
+            now_ms: 22,
+        }],
+    );
+    assert_eq!(s.hosts["h1"].status, HostStatus::Up);
+}
+
+#[test]
+fn drain_stops_first_then_frees_the_vm() {
+    let mut s = running();
+    run(
+        &mut s,
+        &[Command::DrainHost {
+            host: "h1".into(),
+            deadline_ms: 1_000,
+            now_ms: 10,
+        }],
+    );
+    assert_eq!(s.hosts["h1"].status, HostStatus::Draining);
+    let vm = &s.vms["a"];
+    assert_eq!(
+        (vm.state, vm.host.as_deref(), vm.generation),
+        (VmState::Stopping, Some("h1"), 3)
+    );
+    assert!(vm.evicting.is_some());
+    // Still assigned (as stopped) until the host confirms.
+    run(&mut s, &[report("h1", "a", VmState::Stopped, 3, 11)]);
+    let vm = &s.vms["a"];
+    assert_eq!(
+        (vm.state, vm.host.as_deref(), vm.evicting.is_some()),
+        (VmState::Pending, None, false)
+    );
+    // Undrain.
+    run(
+        &mut s,
+        &[Command::SetHostStatus {
+            host: "h1".into(),
+            status: HostStatus::Up,
+            now_ms: 12,
+        }],
+    );
+    assert_eq!(
+        (s.hosts["h1"].status, s.hosts["h1"].drain_deadline_ms),
+        (HostStatus::Up, None)
+    );
+}
+
+#[test]
+fn unassign_after_deadline_only_at_the_same_generation() {
+    let mut s = running();
+    run(
+        &mut s,
+        &[Command::DrainHost {
+            host: "h1".into(),
+            deadline_ms: 1_000,
+            now_ms: 10,
+        }],
+    );
+    let r = run(
+        &mut s,
+        &[Command::Unassign {
+            vms: vec![VmRef {
+                vm: "a".into(),
+                generation: 1,
+            }],
+            reason: "late".into(),
+            now_ms: 11,
+        }],
+    );
+    assert_eq!(r[0], Response::Count(0));
+    let r = run(
+        &mut s,
+        &[Command::Unassign {
+            vms: vec![VmRef {
+                vm: "a".into(),
+                generation: 3,
+            }],
+            reason: "drain deadline passed".into(),
+            now_ms: 11,
+        }],
+    );
+    assert_eq!(r[0], Response::Count(1));
+    assert_eq!(s.vms["a"].host, None);
+}
+
+#[test]
+fn update_of_a_running_vm_moves_it() {
+    let mut s = running();
+    let mut bigger = spec("a");
+    bigger.memory_mib = 256;
+    let r = run(
+        &mut s,
+        &[Command::UpdateVm {
+            spec: bigger.clone(),
+            expected_generation: Some(2),
+            now_ms: 10,
+        }],
+    );
+    assert!(matches!(&r[0], Response::Vm(v) if v.generation == 3 && v.state == VmState::Stopping));
+    // Same spec again: nothing changes.
+    let r = run(
+        &mut s,
+        &[Command::UpdateVm {
+            spec: bigger,
+            expected_generation: None,
+            now_ms: 11,
+        }],
+    );
+    assert!(matches!(&r[0], Response::Vm(v) if v.generation == 3));
+}
+
+#[test]
+fn events_are_kept_in_order_and_resumable() {
+    let mut s = running();
+    let all = s.events_after(0).unwrap_or_default();
+    let kinds: Vec<EventKind> = all.iter().map(|e| e.kind.clone()).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            EventKind::HostRegistered,
+            EventKind::VmCreated,
+            EventKind::VmPlaced,
+            EventKind::VmState
+        ]
+    );
+    let after = s.events_after(all[1].index).unwrap_or_default();
+    assert_eq!(after.len(), 2);
+    s.rebuild_derived(100);
+    assert!(s.events_after(5).is_none());
+    assert_eq!(s.events_after(100), Some(vec![]));
+}
+
+/// Pins the serialized form of every command: changing it breaks old logs and snapshots.
+#[test]
+fn command_encoding_is_stable() {
+    let cases = [
+        (
+            Command::DeleteVm {
+                name: "a".into(),
+                now_ms: 7,
+                expected_generation: None,
+            },
+            r#"{"type":"delete_vm","name":"a","now_ms":7}"#,
+        ),
+        (
+            desired("a", DesiredState::Stopped),
+            r#"{"type":"set_desired","name":"a","desired":"stopped","now_ms":5}"#,
+        ),
+        (
+            Command::Heartbeat {
+                host: "h".into(),
+                now_ms: 2,
+            },
+            r#"{"type":"heartbeat","host":"h","now_ms":2}"#,
+        ),
+        (
+            Command::SetHostStatus {
+                host: "h".into(),
+                status: HostStatus::Down,
+                now_ms: 3,
+            },
+            r#"{"type":"set_host_status","host":"h","status":"down","now_ms":3}"#,
+        ),
+        (
+            Command::Place {
+                placements: vec![Placement {
+                    vm: "a".into(),
+                    host: "h".into(),
+                    generation: 1,
+                }],
+                unplaced: vec![Unplaced {
+                    vm: "b".into(),
+                    reason: "r".into(),
+                }],
+                now_ms: 4,
+            },
+            r#"{"type":"place","placements":[{"vm":"a","host":"h","generation":1}],"unplaced":[{"vm":"b","reason":"r"}],"now_ms":4}"#,
+        ),
+        (
+            Command::DrainHost {
+                host: "h".into(),
+                deadline_ms: 9,
+                now_ms: 4,
+            },
+            r#"{"type":"drain_host","host":"h","deadline_ms":9,"now_ms":4}"#,
+        ),
+        (
+            Command::Unassign {
+                vms: vec![VmRef {
+                    vm: "a".into(),
+                    generation: 2,
+                }],
+                reason: "r".into(),
+                now_ms: 4,
+            },
+            r#"{"type":"unassign","vms":[{"vm":"a","generation":2}],"reason":"r","now_ms":4}"#,
+        ),
+    ];
+    for (cmd, json) in cases {
+        assert_eq!(serde_json::to_string(&cmd).ok().as_deref(), Some(json));
+        let back: Command = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back, cmd);
+    }
+    let create = r#"{"type":"create_vm","spec":{"name":"a","vcpus":1,"memory_mib":128,"hypervisor":"process","restart_policy":"always","strategy":"spread"},"now_ms":1}"#;
+    assert_eq!(
+        serde_json::to_string(&create_cmd()).ok().as_deref(),
+        Some(create)
+    );
+}
+
+fn create_cmd() -> Command {
+    create("a")
+}
+
+/// A VM running on `host` at generation 2, for other modules' tests.
+pub(crate) fn running_vm(name: &str, host: &str) -> Vm {
+    let mut s = running();
+    let mut vm = s.vms.remove("a").unwrap_or_else(|| panic!("no vm"));
+    vm.spec.name = name.into();
+    vm.host = Some(host.into());
+    vm
+}
