@@ -574,6 +574,11 @@ impl<S: SystemdClient> Agent<S> {
             .map(|a| a.spec.name.as_str())
             .collect();
         self.ended.retain(|vm, _| assigned.contains(vm.as_str()));
+        // Forget units that are gone without a word (their signals were missed).
+        let seen: BTreeSet<&str> = observed.iter().map(|u| u.vm.as_str()).collect();
+        self.tracks.retain(|vm, t| {
+            t.end_pending || seen.contains(vm.as_str()) || assigned.contains(vm.as_str())
+        });
         self.reported.retain(|vm, _| assigned.contains(vm.as_str()));
         let actions = reconcile(&Input {
             desired: &assignments.vms,
