@@ -350,6 +350,7 @@ impl<S: SystemdClient> Agent<S> {
         let mut ready = false;
         // When set, a pass is due at that instant (a retry after a failed report).
         let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut last_status = self.status_line();
         loop {
             let mut pass = false;
             tokio::select! {
@@ -387,7 +388,11 @@ impl<S: SystemdClient> Agent<S> {
                 if again && retry_at.is_none() {
                     retry_at = Some(tokio::time::Instant::now() + RETRY);
                 }
-                notify::status(&self.status_line());
+            }
+            let status = self.status_line();
+            if status != last_status {
+                notify::status(&status);
+                last_status = status;
             }
         }
     }
@@ -588,6 +593,12 @@ impl<S: SystemdClient> Agent<S> {
         });
         let mut retry = false;
         for action in actions {
+            // One undeliverable report is enough to know the link is down: the others wait
+            // for the retry, so a hanging control plane cannot hold the loop (and the
+            // watchdog) for one timeout per VM.
+            if retry && matches!(action, Action::Report { .. }) && !self.link_ok {
+                continue;
+            }
             retry |= self.execute(action).await;
         }
         retry
@@ -663,6 +674,10 @@ impl<S: SystemdClient> Agent<S> {
                     }
                     Err(e) => {
                         tracing::debug!(vm = %vm, error = %e, "report failed; will retry");
+                        if e.status().is_none() || e.status() == Some(503) {
+                            self.link_ok = false;
+                            self.link_error = Some(e.to_string());
+                        }
                         true
                     }
                 }

@@ -81,6 +81,8 @@ pub struct SimHost {
     manager: Child,
     agent: Option<Child>,
     agent_runs: usize,
+    /// The agent logs to the host's journal (`-t blixard-agent`) rather than to `agent.log`.
+    pub agent_logs_to_journal: bool,
 }
 
 impl std::fmt::Debug for SimHost {
@@ -174,6 +176,7 @@ impl SimHost {
             manager,
             agent: None,
             agent_runs: 0,
+            agent_logs_to_journal: false,
         };
         host.wait_ready().await?;
         Ok(host)
@@ -344,10 +347,11 @@ impl SimHost {
         self.agent_runs += 1;
         writeln!(log, "---- agent run {} ----", self.agent_runs)?;
         let mut cmd = self.command(binary("blixard-agent"))?;
-        cmd.arg("--config")
-            .arg(self.agent_config_path())
-            .arg("--log-stderr")
-            .env("RUST_LOG", "info,blixard_agent=debug")
+        cmd.arg("--config").arg(self.agent_config_path());
+        if !self.agent_logs_to_journal {
+            cmd.arg("--log-stderr");
+        }
+        cmd.env("RUST_LOG", "info,blixard_agent=debug")
             .envs(env.iter().copied())
             .stdout(log.try_clone()?)
             .stderr(log);

@@ -778,11 +778,12 @@ async fn t27_agent_without_a_bus_fails_clearly() -> anyhow::Result<()> {
 }
 
 /// `Type=notify`: READY=1 once registered, STATUS= lines, WATCHDOG=1 at half of
-/// WATCHDOG_USEC, STOPPING=1 on SIGTERM.
+/// WATCHDOG_USEC, STOPPING=1 on SIGTERM; logs in the journal with structured fields.
 #[tokio::test]
 async fn t28_agent_speaks_sd_notify() -> anyhow::Result<()> {
     let cluster = Cluster::start(1).await?;
     let mut host = SimHost::start("h1").await?;
+    host.agent_logs_to_journal = true;
     let path = host.base_dir().join("notify.sock");
     let sock = tokio::net::UnixDatagram::bind(&path)?;
     let path = path.display().to_string();
@@ -809,6 +810,16 @@ async fn t28_agent_speaks_sd_notify() -> anyhow::Result<()> {
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
         seen.push('\n');
     }
+    // Its logs are in the host's journal, with the host as a structured field.
+    wait::until("the agent's lines in the journal", DEADLINE, || async {
+        let lines = host
+            .journal(&["-t", "blixard-agent", "HOST=h1"])
+            .map_err(|e| e.to_string())?;
+        Ok(lines
+            .contains("registered with the control plane")
+            .then_some(()))
+    })
+    .await?;
     let status = host.stop_agent().await?;
     assert!(status.success(), "{status}");
     loop {
