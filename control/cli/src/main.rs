@@ -3,7 +3,9 @@
 //! Every command talks to the control plane through `blixard_api::Client`, prints a table or
 //! JSON (`-o json`), and exits with a code scripts can trust (see `--help`).
 
+mod apply;
 mod output;
+mod wait;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -24,7 +26,8 @@ Exit codes:
   2  usage error
   3  not found
   4  conflict (already exists, changed meanwhile)
-  5  control plane unreachable or without a leader";
+  5  control plane unreachable or without a leader
+  6  --wait timed out";
 
 #[derive(Parser)]
 #[command(name = "blixardctl", version, about = "Drive a Blixard cluster", after_help = EXIT_CODES)]
@@ -55,6 +58,21 @@ enum Cmd {
     /// Hosts running agents.
     #[command(subcommand)]
     Host(HostCmd),
+    /// Make the cluster's VMs match a file (TOML `[[vm]]` tables or a JSON list of specs).
+    Apply {
+        #[arg(short = 'f', long)]
+        file: PathBuf,
+        /// Also delete VMs the file does not declare.
+        #[arg(long)]
+        prune: bool,
+        /// Print the plan (creates, changes, placements, deletes) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print shell completions.
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff).
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -67,6 +85,28 @@ enum ClusterCmd {
     Add { id: u64, url: String },
     /// Remove a control node.
     Remove { id: u64 },
+    /// Save or restore the cluster's hosts and VMs.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Write the current hosts and VMs to FILE (JSON).
+    Save { file: PathBuf },
+    /// Replace every host and VM with FILE's (disaster recovery).
+    Restore { file: PathBuf },
+}
+
+/// Waiting for a VM to settle.
+#[derive(clap::Args, Clone, Copy)]
+struct WaitArgs {
+    /// Wait until the VM is running (or stopped), showing progress; fail with the reason.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits, in seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -138,17 +178,36 @@ struct CreateArgs {
 #[derive(Subcommand)]
 enum VmCmd {
     /// Create a VM and let the cluster place it.
-    Create(Box<CreateArgs>),
+    Create {
+        #[command(flatten)]
+        args: Box<CreateArgs>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
     /// List VMs.
     List,
     /// Show one VM.
     Show { name: String },
     /// Delete a VM (its unit is stopped).
     Delete { name: String },
-    /// Start a stopped VM.
-    Start { name: String },
-    /// Stop a VM (it stays assigned).
-    Stop { name: String },
+    /// Start a stopped VM (or one that failed).
+    Start {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Stop a VM (it stays on its host).
+    Stop {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Stop a VM, wait until it stopped, and start it again.
+    Restart {
+        name: String,
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -157,6 +216,31 @@ enum HostCmd {
     List,
     /// Show one host.
     Show { name: String },
+    /// Move every VM off a host (stop, place elsewhere, start) and refuse new ones.
+    Drain {
+        name: String,
+        /// How long VMs get to stop before they are taken off anyway, e.g. 90s, 5m, 1h.
+        #[arg(long, value_parser = parse_duration)]
+        deadline: Option<u64>,
+    },
+    /// Let a drained host take VMs again.
+    Undrain { name: String },
+}
+
+/// Parses `90`, `90s`, `5m`, `1h` into seconds.
+fn parse_duration(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.chars().last() {
+        Some('s') => (&s[..s.len() - 1], 1),
+        Some('m') => (&s[..s.len() - 1], 60),
+        Some('h') => (&s[..s.len() - 1], 3600),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 5m or 1h"))?;
+    n.checked_mul(mult)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("{s:?} is out of range"))
 }
 
 fn spec_from_args(a: CreateArgs) -> anyhow::Result<VmSpec> {
@@ -243,42 +327,149 @@ fn spec_from_args(a: CreateArgs) -> anyhow::Result<VmSpec> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let client = Client::from_list(&cli.endpoints)?;
     let out = cli.output;
+    let client = || Client::from_list(&cli.endpoints);
     match cli.command {
-        Cmd::Cluster(c) => match c {
-            ClusterCmd::Status => print_status(out, &client.cluster_status().await?),
-            ClusterCmd::Members => print_members(out, &client.members().await?),
-            ClusterCmd::Add { id, url } => {
-                let m = AddMember { id, addr: url };
-                validate::add_member(&m)?;
-                print_members(out, &client.add_member(&m).await?)
-            }
-            ClusterCmd::Remove { id } => print_members(out, &client.remove_member(id).await?),
-        },
-        Cmd::Vm(c) => match c {
-            VmCmd::Create(a) => {
-                let spec = spec_from_args(*a)?;
-                validate::vm_spec(&spec)?;
-                print_vm(out, &client.create_vm(&spec).await?)
-            }
-            VmCmd::List => print_vms(out, &client.list_vms().await?),
-            VmCmd::Show { name } => print_vm(out, &client.get_vm(&name).await?),
-            VmCmd::Delete { name } => {
-                let vm = client.delete_vm(&name).await?;
-                match out {
-                    Format::Json => print_json(&vm),
-                    Format::Table => println!("deleted {}", vm.spec.name),
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            // Into a buffer first: generate() panics on a write error (e.g. a closed pipe).
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "blixardctl", &mut buf);
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &buf);
+        }
+        Cmd::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+        }
+        Cmd::Cluster(c) => {
+            let client = client()?;
+            match c {
+                ClusterCmd::Status => print_status(out, &client.cluster_status().await?),
+                ClusterCmd::Members => print_members(out, &client.members().await?),
+                ClusterCmd::Add { id, url } => {
+                    let m = AddMember { id, addr: url };
+                    validate::add_member(&m)?;
+                    print_members(out, &client.add_member(&m).await?)
+                }
+                ClusterCmd::Remove { id } => print_members(out, &client.remove_member(id).await?),
+                ClusterCmd::Snapshot(SnapshotCmd::Save { file }) => {
+                    let snap = client.save_snapshot().await?;
+                    let text = serde_json::to_string_pretty(&snap)?;
+                    std::fs::write(&file, text)
+                        .with_context(|| format!("cannot write {}", file.display()))?;
+                    println!(
+                        "saved {} hosts and {} VMs at index {} to {}",
+                        snap.hosts.len(),
+                        snap.vms.len(),
+                        snap.index,
+                        file.display()
+                    );
+                }
+                ClusterCmd::Snapshot(SnapshotCmd::Restore { file }) => {
+                    let text = std::fs::read_to_string(&file)
+                        .with_context(|| format!("cannot read {}", file.display()))?;
+                    let snap: blixard_api::StateSnapshot = serde_json::from_str(&text)
+                        .with_context(|| format!("{}", file.display()))?;
+                    let r = client.restore_snapshot(&snap).await?;
+                    match out {
+                        Format::Json => print_json(&r),
+                        Format::Table => {
+                            println!("restored {} VMs from {}", snap.vms.len(), file.display())
+                        }
+                    }
                 }
             }
-            VmCmd::Start { name } => print_vm(out, &client.start_vm(&name).await?),
-            VmCmd::Stop { name } => print_vm(out, &client.stop_vm(&name).await?),
-        },
-        Cmd::Host(c) => match c {
-            HostCmd::List => print_hosts(out, &client.list_hosts().await?),
-            HostCmd::Show { name } => print_hosts(out, &[client.get_host(&name).await?]),
-        },
+        }
+        Cmd::Vm(c) => {
+            let client = client()?;
+            match c {
+                VmCmd::Create { args, wait } => {
+                    let spec = spec_from_args(*args)?;
+                    validate::vm_spec(&spec)?;
+                    // A retry of this very command (same key) never makes a second VM.
+                    let key = format!("{}-{}", spec.name, std::process::id());
+                    let vm = client.create_vm_idempotent(&spec, &key).await?;
+                    finish(&client, out, vm, wait, blixard_api::VmState::Running).await?
+                }
+                VmCmd::List => print_vms(out, &client.list_vms().await?),
+                VmCmd::Show { name } => print_vm(out, &client.get_vm(&name).await?),
+                VmCmd::Delete { name } => {
+                    let vm = client.delete_vm(&name).await?;
+                    match out {
+                        Format::Json => print_json(&vm),
+                        Format::Table => println!("deleted {}", vm.spec.name),
+                    }
+                }
+                VmCmd::Start { name, wait } => {
+                    let vm = client.start_vm(&name).await?;
+                    finish(&client, out, vm, wait, blixard_api::VmState::Running).await?
+                }
+                VmCmd::Stop { name, wait } => {
+                    let vm = client.stop_vm(&name).await?;
+                    finish(&client, out, vm, wait, blixard_api::VmState::Stopped).await?
+                }
+                VmCmd::Restart { name, timeout } => {
+                    let w = WaitArgs {
+                        wait: true,
+                        timeout,
+                    };
+                    let vm = client.stop_vm(&name).await?;
+                    wait::until_state(&client, vm, blixard_api::VmState::Stopped, timeout).await?;
+                    let vm = client.start_vm(&name).await?;
+                    finish(&client, out, vm, w, blixard_api::VmState::Running).await?
+                }
+            }
+        }
+        Cmd::Host(c) => {
+            let client = client()?;
+            match c {
+                HostCmd::List => print_hosts(out, &client.list_hosts().await?),
+                HostCmd::Show { name } => {
+                    let host = client.get_host(&name).await?;
+                    print_hosts(out, std::slice::from_ref(&host));
+                    if out == Format::Table {
+                        let vms: Vec<blixard_api::Vm> = client
+                            .list_vms()
+                            .await?
+                            .into_iter()
+                            .filter(|v| v.host.as_deref() == Some(name.as_str()))
+                            .collect();
+                        println!();
+                        print_vms(out, &vms);
+                    }
+                }
+                HostCmd::Drain { name, deadline } => {
+                    print_hosts(out, &[client.drain_host(&name, deadline).await?])
+                }
+                HostCmd::Undrain { name } => print_hosts(out, &[client.undrain_host(&name).await?]),
+            }
+        }
+        Cmd::Apply {
+            file,
+            prune,
+            dry_run,
+        } => {
+            let client = client()?;
+            apply::run(&client, out, &file, prune, dry_run).await?
+        }
     }
+    Ok(())
+}
+
+/// Prints the VM, or with `--wait` follows it until it reaches `target`.
+async fn finish(
+    client: &Client,
+    out: Format,
+    vm: blixard_api::Vm,
+    wait: WaitArgs,
+    target: blixard_api::VmState,
+) -> anyhow::Result<()> {
+    let vm = if wait.wait {
+        wait::until_state(client, vm, target, wait.timeout).await?
+    } else {
+        vm
+    };
+    print_vm(out, &vm);
     Ok(())
 }
 
@@ -287,6 +478,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         Some(ClientError::Api { status: 404, .. }) => 3,
         Some(ClientError::Api { status: 409, .. }) => 4,
         Some(ClientError::Api { status: 503, .. }) | Some(ClientError::Unreachable(_)) => 5,
+        _ if e.downcast_ref::<wait::Timeout>().is_some() => 6,
         _ => 1,
     }
 }
