@@ -616,6 +616,33 @@ async fn t24_agent_reports_a_failed_vm_with_its_reason() -> anyhow::Result<()> {
     .await
 }
 
+/// A VM whose process exits on its own: a clean exit shows as stopped, a non-zero one as
+/// failed with its status; neither is restarted by the host.
+#[tokio::test]
+async fn t24_agent_reports_exits() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1).await?;
+    let client = cluster.client();
+    let mut host = SimHost::start("h1").await?;
+    // The VM's process exits 0 when $BLIXARD_VM is "clean", 3 otherwise.
+    host.spawn_agent(
+        &cluster.endpoints(),
+        r#"process_command = ["/bin/sh", "-c", "test \"$BLIXARD_VM\" = clean || exit 3"]"#,
+    )?;
+    let h = &host;
+    with_logs(&[h], async {
+        wait_registered(&client, "h1", 1).await?;
+        create_vm(&client, &spec("clean")).await?;
+        create_vm(&client, &spec("dirty")).await?;
+        let clean = wait_vm_state(&client, "clean", VmState::Stopped, Some("h1")).await?;
+        assert_eq!(clean.reason.as_deref(), Some("exited status=0"));
+        let dirty = wait_vm_state(&client, "dirty", VmState::Failed, Some("h1")).await?;
+        assert_eq!(dirty.reason.as_deref(), Some("exit-code status=3"));
+        assert_eq!(h.agent_log().matches("starting VM").count(), 2);
+        Ok(())
+    })
+    .await
+}
+
 /// Two hosts, each with its own manager: each runs exactly the VMs the API places on it.
 #[tokio::test]
 async fn t25_two_hosts_each_run_only_their_own_vms() -> anyhow::Result<()> {
