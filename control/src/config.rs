@@ -80,6 +80,30 @@ pub struct Settings {
     /// A host whose last heartbeat is older than this is down, and its VMs are moved.
     #[arg(long)]
     pub host_ttl_ms: Option<u64>,
+    /// File of operator bearer tokens, one per line (turns authentication on).
+    #[arg(long)]
+    pub operator_token_file: Option<PathBuf>,
+    /// File of agent tokens, `HOST_ID TOKEN` per line.
+    #[arg(long)]
+    pub agent_token_file: Option<PathBuf>,
+    /// File holding the token control nodes present to each other.
+    #[arg(long)]
+    pub peer_token_file: Option<PathBuf>,
+    /// Serve /metrics without a token.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub metrics_open: Option<bool>,
+    /// Allow no authentication and plain HTTP on a non-loopback address.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub insecure: Option<bool>,
+    /// TLS certificate (PEM chain) for the API and Raft traffic.
+    #[arg(long)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// TLS private key (PEM) for the certificate.
+    #[arg(long)]
+    pub tls_key_file: Option<PathBuf>,
+    /// CA bundle (PEM) that peers' certificates are checked against.
+    #[arg(long)]
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Settings {
@@ -111,6 +135,14 @@ impl Settings {
                 .election_timeout_max_ms
                 .or(self.election_timeout_max_ms),
             host_ttl_ms: over.host_ttl_ms.or(self.host_ttl_ms),
+            operator_token_file: over.operator_token_file.or(self.operator_token_file),
+            agent_token_file: over.agent_token_file.or(self.agent_token_file),
+            peer_token_file: over.peer_token_file.or(self.peer_token_file),
+            metrics_open: over.metrics_open.or(self.metrics_open),
+            insecure: over.insecure.or(self.insecure),
+            tls_cert_file: over.tls_cert_file.or(self.tls_cert_file),
+            tls_key_file: over.tls_key_file.or(self.tls_key_file),
+            tls_ca_file: over.tls_ca_file.or(self.tls_ca_file),
         }
     }
 }
@@ -129,6 +161,25 @@ pub struct Config {
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
     pub host_ttl_ms: u64,
+    pub auth: Option<AuthFiles>,
+    pub metrics_open: bool,
+    pub tls: Option<TlsFiles>,
+}
+
+/// Where the tokens are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthFiles {
+    pub operators: PathBuf,
+    pub agents: Option<PathBuf>,
+    pub peer: PathBuf,
+}
+
+/// Where the certificate, its key and the CA are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 /// Parses `1=http://a:1,2=http://b:2`.
@@ -176,10 +227,15 @@ impl Config {
                 format!("{listen_s:?} is not an address like 127.0.0.1:7001"),
             )
         })?;
+        let scheme = if s.tls_cert_file.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let advertise_url = s
             .advertise_url
             .map(|u| u.trim_end_matches('/').to_string())
-            .unwrap_or_else(|| format!("http://{listen}"));
+            .unwrap_or_else(|| format!("{scheme}://{listen}"));
         if !(advertise_url.starts_with("http://") || advertise_url.starts_with("https://")) {
             return Err(invalid("advertise_url", "must be an http(s) URL"));
         }
@@ -218,6 +274,47 @@ impl Config {
         if !(1_000..=3_600_000).contains(&host_ttl_ms) {
             return Err(invalid("host_ttl_ms", "must be between 1000 and 3600000"));
         }
+        let auth = match (s.operator_token_file, s.peer_token_file) {
+            (Some(operators), Some(peer)) => Some(AuthFiles {
+                operators,
+                agents: s.agent_token_file,
+                peer,
+            }),
+            (None, None) if s.agent_token_file.is_none() => None,
+            _ => {
+                return Err(invalid(
+                    "operator_token_file",
+                    "authentication needs both operator_token_file and peer_token_file",
+                ))
+            }
+        };
+        let tls = match (s.tls_cert_file, s.tls_key_file, s.tls_ca_file) {
+            (Some(cert), Some(key), Some(ca)) => Some(TlsFiles { cert, key, ca }),
+            (None, None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "tls_cert_file",
+                    "TLS needs tls_cert_file, tls_key_file and tls_ca_file together",
+                ))
+            }
+        };
+        let insecure = s.insecure.unwrap_or(false);
+        let local = listen.ip().is_loopback();
+        if (auth.is_none() || tls.is_none()) && !local && !insecure {
+            return Err(invalid(
+                "listen",
+                format!(
+                    "{listen} is reachable from other machines: configure tokens and TLS, \
+                     or set insecure = true to allow plain, unauthenticated HTTP"
+                ),
+            ));
+        }
+        if tls.is_some() != advertise_url.starts_with("https://") {
+            return Err(invalid(
+                "advertise_url",
+                "must be https:// exactly when TLS is configured",
+            ));
+        }
         let snapshot_every = s.snapshot_every.unwrap_or(10_000);
         if snapshot_every < 10 {
             return Err(invalid("snapshot_every", "must be at least 10"));
@@ -236,6 +333,9 @@ impl Config {
             election_timeout_min_ms,
             election_timeout_max_ms,
             host_ttl_ms,
+            auth,
+            metrics_open: s.metrics_open.unwrap_or(false),
+            tls,
         })
     }
 }
@@ -294,6 +394,41 @@ mod tests {
         let mut s = settings("1=http://127.0.0.1:7001");
         s.snapshot_every = Some(1);
         assert!(Config::from_settings(s).is_err());
+    }
+
+    #[test]
+    fn exposure_needs_tokens_and_tls_or_insecure() {
+        let exposed = |f: fn(&mut Settings)| {
+            let mut s = settings("1=http://10.0.0.1:7001");
+            s.listen = Some("0.0.0.0:7001".into());
+            f(&mut s);
+            Config::from_settings(s)
+        };
+        assert!(exposed(|_| {}).is_err());
+        assert!(exposed(|s| s.insecure = Some(true)).is_ok());
+        assert!(exposed(|s| {
+            s.operator_token_file = Some("/o".into());
+            s.peer_token_file = Some("/p".into());
+        })
+        .is_err());
+        let full = exposed(|s| {
+            s.operator_token_file = Some("/o".into());
+            s.peer_token_file = Some("/p".into());
+            s.tls_cert_file = Some("/c".into());
+            s.tls_key_file = Some("/k".into());
+            s.tls_ca_file = Some("/ca".into());
+        });
+        assert!(
+            full.as_ref()
+                .is_ok_and(|c| c.advertise_url == "https://0.0.0.0:7001"),
+            "{full:?}"
+        );
+        assert!(exposed(|s| s.operator_token_file = Some("/o".into())).is_err());
+        assert!(exposed(|s| {
+            s.insecure = Some(true);
+            s.tls_cert_file = Some("/c".into());
+        })
+        .is_err());
     }
 
     #[test]

@@ -52,6 +52,17 @@ fn notify(states: &[NotifyState<'_>]) {
 /// Runs a node until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), RunError> {
     let listen = config.listen;
+    let acceptor = match &config.tls {
+        Some(files) => {
+            Some(http::tls::acceptor(files).map_err(|e| NodeError::Invalid(e.to_string()))?)
+        }
+        None => None,
+    };
+    if config.auth.is_none() {
+        tracing::warn!(
+            "authentication is off: anyone who can reach {listen} can drive the cluster"
+        );
+    }
     let node = ControlNode::open(config).await?;
     let listener = TcpListener::bind(listen)
         .await
@@ -61,13 +72,23 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         })?;
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let app = http::router(node.clone());
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let stopped = async move {
+        let _ = stop_rx.wait_for(|s| *s).await;
+    };
+    let server = match acceptor {
+        Some(acceptor) => {
+            let tls = http::tls::TlsListener {
+                tcp: listener,
+                acceptor,
+            };
+            tokio::spawn(async move { axum::serve(tls, app).with_graceful_shutdown(stopped).await })
+        }
+        None => tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stopped)
+                .await
+        }),
+    };
     node.bootstrap().await?;
     let placer = tokio::spawn(leader_loop::run(node.clone(), Default::default()));
     tracing::info!(node_id = node.id, %listen, "serving");

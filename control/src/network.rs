@@ -26,13 +26,9 @@ pub struct HttpNetwork {
 }
 
 impl HttpNetwork {
-    pub fn new() -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(500))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .tcp_nodelay(true)
-            .build()?;
-        Ok(HttpNetwork { http })
+    /// Uses `http` (built by the node with the peer token and TLS roots) for every peer.
+    pub fn from_client(http: reqwest::Client) -> Self {
+        HttpNetwork { http }
     }
 }
 

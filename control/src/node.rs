@@ -68,6 +68,29 @@ pub enum ForwardReply {
     Error(String),
 }
 
+/// The HTTP client for peer traffic: the peer token on every request, and with TLS the
+/// cluster's CA as the only trust root.
+fn peer_client(peer_token: Option<&str>, config: &Config) -> Result<reqwest::Client, NodeError> {
+    blixard_api::tls::install_provider();
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(t) = peer_token {
+        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
+            .map_err(|e| NodeError::Invalid(format!("peer token: {e}")))?;
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
+    let mut b = reqwest::Client::builder()
+        .default_headers(headers)
+        .connect_timeout(Duration::from_millis(500))
+        .pool_idle_timeout(Duration::from_secs(30))
+        .tcp_nodelay(true);
+    if let Some(tls) = &config.tls {
+        b = blixard_api::tls::trust_only(b, &tls.ca)
+            .map_err(|e| NodeError::Invalid(e.to_string()))?;
+    }
+    b.build().map_err(|e| NodeError::Raft(e.to_string()))
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -83,6 +106,9 @@ pub struct ControlNode {
     pub raft: Raft,
     pub state: StateStore,
     pub metrics: Arc<Metrics>,
+    /// Accepted tokens; `None` when authentication is off.
+    pub tokens: Option<crate::http::auth::Tokens>,
+    /// Client for calls to peers (carries the peer token and the cluster CA).
     http: reqwest::Client,
 }
 
@@ -113,14 +139,22 @@ impl ControlNode {
                 .validate()
                 .map_err(|e| NodeError::Invalid(e.to_string()))?,
         );
-        let network = HttpNetwork::new().map_err(|e| NodeError::Raft(e.to_string()))?;
+        let tokens = match &config.auth {
+            Some(a) => Some(
+                crate::http::auth::Tokens::load(
+                    &a.operators,
+                    a.agents.as_deref(),
+                    &a.peer,
+                    config.metrics_open,
+                )
+                .map_err(|e| NodeError::Invalid(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let http = peer_client(tokens.as_ref().and_then(|t| t.peer_token()), &config)?;
+        let network = HttpNetwork::from_client(http.clone());
         let raft = Raft::new(config.node_id, raft_config, network, log, state.clone())
             .await
-            .map_err(|e| NodeError::Raft(e.to_string()))?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(500))
-            .tcp_nodelay(true)
-            .build()
             .map_err(|e| NodeError::Raft(e.to_string()))?;
         Ok(Arc::new(ControlNode {
             id: config.node_id,
@@ -128,6 +162,7 @@ impl ControlNode {
             raft,
             state,
             metrics: Arc::new(Metrics::new()),
+            tokens,
             http,
         }))
     }

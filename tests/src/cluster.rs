@@ -17,14 +17,96 @@ use crate::wait;
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
     pub snapshot_every: u64,
+    /// Bearer tokens and TLS (a fresh CA and certificate made with `openssl`).
+    pub secure: bool,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
         ClusterOptions {
             snapshot_every: 10_000,
+            secure: false,
         }
     }
+}
+
+/// Token values a secure test cluster accepts.
+pub const OPERATOR_TOKEN: &str = "operator-token-for-tests-0001";
+pub const PEER_TOKEN: &str = "peer-token-for-tests-00000001";
+/// `(host, token)` pairs of the agent token file.
+pub const AGENT_TOKENS: &[(&str, &str)] = &[
+    ("h1", "agent-token-h1-for-tests-0001"),
+    ("h2", "agent-token-h2-for-tests-0001"),
+];
+
+/// Writes a CA and a certificate for 127.0.0.1 signed by it into `dir`.
+fn make_certs(dir: &std::path::Path) -> anyhow::Result<()> {
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .context("running openssl")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=blixard-test-ca",
+    ]);
+    run(&ca)?;
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend([
+        "-keyout",
+        "node.key",
+        "-out",
+        "node.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    run(&csr)?;
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "node.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "node.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ])?;
+    Ok(())
 }
 
 /// One node process.
@@ -62,13 +144,24 @@ impl Cluster {
         let dir = tempfile::Builder::new()
             .prefix("blixard-cluster-")
             .tempdir()?;
+        if opts.secure {
+            make_certs(dir.path())?;
+            std::fs::write(dir.path().join("operators"), format!("{OPERATOR_TOKEN}\n"))?;
+            std::fs::write(dir.path().join("peer"), format!("{PEER_TOKEN}\n"))?;
+            let agents: String = AGENT_TOKENS
+                .iter()
+                .map(|(h, t)| format!("{h} {t}\n"))
+                .collect();
+            std::fs::write(dir.path().join("agents"), agents)?;
+        }
+        let scheme = if opts.secure { "https" } else { "http" };
         let mut nodes = Vec::new();
         for i in 0..n {
             let id = i as u64 + 1;
             let port = free_port()?;
             nodes.push(NodeProc {
                 id,
-                url: format!("http://127.0.0.1:{port}"),
+                url: format!("{scheme}://127.0.0.1:{port}"),
                 listen: format!("127.0.0.1:{port}"),
                 data_dir: dir.path().join(format!("n{id}")),
                 log: dir.path().join(format!("n{id}.log")),
@@ -119,6 +212,15 @@ impl Cluster {
         } else {
             cmd.arg("--initial-cluster").arg(&self.initial);
         }
+        if self.opts.secure {
+            let d = self.dir.path();
+            cmd.arg("--operator-token-file").arg(d.join("operators"));
+            cmd.arg("--agent-token-file").arg(d.join("agents"));
+            cmd.arg("--peer-token-file").arg(d.join("peer"));
+            cmd.arg("--tls-cert-file").arg(d.join("node.pem"));
+            cmd.arg("--tls-key-file").arg(d.join("node.key"));
+            cmd.arg("--tls-ca-file").arg(d.join("ca.pem"));
+        }
         n.child = Some(cmd.spawn().context("spawning blixard-control")?);
         Ok(())
     }
@@ -127,9 +229,10 @@ impl Cluster {
     pub fn spawn_joiner(&mut self) -> anyhow::Result<usize> {
         let id = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
         let port = free_port()?;
+        let scheme = if self.opts.secure { "https" } else { "http" };
         self.nodes.push(NodeProc {
             id,
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("{scheme}://127.0.0.1:{port}"),
             listen: format!("127.0.0.1:{port}"),
             data_dir: self.dir.path().join(format!("n{id}")),
             log: self.dir.path().join(format!("n{id}.log")),
@@ -148,12 +251,30 @@ impl Cluster {
 
     /// A client over every node.
     pub fn client(&self) -> Client {
-        Client::new(&self.endpoints()).unwrap_or_else(|e| panic!("client: {e}"))
+        self.client_with(
+            &self.endpoints(),
+            self.opts.secure.then_some(OPERATOR_TOKEN),
+        )
     }
 
-    /// A client of node `i` only.
+    /// A client of node `i` only (an operator's, on a secure cluster).
     pub fn node_client(&self, i: usize) -> Client {
-        Client::new(&[self.nodes[i].url.clone()]).unwrap_or_else(|e| panic!("client: {e}"))
+        self.client_with(
+            &[self.nodes[i].url.clone()],
+            self.opts.secure.then_some(OPERATOR_TOKEN),
+        )
+    }
+
+    /// The CA file of a secure cluster.
+    pub fn ca_file(&self) -> Option<PathBuf> {
+        self.opts.secure.then(|| self.dir.path().join("ca.pem"))
+    }
+
+    /// A client over `endpoints` with this cluster's CA and the given token.
+    pub fn client_with(&self, endpoints: &[String], token: Option<&str>) -> Client {
+        Client::with_ca(endpoints, self.ca_file().as_deref())
+            .unwrap_or_else(|e| panic!("client: {e}"))
+            .with_bearer(token.map(str::to_string))
     }
 
     /// Kills node `i` with SIGKILL and reaps it.

@@ -77,6 +77,14 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 impl Client {
     /// A client over `endpoints` (`http://host:port`, no trailing path).
     pub fn new<S: AsRef<str>>(endpoints: &[S]) -> Result<Self, ClientError> {
+        Self::with_ca(endpoints, None)
+    }
+
+    /// A client that, for `https://` endpoints, trusts only the CA bundle at `ca`.
+    pub fn with_ca<S: AsRef<str>>(
+        endpoints: &[S],
+        ca: Option<&std::path::Path>,
+    ) -> Result<Self, ClientError> {
         let endpoints: Vec<String> = endpoints
             .iter()
             .map(|e| e.as_ref().trim().trim_end_matches('/').to_string())
@@ -92,8 +100,17 @@ impl Client {
                 )));
             }
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
+        crate::tls::install_provider();
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(2));
+        if let Some(ca) = ca {
+            builder = crate::tls::trust_only(builder, ca)
+                .map_err(|e| ClientError::Config(e.to_string()))?;
+        } else if endpoints.iter().any(|e| e.starts_with("https://")) {
+            return Err(ClientError::Config(
+                "https:// endpoints need a CA file (--ca-file)".into(),
+            ));
+        }
+        let http = builder
             .build()
             .map_err(|e| ClientError::Config(e.to_string()))?;
         Ok(Client {

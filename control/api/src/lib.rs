@@ -5,6 +5,7 @@
 //! SQLite or axum, so the agent and the CLI stay small.
 
 pub mod client;
+pub mod tls;
 pub mod types;
 pub mod validate;
 

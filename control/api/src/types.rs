@@ -483,6 +483,8 @@ pub mod codes {
     pub const INTERNAL: &str = "internal";
     pub const UNSUPPORTED_MEDIA_TYPE: &str = "unsupported_media_type";
     pub const GONE: &str = "gone";
+    pub const UNAUTHENTICATED: &str = "unauthenticated";
+    pub const FORBIDDEN: &str = "forbidden";
 }
 
 /// The error object of every non-2xx answer: `{"error": {"code": …, "message": …}}`.

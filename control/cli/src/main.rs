@@ -40,6 +40,12 @@ struct Cli {
         global = true
     )]
     endpoints: String,
+    /// File holding an operator bearer token.
+    #[arg(long, env = "BLIXARD_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
+    /// CA bundle (PEM) to check https:// endpoints against.
+    #[arg(long, env = "BLIXARD_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = Format::Table, global = true)]
     output: Format,
@@ -328,7 +334,20 @@ fn spec_from_args(a: CreateArgs) -> anyhow::Result<VmSpec> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = cli.output;
-    let client = || Client::from_list(&cli.endpoints);
+    let token = match &cli.token_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read the token file {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let endpoints: Vec<&str> = cli.endpoints.split(',').collect();
+    let ca = cli.ca_file.clone();
+    let client = move || -> anyhow::Result<Client> {
+        Ok(Client::with_ca(&endpoints, ca.as_deref())?.with_bearer(token.clone()))
+    };
     match cli.command {
         Cmd::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();

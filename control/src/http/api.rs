@@ -452,9 +452,11 @@ async fn restore_snapshot(
 
 async fn register_host(
     State(node): Node,
+    principal: Option<axum::Extension<super::auth::Principal>>,
     ApiJson(registration): ApiJson<HostRegistration>,
 ) -> Result<Json<Host>, ApiError> {
     validate::host_registration(&registration)?;
+    super::auth::check_host(principal.as_ref().map(|p| &p.0), &registration.id)?;
     Ok(Json(expect_host(
         node.propose(Command::RegisterHost {
             registration,

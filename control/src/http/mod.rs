@@ -2,8 +2,10 @@
 //! the Raft peer routes under `/raft/` ([`raft_routes`]) on one listener.
 
 pub mod api;
+pub mod auth;
 pub mod error;
 pub mod raft_routes;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,6 +23,10 @@ pub fn router(node: Arc<ControlNode>) -> Router {
     Router::new()
         .merge(api::routes())
         .merge(raft_routes::routes())
+        .layer(axum::middleware::from_fn_with_state(
+            node.clone(),
+            auth::require,
+        ))
         .layer(axum::middleware::from_fn_with_state(node.clone(), record))
         .with_state(node)
 }

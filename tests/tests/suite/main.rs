@@ -5,3 +5,4 @@
 
 mod t10_cluster;
 mod t20_agent;
+mod t70_security;

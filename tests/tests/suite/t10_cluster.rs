@@ -193,7 +193,14 @@ async fn t13_remove_and_add_members() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn t14_node_down_across_snapshots_catches_up() -> anyhow::Result<()> {
-    let mut c = Cluster::start_with(3, ClusterOptions { snapshot_every: 20 }).await?;
+    let mut c = Cluster::start_with(
+        3,
+        ClusterOptions {
+            snapshot_every: 20,
+            ..Default::default()
+        },
+    )
+    .await?;
     let leader = c.wait_converged(DEADLINE).await?;
     let down = (leader + 1) % 3;
     c.kill(down);
