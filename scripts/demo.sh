@@ -1,6 +1,6 @@
 #!/bin/bash
-# The local demo: builds Blixard and starts a 3-node control plane on 127.0.0.1:7001-7003,
-# then (when the agent's dev hosts are available) simulated hosts with agents and a demo VM.
+# The local demo: builds Blixard, starts a 3-node control plane on 127.0.0.1:7001-7003, two
+# simulated hosts with agents, and demo VMs placed across them.
 #   scripts/demo.sh [up]     install, build, start, show `blixardctl cluster status`
 #   scripts/demo.sh down     stop everything the demo started
 # State and logs live in .demo/ in the repository.
@@ -45,19 +45,32 @@ up)
     echo $! >"$D/control-$i.pid"
   done
   wait_http http://127.0.0.1:7001/v1/health
-  if [ -x "$BIN/blixard-devhosts" ]; then
-    nohup "$BIN/blixard-devhosts" --dir "$D/hosts" --hosts 2 --endpoints "$BLIXARD_ENDPOINTS" \
-      >"$D/devhosts.log" 2>&1 &
-    echo $! >"$D/devhosts.pid"
-  fi
+  # Two simulated hosts (real systemd --user managers in their own namespaces) with agents.
+  nohup "$BIN/blixard-devhosts" --dir "$D/hosts" --hosts 2 --endpoints "$BLIXARD_ENDPOINTS" \
+    >"$D/devhosts.log" 2>&1 &
+  echo $! >"$D/devhosts.pid"
+  for _ in $(seq 300); do
+    [ "$("$BIN/blixardctl" host list -o json 2>/dev/null | grep -c '"status": "up"')" -ge 2 ] && break
+    sleep 0.1
+  done
   echo
   "$BIN/blixardctl" cluster status
+  echo
+  "$BIN/blixardctl" host list
+  echo
+  # Demo VMs: a trivial long-lived process per VM, spread over the hosts by the scheduler.
+  for n in 1 2 3 4; do
+    "$BIN/blixardctl" vm show "demo-$n" >/dev/null 2>&1 ||
+      "$BIN/blixardctl" vm create "demo-$n" --hypervisor process --memory 64 --wait --timeout 60 >/dev/null
+  done
+  "$BIN/blixardctl" vm list
   echo
   echo "The control plane is up. Try:"
   echo "  export PATH=$BIN:\$PATH BLIXARD_ENDPOINTS=$BLIXARD_ENDPOINTS"
   echo "  blixardctl cluster members"
-  echo "  blixardctl vm create web-1 --hypervisor process --memory 64"
+  echo "  blixardctl vm create web-1 --hypervisor process --memory 64 --wait"
   echo "  blixardctl vm list"
+  echo "  blixardctl host drain host1 && blixardctl vm list"
   echo "Stop it with: scripts/demo.sh down"
   ;;
 *)
