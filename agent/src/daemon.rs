@@ -38,6 +38,9 @@ pub const LONG_POLL: Duration = Duration::from_secs(30);
 pub const RESYNC: Duration = Duration::from_secs(15);
 /// When a report could not be delivered, the next try.
 const RETRY: Duration = Duration::from_secs(1);
+/// How long a unit may be listed as ended before its signals arrive; past that its end is
+/// recorded without a result (a lost signal must not hold a VM back for ever).
+const UNSEEN_END: Duration = Duration::from_secs(3);
 
 /// Errors that end the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -310,6 +313,10 @@ struct Track {
     exec_main_status: Option<i32>,
     /// A start job that did not finish `done`.
     failed_job: Option<String>,
+    /// The unit was started or seen running in this session.
+    live: bool,
+    /// Since when a live unit is listed as ended or gone while its signals are not read yet.
+    missing_since: Option<Instant>,
 }
 
 struct Agent<S> {
@@ -503,12 +510,14 @@ impl<S: SystemdClient> Agent<S> {
     }
 
     /// Turns the ends seen in signals into [`Ended`] records.
-    fn record_ends(&mut self, observed: &[ObservedUnit]) {
+    /// Returns the VMs whose unit is ending (see [`Input::ending`]).
+    fn record_ends(&mut self, observed: &[ObservedUnit]) -> BTreeSet<String> {
         let up: BTreeSet<&str> = observed
             .iter()
             .filter(|u| u.active.is_up())
             .map(|u| u.vm.as_str())
             .collect();
+        let mut ending = BTreeSet::new();
         let vms: Vec<String> = self.tracks.keys().cloned().collect();
         for vm in vms {
             let generation = self.generation_of(&vm);
@@ -518,10 +527,23 @@ impl<S: SystemdClient> Agent<S> {
             if up.contains(vm.as_str()) {
                 // Running (again): remember which generation it serves.
                 t.generation = t.generation.max(generation);
+                t.live = true;
+                t.missing_since = None;
                 continue;
             }
             if !t.end_pending {
-                continue;
+                if t.live && !t.stop_requested {
+                    // Ended in systemd's eyes, but its signals are not here yet.
+                    let since = *t.missing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() < UNSEEN_END {
+                        ending.insert(vm);
+                        continue;
+                    }
+                    tracing::warn!(vm = %vm, host = %self.host, "unit ended without signals");
+                    t.end_pending = true;
+                } else {
+                    continue;
+                }
             }
             let t = self.tracks.remove(&vm).unwrap_or_default();
             if t.stop_requested {
@@ -535,7 +557,10 @@ impl<S: SystemdClient> Agent<S> {
                     t.exec_main_status.unwrap_or(0),
                 ),
                 (None, Some(job)) => (VmState::Failed, format!("start job {job}")),
-                (None, None) => (VmState::Stopped, "exited".to_string()),
+                (None, None) => (
+                    VmState::Failed,
+                    "the unit ended without a recorded result".to_string(),
+                ),
             };
             // A failed start job says less than the service's own result.
             let (state, reason) = match (&t.failed_job, state) {
@@ -556,6 +581,7 @@ impl<S: SystemdClient> Agent<S> {
                 },
             );
         }
+        ending
     }
 
     /// One reconcile pass; `true` when something should be retried soon.
@@ -568,7 +594,7 @@ impl<S: SystemdClient> Agent<S> {
             }
         };
         self.observed_running = observed.iter().filter(|u| u.active.is_up()).count();
-        self.record_ends(&observed);
+        let ending = self.record_ends(&observed);
         let Some(assignments) = self.assignments.clone() else {
             // The desired state is unknown: touch nothing.
             return false;
@@ -590,8 +616,10 @@ impl<S: SystemdClient> Agent<S> {
             observed: &observed,
             ended: &self.ended,
             reported: &self.reported,
+            ending: &ending,
         });
-        let mut retry = false;
+        // An ending unit's signals are due any moment; look again soon in any case.
+        let mut retry = !ending.is_empty();
         for action in actions {
             // One undeliverable report is enough to know the link is down: the others wait
             // for the retry, so a hanging control plane cannot hold the loop (and the
@@ -631,6 +659,7 @@ impl<S: SystemdClient> Agent<S> {
                             vm,
                             Track {
                                 generation: a.generation,
+                                live: true,
                                 ..Track::default()
                             },
                         );

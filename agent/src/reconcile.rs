@@ -97,6 +97,10 @@ pub struct Input<'a> {
     pub ended: &'a BTreeMap<String, Ended>,
     /// The last report the control plane accepted, by VM.
     pub reported: &'a BTreeMap<String, VmStatusReport>,
+    /// VMs whose unit this agent saw running and whose end it has not processed yet. systemd
+    /// can list a unit as ended (or already collected) before its signals have been read:
+    /// such a unit is left alone, and not reported, until its end is known.
+    pub ending: &'a BTreeSet<String>,
 }
 
 /// The actions that bring the host to its assignments: stops first, then starts, then
@@ -123,6 +127,14 @@ pub fn reconcile(input: &Input<'_>) -> Vec<Action> {
     for (&vm, &a) in &desired {
         let unit = observed.get(vm).copied();
         let ended = input.ended.get(vm).filter(|e| e.generation >= a.generation);
+        let gone = unit.is_none_or(|u| u.active.is_ended());
+        if a.desired == DesiredState::Running
+            && gone
+            && ended.is_none()
+            && input.ending.contains(vm)
+        {
+            continue;
+        }
         let (state, reason): (VmState, Option<String>) = match (a.desired, unit.map(|u| &u.active))
         {
             (DesiredState::Running, None) => match ended {
@@ -301,6 +313,7 @@ mod tests {
             observed,
             ended,
             reported,
+            ending: &BTreeSet::new(),
         })
     }
 
@@ -535,6 +548,57 @@ mod tests {
         assert_eq!(
             run(&desired, &observed, &BTreeMap::new(), &reported),
             vec![]
+        );
+    }
+
+    /// A unit the agent saw running that is now ended or gone, with no end recorded yet, is
+    /// waited for: neither restarted nor reported until its signals say how it ended.
+    #[test]
+    fn ending_units_are_waited_for() {
+        let a = assign("web", DesiredState::Running, 2);
+        let ending = BTreeSet::from(["web".to_string()]);
+        for observed in [None, Some("failed"), Some("inactive")] {
+            let units: Vec<ObservedUnit> = observed.map(|s| unit("web", s)).into_iter().collect();
+            let input = Input {
+                desired: std::slice::from_ref(&a),
+                observed: &units,
+                ended: &BTreeMap::new(),
+                reported: &BTreeMap::new(),
+                ending: &ending,
+            };
+            assert_eq!(reconcile(&input), vec![], "{observed:?}");
+        }
+        // Still running, or its end known: business as usual.
+        let units = [unit("web", "active")];
+        let input = Input {
+            desired: std::slice::from_ref(&a),
+            observed: &units,
+            ended: &BTreeMap::new(),
+            reported: &BTreeMap::new(),
+            ending: &ending,
+        };
+        assert_eq!(reconcile(&input).len(), 1);
+        let ended = BTreeMap::from([(
+            "web".to_string(),
+            Ended {
+                generation: 2,
+                state: VmState::Failed,
+                reason: "x".into(),
+            },
+        )]);
+        let input = Input {
+            desired: std::slice::from_ref(&a),
+            observed: &[],
+            ended: &ended,
+            reported: &BTreeMap::new(),
+            ending: &ending,
+        };
+        assert_eq!(
+            reconcile(&input),
+            vec![Action::Report {
+                vm: "web".into(),
+                report: report(VmState::Failed, Some("x"), 2)
+            }]
         );
     }
 

@@ -897,3 +897,94 @@ async fn t29_agent_stops_units_deleted_while_it_was_down() -> anyhow::Result<()>
     })
     .await
 }
+
+/// Host loss and fencing: the agent of h1 dies, the cluster declares h1 down after its TTL
+/// and moves the VM to h2; when h1's agent comes back, it finds the VM assigned elsewhere
+/// and stops its stale copy, so only h2 runs it.
+#[tokio::test]
+async fn t29_host_loss_moves_the_vm_and_the_old_copy_is_fenced() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3).await?;
+    let client = cluster.client();
+    let endpoints = cluster.endpoints();
+    let mut h1 = SimHost::start("h1").await?;
+    let mut h2 = SimHost::start("h2").await?;
+    h1.spawn_agent(&endpoints, "")?;
+    let sd1 = Systemd::connect_address(&h1.bus_address()).await?;
+    let sd2 = Systemd::connect_address(&h2.bus_address()).await?;
+    let unit = unit_name("mobile");
+    let mut mobile = spec("mobile");
+    mobile.restart_policy = blixard_api::RestartPolicy::Always;
+    with_logs(&[&h1], async {
+        wait_registered(&client, "h1", 1).await?;
+        create_vm(&client, &mobile).await?;
+        wait_vm_state(&client, "mobile", VmState::Running, Some("h1")).await?;
+        wait_active(&sd1, &unit).await
+    })
+    .await?;
+
+    h2.spawn_agent(&endpoints, "")?;
+    h1.kill_agent()?;
+    let t0 = Instant::now();
+    with_logs(&[&h2], async {
+        wait_vm_state(&client, "mobile", VmState::Running, Some("h2")).await?;
+        wait_active(&sd2, &unit).await
+    })
+    .await?;
+    eprintln!("moved to h2 {:?} after h1's agent died", t0.elapsed());
+    // Without its agent, h1 cannot know yet: the stale copy still runs there.
+    assert!(sd1.unit_status(&unit).await?.is_some());
+
+    h1.spawn_agent(&endpoints, "")?;
+    with_logs(&[&h1], async {
+        wait_registered(&client, "h1", 2).await?;
+        wait_gone(&sd1, &unit).await?;
+        let vm = client.get_vm("mobile").await?;
+        assert_eq!(
+            (vm.state, vm.host.as_deref()),
+            (VmState::Running, Some("h2"))
+        );
+        assert!(sd2.unit_status(&unit).await?.is_some());
+        Ok(())
+    })
+    .await
+}
+
+/// The cluster's restart policy drives restarts through new generations: a VM that keeps
+/// failing is started again by the agent up to `max_restarts` times, then left failed.
+#[tokio::test]
+async fn t29_restart_policy_restarts_through_the_agent() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1).await?;
+    let client = cluster.client();
+    let mut host = SimHost::start("h1").await?;
+    host.spawn_agent(&cluster.endpoints(), r#"process_command = ["/bin/false"]"#)?;
+    let mut flaky = spec("flaky");
+    flaky.restart_policy = blixard_api::RestartPolicy::OnFailure;
+    flaky.max_restarts = Some(2);
+    let h = &host;
+    with_logs(&[h], async {
+        wait_registered(&client, "h1", 1).await?;
+        create_vm(&client, &flaky).await?;
+        let vm = wait::until("flaky to be given up on", DEADLINE, || async {
+            match client.get_vm("flaky").await {
+                Ok(v) if v.reason.as_deref().is_some_and(|r| r.contains("giving up")) => {
+                    Ok(Some(v))
+                }
+                Ok(v) => Err(format!("{} {:?}", v.state.as_str(), v.reason)),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await?;
+        assert_eq!(vm.state, VmState::Failed);
+        assert!(vm
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("exit-code status=1")));
+        assert_eq!(
+            h.agent_log().matches("starting VM").count(),
+            3,
+            "1 start + 2 restarts"
+        );
+        Ok(())
+    })
+    .await
+}
