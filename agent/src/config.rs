@@ -110,6 +110,10 @@ pub struct Config {
     /// File holding a bearer token for the control plane (e.g. from `LoadCredential=`).
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// PEM bundle of the CA that signed the control plane's certificates: with `https://`
+    /// endpoints the agent trusts exactly these (and nothing else).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// Address reported in the registration, for operators; may be empty.
     #[serde(default)]
     pub advertise_address: String,
@@ -177,6 +181,7 @@ impl Default for Config {
             hypervisors: BTreeMap::new(),
             memory_reserve_mib: default_memory_reserve_mib(),
             token_file: None,
+            ca_file: None,
             advertise_address: String::new(),
             kvm: None,
             vm_unit: VmUnitConfig::default(),
@@ -323,13 +328,26 @@ impl Config {
                 ));
             }
         }
-        if let Some(t) = &self.token_file {
-            if !t.is_absolute() {
-                return Err(invalid(
-                    "token_file",
-                    format!("{} must be an absolute path", t.display()),
-                ));
+        for (field, file) in [("token_file", &self.token_file), ("ca_file", &self.ca_file)] {
+            if let Some(f) = file {
+                if !f.is_absolute() {
+                    return Err(invalid(
+                        field,
+                        format!("{} must be an absolute path", f.display()),
+                    ));
+                }
             }
+        }
+        if self.ca_file.is_none()
+            && self
+                .control_endpoints
+                .iter()
+                .any(|e| e.starts_with("https://"))
+        {
+            return Err(invalid(
+                "ca_file",
+                "https:// endpoints need the control plane's CA bundle",
+            ));
         }
         let u = &self.vm_unit;
         if u.cpu_weight == 0 || u.cpu_weight > 10_000 {
@@ -398,6 +416,7 @@ mod tests {
             process_command = ["/bin/sleep", "infinity"]
             memory_reserve_mib = 1024
             token_file = "/run/credentials/blixard-agent.service/token"
+            ca_file = "/etc/blixard/ca.pem"
             [labels]
             zone = "a"
             [hypervisors]
@@ -431,6 +450,8 @@ mod tests {
             ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\ndata_dir = \"rel\"", "data_dir"),
             ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\nheartbeat_interval_ms = 5", "heartbeat_interval_ms"),
             ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\nprocess_command = []", "process_command"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"https://a:1\"]", "ca_file"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"https://a:1\"]\nca_file = \"ca.pem\"", "ca_file"),
             ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\nprocess_command = [\"sleep\"]", "process_command"),
             ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\n[hypervisors]\nkvmtool = \"/x\"", "hypervisors.kvmtool"),
             ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\n[vm_unit]\ncpu_weight = 0", "vm_unit.cpu_weight"),

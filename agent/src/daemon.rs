@@ -132,7 +132,7 @@ where
         None => None,
     };
     let client = Arc::new(
-        Client::new(&config.control_endpoints)
+        Client::with_ca(&config.control_endpoints, config.ca_file.as_deref())
             .map_err(AgentError::Client)?
             .with_bearer(token),
     );

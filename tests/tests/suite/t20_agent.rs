@@ -988,3 +988,49 @@ async fn t29_restart_policy_restarts_through_the_agent() -> anyhow::Result<()> {
     })
     .await
 }
+
+/// On a cluster with TLS and tokens, the agent trusts the cluster's CA, authenticates with
+/// its host's agent token, and runs its VMs as anywhere else.
+#[tokio::test]
+async fn t29_agent_on_a_secure_cluster() -> anyhow::Result<()> {
+    use blixard_tests::cluster::{ClusterOptions, AGENT_TOKENS};
+    let cluster = Cluster::start_with(
+        3,
+        ClusterOptions {
+            secure: true,
+            ..ClusterOptions::default()
+        },
+    )
+    .await?;
+    let client = cluster.client();
+    let ca = cluster
+        .ca_file()
+        .ok_or_else(|| anyhow::anyhow!("a secure cluster has a CA"))?;
+    let mut host = SimHost::start("h1").await?;
+    let token = host.base_dir().join("agent-token");
+    let (_, value) = AGENT_TOKENS
+        .iter()
+        .find(|(h, _)| *h == "h1")
+        .ok_or_else(|| anyhow::anyhow!("no agent token for h1"))?;
+    std::fs::write(&token, format!("{value}\n"))?;
+    assert!(cluster
+        .endpoints()
+        .iter()
+        .all(|e| e.starts_with("https://")));
+    host.spawn_agent(
+        &cluster.endpoints(),
+        &format!(
+            "token_file = {:?}\nca_file = {:?}\n",
+            token.display().to_string(),
+            ca.display().to_string()
+        ),
+    )?;
+    let h = &host;
+    with_logs(&[h], async {
+        wait_registered(&client, "h1", 1).await?;
+        create_vm(&client, &spec("tls")).await?;
+        wait_vm_state(&client, "tls", VmState::Running, Some("h1")).await?;
+        Ok(())
+    })
+    .await
+}
