@@ -267,6 +267,41 @@ async fn t20_adapter_reports_why_a_unit_failed() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// KillUnit reaches the VM's processes, and the signals say which signal ended it.
+#[tokio::test]
+async fn t20_adapter_kill_unit_ends_the_vm_with_its_signal() -> anyhow::Result<()> {
+    let host = SimHost::start("kill").await?;
+    let sd = Systemd::connect_address(&host.bus_address()).await?;
+    let mut events = sd.watch().await?;
+    let unit = unit_for("victim", &["/bin/sleep", "infinity"])?;
+    let name = unit.unit.clone();
+    sd.start_transient_unit(&unit).await?;
+    wait_active(&sd, &name).await?;
+    assert!(sd.kill_unit(&name, 9).await?);
+    let (mut result, mut code, mut status) = (None, None, None);
+    next_event(&mut events, "victim failed", |e| match e {
+        UnitEvent::Changed { unit, change } if unit == &name => {
+            result = change.result.clone().or(result.take());
+            code = change.exec_main_code.or(code);
+            status = change.exec_main_status.or(status);
+            (change.active_state.as_deref() == Some("failed")).then_some(())
+        }
+        _ => None,
+    })
+    .await?;
+    let (state, reason) = describe_end(
+        result.as_deref().unwrap_or("?"),
+        code.unwrap_or(0),
+        status.unwrap_or(0),
+    );
+    assert_eq!(
+        (state, reason.as_str()),
+        (VmState::Failed, "signal signal=SIGKILL")
+    );
+    wait_gone(&sd, &name).await?;
+    Ok(())
+}
+
 /// The adapter never touches units that are not VM units.
 #[tokio::test]
 async fn t20_adapter_refuses_other_units() -> anyhow::Result<()> {
