@@ -104,6 +104,9 @@ pub struct Settings {
     /// CA bundle (PEM) that peers' certificates are checked against.
     #[arg(long)]
     pub tls_ca_file: Option<PathBuf>,
+    /// Let `POST /raft/faults` cut this node off from chosen peers (for fault-injection tests).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub fault_injection: Option<bool>,
 }
 
 impl Settings {
@@ -143,6 +146,7 @@ impl Settings {
             tls_cert_file: over.tls_cert_file.or(self.tls_cert_file),
             tls_key_file: over.tls_key_file.or(self.tls_key_file),
             tls_ca_file: over.tls_ca_file.or(self.tls_ca_file),
+            fault_injection: over.fault_injection.or(self.fault_injection),
         }
     }
 }
@@ -164,6 +168,8 @@ pub struct Config {
     pub auth: Option<AuthFiles>,
     pub metrics_open: bool,
     pub tls: Option<TlsFiles>,
+    /// Whether `POST /raft/faults` is served (tests only).
+    pub fault_injection: bool,
 }
 
 /// Where the tokens are.
@@ -336,6 +342,7 @@ impl Config {
             auth,
             metrics_open: s.metrics_open.unwrap_or(false),
             tls,
+            fault_injection: s.fault_injection.unwrap_or(false),
         })
     }
 }
@@ -443,5 +450,16 @@ mod tests {
         assert_eq!(merged.node_id, Some(1));
         assert_eq!(merged.listen.as_deref(), Some("127.0.0.1:9"));
         assert!(toml::from_str::<Settings>("nod_id = 1").is_err());
+    }
+
+    #[test]
+    fn fault_injection_is_off_unless_asked() {
+        let off = Config::from_settings(settings("1=http://127.0.0.1:7001"));
+        assert!(off.is_ok_and(|c| !c.fault_injection));
+        let file: Settings = toml::from_str(
+            "node_id = 1\ninitial_cluster = \"1=http://127.0.0.1:7001\"\nfault_injection = true\n",
+        )
+        .unwrap_or_default();
+        assert!(Config::from_settings(file).is_ok_and(|c| c.fault_injection));
     }
 }

@@ -7,6 +7,7 @@
 //! routes) and [`leader_loop`] around them; [`run`] wires them together for the binary.
 
 pub mod config;
+pub mod faults;
 pub mod http;
 pub mod leader_loop;
 pub mod metrics;

@@ -67,6 +67,10 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
+        if crate::faults::is_isolated(self.target) {
+            let e = crate::faults::Isolated(self.target);
+            return Err(RPCError::Unreachable(Unreachable::new(&e)));
+        }
         let url = format!("{}/raft/{path}", self.addr);
         let resp = self
             .http

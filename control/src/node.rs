@@ -260,7 +260,7 @@ impl ControlNode {
                     self.wait_leader_change(Some(leader), deadline).await;
                     continue;
                 };
-                match self.send_forward(&addr, &req).await {
+                match self.send_forward(leader, &addr, &req).await {
                     Ok(r) => r,
                     Err(e @ NodeError::LeaderUnreachable(_)) => {
                         last = e;
@@ -289,7 +289,17 @@ impl ControlNode {
         }
     }
 
-    async fn send_forward(&self, addr: &str, req: &Forward) -> Result<ForwardReply, NodeError> {
+    async fn send_forward(
+        &self,
+        to: NodeId,
+        addr: &str,
+        req: &Forward,
+    ) -> Result<ForwardReply, NodeError> {
+        if crate::faults::is_isolated(to) {
+            return Err(NodeError::LeaderUnreachable(format!(
+                "node {to} is isolated"
+            )));
+        }
         let url = format!("{addr}/raft/forward");
         let resp = self
             .http

@@ -1,5 +1,6 @@
 //! Peer routes: Raft RPC (`append`, `vote`, `snapshot`) and `forward`, through which a
-//! follower runs a proposal, a read index or a membership change on the leader.
+//! follower runs a proposal, a read index or a membership change on the leader; and `faults`,
+//! which sets this node's fault switches when it runs with `--fault-injection` (404 otherwise).
 
 use std::sync::Arc;
 
@@ -12,6 +13,10 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 
+use serde::{Deserialize, Serialize};
+
+use super::api::ApiJson;
+use super::error::ApiError;
 use crate::node::{ControlNode, Forward, ForwardReply};
 use crate::raft_types::{NodeId, TypeConfig};
 
@@ -24,6 +29,7 @@ pub fn routes() -> Router<Arc<ControlNode>> {
         .route("/raft/vote", post(vote))
         .route("/raft/snapshot", post(snapshot))
         .route("/raft/forward", post(forward))
+        .route("/raft/faults", post(faults))
         .layer(DefaultBodyLimit::max(PEER_BODY_LIMIT))
 }
 
@@ -56,4 +62,25 @@ async fn forward(
         return Json(ForwardReply::NotLeader);
     }
     Json(node.handle_forward(req).await)
+}
+
+/// Body of `POST /raft/faults`, and its answer: the peers this node must not talk to
+/// (replacing the previous set; empty heals).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Faults {
+    pub isolate: Vec<NodeId>,
+}
+
+async fn faults(
+    State(node): State<Arc<ControlNode>>,
+    ApiJson(req): ApiJson<Faults>,
+) -> Result<Json<Faults>, ApiError> {
+    if !node.config.fault_injection {
+        return Err(ApiError::not_found("no such route"));
+    }
+    crate::faults::set_isolated(req.isolate);
+    let isolate = crate::faults::isolated();
+    tracing::warn!(?isolate, "fault injection: isolated peers set");
+    Ok(Json(Faults { isolate }))
 }

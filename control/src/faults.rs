@@ -1,0 +1,62 @@
+//! Fault switches for tests: the set of peers this process must not talk to.
+//!
+//! Only a node started with `--fault-injection` lets `POST /raft/faults` change the set, so a
+//! production node always has it empty. Outgoing Raft RPCs ([`crate::network`]) and forwards
+//! to the leader ([`crate::node`]) to an isolated peer fail as if it were unreachable, before
+//! anything is sent. A partition between A and B is B isolated on A and A on B; an empty set
+//! heals. The set is process-wide and lives in memory only: a restarted node starts healed.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::RwLock;
+
+/// Whether any peer is isolated (a lock-free fast path for every RPC).
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+static ISOLATED: RwLock<BTreeSet<u64>> = RwLock::new(BTreeSet::new());
+
+/// Replaces the set of isolated peers (empty heals every partition of this node).
+pub fn set_isolated(peers: impl IntoIterator<Item = u64>) {
+    let set: BTreeSet<u64> = peers.into_iter().collect();
+    let mut guard = ISOLATED.write().unwrap_or_else(|e| e.into_inner());
+    ACTIVE.store(!set.is_empty(), Ordering::SeqCst);
+    *guard = set;
+}
+
+/// Whether traffic to `peer` must fail.
+pub fn is_isolated(peer: u64) -> bool {
+    ACTIVE.load(Ordering::Relaxed)
+        && ISOLATED
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&peer)
+}
+
+/// The isolated peers, in order.
+pub fn isolated() -> Vec<u64> {
+    ISOLATED
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .copied()
+        .collect()
+}
+
+/// The error a refused RPC reports.
+#[derive(Debug, thiserror::Error)]
+#[error("peer {0} is isolated by fault injection")]
+pub struct Isolated(pub u64);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn isolate_and_heal() {
+        set_isolated([2, 3]);
+        assert!(is_isolated(2) && is_isolated(3) && !is_isolated(1));
+        assert_eq!(isolated(), vec![2, 3]);
+        set_isolated([]);
+        assert!(!is_isolated(2));
+        assert!(isolated().is_empty());
+    }
+}
