@@ -1,0 +1,149 @@
+//! Figure 4: failover under load. Eight closed-loop writers spread over every node (each
+//! moves to the next node when its own refuses connections); the leader is killed with
+//! SIGKILL; the gap is the time from the kill until a write *sent after the kill* is
+//! acknowledged. The killed node is restarted and rejoins before the next kill.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::load::{self, Target};
+use crate::procs::BlixardCluster;
+use crate::stats::Range;
+use crate::Opts;
+
+const WRITERS: usize = 8;
+
+/// The first acknowledgement of a write sent at or after `mark`.
+#[derive(Default)]
+struct Probe {
+    mark: Option<Instant>,
+    first_ack: Option<Instant>,
+}
+
+pub async fn run(o: &Opts, summary: &mut Vec<String>) -> anyhow::Result<Value> {
+    let mut c = BlixardCluster::start(&o.bin_dir, 3, &[]).await?;
+    let urls = c.urls();
+    let probe = Arc::new(Mutex::new(Probe::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let (urls, probe, stop, acked) = (urls.clone(), probe.clone(), stop.clone(), acked.clone());
+        writers.push(tokio::spawn(async move {
+            let mut target = w % urls.len();
+            let mut http = load::client();
+            let mut seq = 0u64;
+            // Bounded: the run stops it, and so does this count.
+            while !stop.load(Ordering::Relaxed) && seq < 2_000_000 {
+                seq += 1;
+                let sent = Instant::now();
+                let r = load::write_once(
+                    &http,
+                    Target::Blixard,
+                    &urls[target],
+                    &format!("f{w}-{seq}"),
+                )
+                .await;
+                match r {
+                    Ok(()) => {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                        let now = Instant::now();
+                        if let Ok(mut p) = probe.lock() {
+                            if p.mark.is_some_and(|m| sent >= m)
+                                && p.first_ack.is_none_or(|f| now < f)
+                            {
+                                p.first_ack = Some(now);
+                            }
+                        }
+                    }
+                    Err(_) => {
+                        // Refused or reset: try the next node on a fresh connection.
+                        target = (target + 1) % urls.len();
+                        http = load::client();
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
+            }
+        }));
+    }
+
+    let mut gaps = Vec::new();
+    let mut failures = 0;
+    for k in 0..o.kills {
+        let leader = c.wait_leader(Duration::from_secs(30)).await?;
+        // Make sure writes are flowing before the kill.
+        let before = acked.load(Ordering::Relaxed);
+        let flowing = Instant::now();
+        while acked.load(Ordering::Relaxed) < before + 20 {
+            if flowing.elapsed() > Duration::from_secs(10) {
+                anyhow::bail!("writes are not flowing before kill {k}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let t_kill = Instant::now();
+        if let Ok(mut p) = probe.lock() {
+            *p = Probe {
+                mark: Some(t_kill),
+                first_ack: None,
+            };
+        }
+        c.kill(leader);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let gap = loop {
+            let first = probe.lock().ok().and_then(|p| p.first_ack);
+            if let Some(f) = first {
+                break Some(f.duration_since(t_kill).as_secs_f64() * 1000.0);
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        match gap {
+            Some(ms) => {
+                eprintln!(
+                    "  failover kill {k}: node {} down, writes back after {ms:.0} ms",
+                    leader + 1
+                );
+                gaps.push(ms);
+            }
+            None => {
+                eprintln!("  failover kill {k}: no write succeeded within 15 s");
+                failures += 1;
+            }
+        }
+        c.restart(leader)?;
+        c.wait_leader(Duration::from_secs(30)).await?;
+        // Let the restarted node catch up so the next kill starts from a healthy cluster.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        let _ = w.await;
+    }
+    let mut sorted = gaps.clone();
+    sorted.sort_by(f64::total_cmp);
+    let us: Vec<u64> = sorted.iter().map(|ms| (ms * 1000.0) as u64).collect();
+    let p50 = load::percentile_us(&us, 50.0) / 1000.0;
+    let p99 = load::percentile_us(&us, 99.0) / 1000.0;
+    summary.push(format!(
+        "failover ({} kills, defaults: heartbeat 100 ms, election 500-1000 ms): writes back after p50 {p50:.0} ms, p99 {p99:.0} ms, max {:.0} ms",
+        gaps.len(),
+        sorted.last().copied().unwrap_or(f64::NAN)
+    ));
+    Ok(json!({
+        "kills": o.kills,
+        "writers": WRITERS,
+        "gap_ms": {
+            "p50": crate::stats::round(p50),
+            "p99": crate::stats::round(p99),
+            "range": Range::of(&gaps),
+        },
+        "samples_ms": gaps.iter().map(|g| crate::stats::round(*g)).collect::<Vec<_>>(),
+        "no_recovery_within_15s": failures,
+        "writes_acked": acked.load(Ordering::Relaxed),
+    }))
+}
