@@ -8,4 +8,5 @@
 pub mod binaries;
 pub mod cluster;
 pub mod host;
+pub mod linearizability;
 pub mod wait;
