@@ -82,9 +82,18 @@ let
       description = ''
         Credentials for ${unit}: credential ID to a file outside the Nix store, passed
         with `LoadCredential=ID:FILE` and readable by the daemon as
-        {file}`/run/credentials/${unit}/ID`.
+        {file}`/run/credentials/${unit}/ID`. The IDs the daemon knows also set the
+        matching `*_file` key of `settings` (unless set there).
       '';
     };
+
+  # credential ID -> the settings key naming its file, for blixard-control
+  controlCredentialKeys = {
+    operator-token = "operator_token_file";
+    agent-tokens = "agent_token_file";
+    peer-token = "peer_token_file";
+    tls-key = "tls_key_file";
+  };
 
   packageOption =
     what:
@@ -183,7 +192,12 @@ in
       };
 
       credentialFiles = credentialFilesOption "blixard-control.service" ''
-        { operator-token = "/run/keys/blixard-operator-token"; }
+        {
+          operator-token = "/run/keys/blixard-operator-token"; # sets settings.operator_token_file
+          agent-tokens = "/run/keys/blixard-agent-tokens"; # sets settings.agent_token_file
+          peer-token = "/run/keys/blixard-peer-token"; # sets settings.peer_token_file
+          tls-key = "/run/keys/blixard-tls-key"; # sets settings.tls_key_file
+        }
       '';
     };
 
@@ -305,6 +319,13 @@ in
             message = "services.blixard.control: openFirewall needs a port in listen (host:port), got \"${s.listen}\".";
           }
         ];
+
+        services.blixard.control.settings = lib.mapAttrs' (
+          id: _:
+          lib.nameValuePair controlCredentialKeys.${id} (
+            lib.mkDefault "/run/credentials/blixard-control.service/${id}"
+          )
+        ) (lib.filterAttrs (id: _: controlCredentialKeys ? ${id}) cfg.control.credentialFiles);
 
         environment.systemPackages = [ cfg.control.package ];
         systemd.packages = [ cfg.control.package ];

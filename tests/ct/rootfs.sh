@@ -1,6 +1,8 @@
 #!/bin/bash
 # Builds (once) the Debian bookworm rootfs that the packaging container test boots with
-# systemd-nspawn: minbase + systemd, dbus. Cached; rebuilt only when the stamp is missing.
+# systemd-nspawn: minbase + systemd, dbus and ca-certificates (a dependency of the package,
+# which `dpkg -i` cannot fetch inside the offline container). Cached; rebuilt only when the
+# stamp of this version of the script is missing.
 #
 #   tests/ct/rootfs.sh [DIR]     default ${BLIXARD_CT_ROOTFS:-/var/cache/blixard-test/rootfs}
 #
@@ -8,16 +10,20 @@
 # the stamp. The container boots it with --volatile=overlay: it is never modified.
 set -eu
 D=${1:-${BLIXARD_CT_ROOTFS:-/var/cache/blixard-test/rootfs}}
-STAMP="$D/.blixard-rootfs-v1"
+STAMP="$D/.blixard-rootfs-v2"
+[ -e "$STAMP" ] && exit 0
+mkdir -p "$(dirname "$D")"
+# one builder at a time (parallel tests, CI + a developer)
+exec 9>"$D.lock"
+flock 9
 [ -e "$STAMP" ] && exit 0
 command -v debootstrap >/dev/null || { echo "debootstrap missing: run tests/ct/setup.sh" >&2; exit 1; }
 # the Debian archive this machine's apt is configured with
 MIRROR=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
 [ -n "$MIRROR" ] || MIRROR=$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
 [ -n "$MIRROR" ] || MIRROR=http://deb.debian.org/debian
-mkdir -p "$(dirname "$D")"
 rm -rf "$D.tmp" "$D"
-debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus \
+debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,ca-certificates \
   bookworm "$D.tmp" "$MIRROR" >"$(dirname "$D")/debootstrap.log" 2>&1 \
   || { echo "debootstrap failed, see $(dirname "$D")/debootstrap.log" >&2; exit 1; }
 # no getty on the console; nothing in the container waits for a network
@@ -25,5 +31,5 @@ chroot "$D.tmp" systemctl mask console-getty.service getty@tty1.service \
   systemd-networkd-wait-online.service >/dev/null 2>&1 || true
 apt_clean() { rm -rf "$1"/var/cache/apt/archives/*.deb "$1"/var/lib/apt/lists/*; }
 apt_clean "$D.tmp"
-touch "$D.tmp/.blixard-rootfs-v1"
+touch "$D.tmp/.blixard-rootfs-v2"
 mv "$D.tmp" "$D"

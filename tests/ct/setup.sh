@@ -14,7 +14,7 @@
 #   dpkg-dev                        dpkg-deb and friends, used by cargo-deb
 #   cargo-deb                       builds the .deb (cargo install --locked)
 # Builds (unless BLIXARD_CT_NO_ROOTFS=1): the Debian rootfs the container test boots, at
-# ${BLIXARD_CT_ROOTFS:-/var/cache/blixard-test/rootfs} (~40 s, ~250 MB).
+# ${BLIXARD_CT_ROOTFS:-/var/cache/blixard-test/rootfs} (1-3 min, ~160 MB).
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 t0=$(date +%s)

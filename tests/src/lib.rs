@@ -7,6 +7,7 @@
 
 pub mod binaries;
 pub mod cluster;
+pub mod container;
 pub mod host;
 pub mod linearizability;
 pub mod wait;

@@ -5,4 +5,5 @@
 
 mod t10_cluster;
 mod t20_agent;
+mod t60_packaging;
 mod t70_security;

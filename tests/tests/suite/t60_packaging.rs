@@ -1,0 +1,551 @@
+//! Packaging: the systemd units, the Debian package and the NixOS module, each checked by
+//! using it.
+//!
+//! - `systemd-analyze verify` and `systemd-analyze security --offline=true` on units/;
+//! - the default configs pass `check-config`;
+//! - `nix-instantiate --parse` on every .nix file;
+//! - the .deb built from the workspace's binaries, installed with `dpkg -i` in a booted
+//!   Debian container (systemd-nspawn), both services started with `systemctl`, a VM
+//!   created with `blixardctl`, the agent restarted under it, everything stopped, purged.
+//!
+//! Prerequisites come from `tests/ct/setup.sh`; a missing one fails the test with a message
+//! saying so.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context};
+use blixard_tests::binaries::binary;
+use blixard_tests::container::{self, require_tools, workspace_root, Container};
+use blixard_tests::wait;
+
+const UNITS: [&str; 3] = [
+    "blixard-control.service",
+    "blixard-agent.service",
+    "blixard-vms.slice",
+];
+
+/// The highest `systemd-analyze security` exposure each service may have ("OK" is ≤ 2.5
+/// on systemd's scale; the control unit must stay there, and so, as shipped, does the agent).
+const MAX_EXPOSURE: [(&str, f64); 2] = [
+    ("blixard-control.service", 2.5),
+    ("blixard-agent.service", 2.5),
+];
+
+/// The shipped units, with `ExecStart=/usr/bin/NAME` pointing at the workspace's binaries,
+/// in a temporary directory (verify needs the executables to exist).
+fn units_with_workspace_binaries() -> anyhow::Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir()?;
+    for unit in UNITS {
+        let mut text = std::fs::read_to_string(workspace_root().join("units").join(unit))
+            .with_context(|| format!("reading units/{unit}"))?;
+        for bin in ["blixard-control", "blixard-agent"] {
+            let from = format!("ExecStart=/usr/bin/{bin} ");
+            let to = format!("ExecStart={} ", binary(bin).display());
+            text = text.replace(&from, &to);
+        }
+        std::fs::write(dir.path().join(unit), text)?;
+    }
+    Ok(dir)
+}
+
+async fn output(cmd: &mut tokio::process::Command) -> anyhow::Result<std::process::Output> {
+    cmd.output()
+        .await
+        .with_context(|| format!("running {cmd:?}"))
+}
+
+#[tokio::test]
+async fn units_pass_systemd_analyze_verify() -> anyhow::Result<()> {
+    require_tools(&["systemd-analyze"])?;
+    let dir = units_with_workspace_binaries()?;
+    let paths: Vec<PathBuf> = UNITS.iter().map(|u| dir.path().join(u)).collect();
+    let out = output(
+        tokio::process::Command::new("systemd-analyze")
+            .arg("verify")
+            .args(&paths),
+    )
+    .await?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // verify exits 0 on warnings like unknown keys: any line about our units is a failure
+    let ours: Vec<&str> = text.lines().filter(|l| l.contains("blixard")).collect();
+    ensure!(
+        out.status.success() && ours.is_empty(),
+        "systemd-analyze verify {} failed ({}):\n{text}",
+        UNITS.join(" "),
+        out.status
+    );
+    Ok(())
+}
+
+/// Parses "→ Overall exposure level for UNIT: 1.1 OK 🙂".
+fn overall_exposure(report: &str) -> Option<f64> {
+    let line = report
+        .lines()
+        .find(|l| l.contains("Overall exposure level for"))?;
+    let (_, rest) = line.rsplit_once(": ")?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+#[test]
+fn exposure_parser_reads_systemds_summary_line() {
+    let report =
+        "✓ UMask= ...\n\n→ Overall exposure level for blixard-control.service: 1.1 OK 🙂\n";
+    assert_eq!(overall_exposure(report), Some(1.1));
+    assert_eq!(overall_exposure("no summary"), None);
+}
+
+#[tokio::test]
+async fn service_units_score_ok_in_systemd_analyze_security() -> anyhow::Result<()> {
+    require_tools(&["systemd-analyze"])?;
+    let dir = units_with_workspace_binaries()?;
+    let mut failures = Vec::new();
+    for (unit, max) in MAX_EXPOSURE {
+        let out = output(
+            tokio::process::Command::new("systemd-analyze")
+                .args(["security", "--offline=true", "--no-pager"])
+                .arg(dir.path().join(unit)),
+        )
+        .await?;
+        let report = String::from_utf8_lossy(&out.stdout);
+        let score = overall_exposure(&report).with_context(|| {
+            format!(
+                "no \"Overall exposure level\" line in systemd-analyze security of {unit} ({}):\n{report}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        eprintln!("systemd-analyze security {unit}: {score}");
+        if score > max {
+            failures.push(format!("{unit}: exposure {score} > {max}\n{report}"));
+        }
+    }
+    ensure!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn default_configs_pass_check_config() -> anyhow::Result<()> {
+    for (daemon, file) in [
+        ("blixard-control", "packaging/etc/control.toml"),
+        ("blixard-agent", "packaging/etc/agent.toml"),
+    ] {
+        let path = workspace_root().join(file);
+        let out = output(
+            tokio::process::Command::new(binary(daemon))
+                .arg("check-config")
+                .arg(&path),
+        )
+        .await?;
+        ensure!(
+            out.status.success(),
+            "{daemon} check-config {file} exited with {}: {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn nix_files(dir: &Path, found: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            nix_files(&path, found)?;
+        } else if path.extension().is_some_and(|e| e == "nix") {
+            found.push(path);
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn nix_files_parse() -> anyhow::Result<()> {
+    require_tools(&["nix-instantiate"])?;
+    let root = workspace_root();
+    let mut files = Vec::new();
+    for dir in ["nixos-module", "packaging"] {
+        nix_files(&root.join(dir), &mut files)?;
+    }
+    ensure!(
+        files.len() >= 2,
+        "expected nixos-module/default.nix and packaging/package.nix, found {files:?}"
+    );
+    for file in &files {
+        let out = output(
+            tokio::process::Command::new("nix-instantiate")
+                .env("NIX_CONFIG", "build-users-group =")
+                .arg("--parse")
+                .arg(file),
+        )
+        .await?;
+        ensure!(
+            out.status.success(),
+            "nix-instantiate --parse {} failed: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Without nixpkgs (not reachable from here) nothing can be evaluated further than the
+    // shape of the two functions.
+    for (file, args) in [
+        (
+            "nixos-module/default.nix",
+            "{ config = false; lib = false; pkgs = false; }",
+        ),
+        (
+            "packaging/package.nix",
+            "{ installShellFiles = false; lib = false; rustPlatform = false; }",
+        ),
+    ] {
+        let expr = format!(
+            "builtins.functionArgs (import {})",
+            root.join(file).display()
+        );
+        let out = output(
+            tokio::process::Command::new("nix-instantiate")
+                .env("NIX_CONFIG", "build-users-group =")
+                .args(["--eval", "--strict", "-E", &expr]),
+        )
+        .await?;
+        let got = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success() && got.trim() == args,
+            "{file} should be a function of {args}, got {got} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Builds the .deb from the binaries next to the test executable; returns its path.
+async fn build_deb(out_dir: &Path) -> anyhow::Result<PathBuf> {
+    let bin = binary("blixard-control");
+    let bin_dir = bin.parent().context("binary without a directory")?;
+    for b in ["blixard-agent", "blixardctl"] {
+        binary(b);
+    }
+    let profile = if bin_dir.ends_with("release") {
+        "release"
+    } else {
+        "dev"
+    };
+    let script = workspace_root().join("packaging/build-deb.sh");
+    let out = output(
+        tokio::process::Command::new(&script)
+            .args(["--profile", profile, "--bin-dir"])
+            .arg(bin_dir)
+            .arg("--out")
+            .arg(out_dir)
+            .current_dir(workspace_root()),
+    )
+    .await?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "{} failed ({}):\n{}{}",
+        script.display(),
+        out.status,
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deb = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
+    ensure!(
+        deb.is_file(),
+        "build-deb.sh printed no .deb path: {stdout:?}"
+    );
+    Ok(deb)
+}
+
+const AGENT_TOML: &str = r#"# written by t60_packaging: a "process" VM is /bin/sleep, so no hypervisor is needed
+host_id = "ct1"
+control_endpoints = ["http://127.0.0.1:7001"]
+data_dir = "/var/lib/blixard-agent"
+runtime_dir = "/run/blixard-agent"
+image_dir = "/var/lib/blixard/images"
+systemd_bus = "system"
+heartbeat_interval_ms = 500
+process_command = ["/bin/sleep", "infinity"]
+"#;
+
+const VM: &str = "t60vm";
+const VM_UNIT: &str = "blixard-vm-t60vm.service";
+const CTL_ENDPOINT: &str = "http://127.0.0.1:7001";
+
+/// Fails unless `unit` is `active (running)`, as `systemctl status` shows it.
+async fn assert_running(ct: &Container, unit: &str) -> anyhow::Result<()> {
+    let state = ct.unit_property(unit, "ActiveState").await?;
+    let sub = ct.unit_property(unit, "SubState").await?;
+    if state != "active" || sub != "running" {
+        let status = ct
+            .exec(&["systemctl", "status", "--no-pager", unit])
+            .await?;
+        bail!(
+            "{unit} is {state} ({sub}), not active (running):\n{}",
+            status.stdout
+        );
+    }
+    Ok(())
+}
+
+/// `systemctl stop UNIT` must succeed and leave the unit inactive with Result=success.
+async fn stop_cleanly(ct: &Container, unit: &str) -> anyhow::Result<()> {
+    ct.run(&["systemctl", "stop", unit]).await?;
+    let state = ct.unit_property(unit, "ActiveState").await?;
+    let result = ct.unit_property(unit, "Result").await?;
+    ensure!(
+        state == "inactive" && result == "success",
+        "after systemctl stop {unit}: ActiveState={state} Result={result}"
+    );
+    Ok(())
+}
+
+async fn main_pid(ct: &Container, unit: &str) -> anyhow::Result<u32> {
+    let pid = ct.unit_property(unit, "MainPID").await?;
+    let pid: u32 = pid
+        .parse()
+        .with_context(|| format!("MainPID of {unit}: {pid:?}"))?;
+    ensure!(pid != 0, "{unit} has no main process");
+    Ok(pid)
+}
+
+/// Everything a new Debian user would do, inside the booted container.
+async fn install_and_run(ct: &Container, deb_name: &str) -> anyhow::Result<()> {
+    // install: files in place, user and directories created, nothing started or enabled
+    ct.run(&["dpkg", "-i", &format!("/mnt/blixard/{deb_name}")])
+        .await?;
+    for unit in UNITS {
+        let installed = ct
+            .run(&["cat", &format!("/lib/systemd/system/{unit}")])
+            .await?;
+        let source = std::fs::read_to_string(workspace_root().join("units").join(unit))?;
+        ensure!(
+            installed == source,
+            "/lib/systemd/system/{unit} differs from units/{unit}"
+        );
+    }
+    ct.run(&["getent", "passwd", "blixard-control"]).await?;
+    ct.sh("test -d /etc/blixard && test -d /var/lib/blixard/images && test -d /run/blixard-agent")
+        .await
+        .context("tmpfiles.d entries not applied")?;
+    for unit in ["blixard-control.service", "blixard-agent.service"] {
+        let state = ct.unit_property(unit, "ActiveState").await?;
+        let enabled = ct.unit_property(unit, "UnitFileState").await?;
+        ensure!(
+            state == "inactive" && enabled == "disabled",
+            "installing must not start or enable {unit}: ActiveState={state} UnitFileState={enabled}"
+        );
+    }
+    // the installed units, with the real binaries at their ExecStart paths
+    let verify = ct
+        .exec(&[
+            "systemd-analyze",
+            "verify",
+            "/lib/systemd/system/blixard-control.service",
+            "/lib/systemd/system/blixard-agent.service",
+            "/lib/systemd/system/blixard-vms.slice",
+        ])
+        .await?;
+    ensure!(
+        verify.success() && !format!("{}{}", verify.stdout, verify.stderr).contains("blixard"),
+        "systemd-analyze verify of the installed units: {}{}",
+        verify.stdout,
+        verify.stderr
+    );
+
+    // configuration: the shipped control.toml as is (a one-node cluster on loopback)
+    ct.run(&[
+        "blixard-control",
+        "check-config",
+        "/etc/blixard/control.toml",
+    ])
+    .await?;
+    ct.write_file("/etc/blixard/agent.toml", AGENT_TOML).await?;
+    ct.run(&["blixard-agent", "check-config", "/etc/blixard/agent.toml"])
+        .await?;
+    // a credential in the credstore reaches the agent; the control node has none and must
+    // start all the same
+    ct.write_file("/etc/credstore/blixard-agent-token", "t60-token\n")
+        .await?;
+
+    // start: `systemctl start` of a Type=notify unit returns once READY=1 arrived
+    ct.run(&["systemctl", "start", "blixard-control.service"])
+        .await?;
+    assert_running(ct, "blixard-control.service").await?;
+    ct.run(&["systemctl", "start", "blixard-agent.service"])
+        .await?;
+    assert_running(ct, "blixard-agent.service").await?;
+    ct.run(&[
+        "test",
+        "-f",
+        "/run/credentials/blixard-agent.service/agent-token",
+    ])
+    .await
+    .context("LoadCredential=agent-token did not deliver /etc/credstore/blixard-agent-token")?;
+
+    // the agent's own log lines (not just systemd's "Starting ..."), via journalctl -u
+    wait::until(
+        "blixard-agent log lines in the journal",
+        Duration::from_secs(20),
+        || async {
+            let own = ct
+                .run(&[
+                    "journalctl",
+                    "--no-pager",
+                    "-o",
+                    "cat",
+                    "_SYSTEMD_UNIT=blixard-agent.service",
+                ])
+                .await
+                .map_err(|e| e.to_string())?;
+            let by_unit = ct
+                .run(&[
+                    "journalctl",
+                    "--no-pager",
+                    "-o",
+                    "cat",
+                    "-u",
+                    "blixard-agent",
+                ])
+                .await
+                .map_err(|e| e.to_string())?;
+            let own_lines = own.lines().filter(|l| !l.trim().is_empty()).count();
+            Ok(
+                (own_lines > 0 && by_unit.contains(own.lines().next().unwrap_or_default()))
+                    .then_some(()),
+            )
+        },
+    )
+    .await?;
+
+    // a VM, created through the API, runs as a unit of the container's system manager
+    ct.run(&[
+        "blixardctl",
+        "--endpoints",
+        CTL_ENDPOINT,
+        "vm",
+        "create",
+        VM,
+        "--vcpus",
+        "1",
+        "--memory",
+        "64",
+        "--hypervisor",
+        "process",
+    ])
+    .await?;
+    wait::until(
+        "the VM unit to be active (running)",
+        Duration::from_secs(60),
+        || async {
+            let state = ct
+                .unit_property(VM_UNIT, "ActiveState")
+                .await
+                .map_err(|e| e.to_string())?;
+            let sub = ct
+                .unit_property(VM_UNIT, "SubState")
+                .await
+                .map_err(|e| e.to_string())?;
+            if state == "active" && sub == "running" {
+                Ok(Some(()))
+            } else {
+                Err(format!("{VM_UNIT} is {state} ({sub})"))
+            }
+        },
+    )
+    .await?;
+    let slice = ct.unit_property(VM_UNIT, "Slice").await?;
+    ensure!(
+        slice == "blixard-vms.slice",
+        "{VM_UNIT} is in {slice}, not blixard-vms.slice"
+    );
+    let list = ct
+        .run(&[
+            "blixardctl",
+            "--endpoints",
+            CTL_ENDPOINT,
+            "vm",
+            "list",
+            "-o",
+            "json",
+        ])
+        .await?;
+    ensure!(
+        list.contains(VM),
+        "blixardctl vm list -o json does not show {VM}: {list}"
+    );
+    let vm_pid = main_pid(ct, VM_UNIT).await?;
+
+    // restarting the agent leaves the VM alone
+    let agent_pid = main_pid(ct, "blixard-agent.service").await?;
+    ct.run(&["systemctl", "restart", "blixard-agent.service"])
+        .await?;
+    assert_running(ct, "blixard-agent.service").await?;
+    ensure!(
+        main_pid(ct, "blixard-agent.service").await? != agent_pid,
+        "systemctl restart blixard-agent kept the same main process"
+    );
+    assert_running(ct, VM_UNIT).await?;
+    ensure!(
+        main_pid(ct, VM_UNIT).await? == vm_pid,
+        "the VM's main process changed when the agent restarted"
+    );
+
+    // clean stops; the VM outlives even a stopped agent
+    stop_cleanly(ct, "blixard-agent.service").await?;
+    assert_running(ct, VM_UNIT).await?;
+    ensure!(
+        main_pid(ct, VM_UNIT).await? == vm_pid,
+        "the VM's main process changed when the agent stopped"
+    );
+    stop_cleanly(ct, "blixard-control.service").await?;
+
+    // removal: the maintainer scripts run, the units are gone
+    ct.run(&["dpkg", "--purge", "blixard"]).await?;
+    let cat = ct
+        .exec(&["systemctl", "cat", "blixard-agent.service"])
+        .await?;
+    ensure!(
+        !cat.success(),
+        "blixard-agent.service still known after dpkg --purge"
+    );
+    ct.run(&["systemctl", "stop", VM_UNIT]).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deb_installs_and_runs_in_a_booted_debian() -> anyhow::Result<()> {
+    container::require_root()?;
+    require_tools(&[
+        "systemd-nspawn",
+        "unshare",
+        "nsenter",
+        "cargo-deb",
+        "dpkg-shlibdeps",
+        "dpkg-deb",
+        "jq",
+    ])?;
+    let work = tempfile::Builder::new().prefix("blixard-t60-").tempdir()?;
+    let deb_dir = work.path().join("deb");
+    let deb = build_deb(&deb_dir).await?;
+    let deb_name = deb
+        .file_name()
+        .context("deb without a file name")?
+        .to_string_lossy()
+        .into_owned();
+    let rootfs = container::rootfs().await?;
+    let ct = Container::boot(&rootfs, &[(&deb_dir, "/mnt/blixard")]).await?;
+    let result = install_and_run(&ct, &deb_name).await;
+    let result = match result {
+        Ok(()) => Ok(()),
+        Err(e) => Err(anyhow::anyhow!("{e:#}\n\n{}", ct.diagnostics().await)),
+    };
+    let down = ct.shutdown().await;
+    result?;
+    down
+}
