@@ -19,6 +19,8 @@ pub struct ClusterOptions {
     pub snapshot_every: u64,
     /// Bearer tokens and TLS (a fresh CA and certificate made with `openssl`).
     pub secure: bool,
+    /// Start nodes with `--fault-injection`, so [`Cluster::set_isolated`] can partition them.
+    pub fault_injection: bool,
 }
 
 impl Default for ClusterOptions {
@@ -26,6 +28,7 @@ impl Default for ClusterOptions {
         ClusterOptions {
             snapshot_every: 10_000,
             secure: false,
+            fault_injection: false,
         }
     }
 }
@@ -212,6 +215,9 @@ impl Cluster {
         } else {
             cmd.arg("--initial-cluster").arg(&self.initial);
         }
+        if self.opts.fault_injection {
+            cmd.arg("--fault-injection");
+        }
         if self.opts.secure {
             let d = self.dir.path();
             cmd.arg("--operator-token-file").arg(d.join("operators"));
@@ -275,6 +281,27 @@ impl Cluster {
         Client::with_ca(endpoints, self.ca_file().as_deref())
             .unwrap_or_else(|e| panic!("client: {e}"))
             .with_bearer(token.map(str::to_string))
+    }
+
+    /// Makes node `i` refuse all Raft traffic to `peers` (node ids; empty heals), through
+    /// `POST /raft/faults` with the peer token. Needs [`ClusterOptions::fault_injection`]. A
+    /// partition between A and B is B isolated on A and A on B; a restart heals a node.
+    pub async fn set_isolated(&self, i: usize, peers: &[u64]) -> anyhow::Result<()> {
+        let mut b = reqwest::Client::builder().timeout(Duration::from_secs(5));
+        if let Some(ca) = self.ca_file() {
+            b = blixard_api::tls::trust_only(b, &ca)?;
+        }
+        let url = format!("{}/raft/faults", self.nodes[i].url);
+        let mut req = b
+            .build()?
+            .post(&url)
+            .json(&serde_json::json!({ "isolate": peers }));
+        if self.opts.secure {
+            req = req.bearer_auth(PEER_TOKEN);
+        }
+        let resp = req.send().await.with_context(|| format!("POST {url}"))?;
+        anyhow::ensure!(resp.status().is_success(), "{url}: HTTP {}", resp.status());
+        Ok(())
     }
 
     /// Kills node `i` with SIGKILL and reaps it.
