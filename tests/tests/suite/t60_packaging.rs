@@ -329,6 +329,13 @@ async fn install_and_run(ct: &Container, deb_name: &str) -> anyhow::Result<()> {
             "/lib/systemd/system/{unit} differs from units/{unit}"
         );
     }
+    ct.sh("test -s /usr/share/bash-completion/completions/blixardctl \
+           && test -s /usr/share/zsh/vendor-completions/_blixardctl \
+           && test -s /usr/share/fish/vendor_completions.d/blixardctl.fish \
+           && test -s /usr/share/man/man1/blixardctl.1.gz \
+           && test -s /usr/share/doc/blixard/README.md")
+        .await
+        .context("completions, man page or README missing from the package")?;
     ct.run(&["getent", "passwd", "blixard-control"]).await?;
     ct.sh("test -d /etc/blixard && test -d /var/lib/blixard/images && test -d /run/blixard-agent")
         .await
