@@ -16,17 +16,19 @@ rustPlatform.buildRustPackage {
   pname = "blixard";
   inherit (workspace.workspace.package) version;
 
+  # The workspace members as listed in Cargo.toml (a new member needs no edit here), plus
+  # what postInstall installs.
   src = lib.fileset.toSource {
     root = ../.;
-    fileset = lib.fileset.unions [
-      ../Cargo.toml
-      ../Cargo.lock
-      ../control
-      ../agent
-      ../tests
-      ../units
-      ../packaging/etc
-    ];
+    fileset = lib.fileset.unions (
+      [
+        ../Cargo.toml
+        ../Cargo.lock
+        ../units
+        ../packaging/etc
+      ]
+      ++ map (member: ../. + "/${member}") workspace.workspace.members
+    );
   };
 
   cargoLock.lockFile = ../Cargo.lock;
@@ -34,10 +36,25 @@ rustPlatform.buildRustPackage {
   nativeBuildInputs = [ installShellFiles ];
 
   # rusqlite is built with its bundled SQLite: no system library needed.
-  cargoBuildFlags = [ "--workspace" "--bins" ];
-  # The integration suite (blixard-tests) boots systemd managers and containers, which the
-  # build sandbox cannot; the unit tests of every other crate run.
-  cargoTestFlags = [ "--workspace" "--exclude" "blixard-tests" ];
+  # the three programs; not the suite's or the benchmarks' binaries
+  cargoBuildFlags = [
+    "-p"
+    "blixard-control"
+    "-p"
+    "blixard-agent"
+    "-p"
+    "blixardctl"
+  ];
+  # The integration suite (blixard-tests) boots systemd managers and containers and the
+  # benchmarks drive etcd, neither possible in the build sandbox; every other crate's unit
+  # tests run.
+  cargoTestFlags = [
+    "--workspace"
+    "--exclude"
+    "blixard-tests"
+    "--exclude"
+    "blixard-bench"
+  ];
 
   postInstall = ''
     install -Dm644 -t $out/lib/systemd/system \
