@@ -139,6 +139,11 @@ impl Client {
 
     /// Sends one request, trying each endpoint in turn (starting with the last one that
     /// answered) while they are unreachable or answer 503.
+    ///
+    /// A write is only sent to the next endpoint when it cannot have arrived at the last one
+    /// (the connection was refused) or when repeating it is harmless (reads, creates with an
+    /// idempotency key): after a timeout or a dropped connection the cluster may have applied
+    /// it, and sending it again would turn a successful create into "already exists".
     async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         method: Method,
@@ -160,6 +165,7 @@ impl Client {
         let n = self.endpoints.len();
         let start = self.preferred.load(Ordering::Relaxed) % n;
         let mut last_err = None;
+        let repeatable = method == Method::GET || idempotency_key.is_some();
         for k in 0..n {
             let i = (start + k) % n;
             let endpoint = &self.endpoints[i];
@@ -178,7 +184,11 @@ impl Client {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::debug!(%url, error = %e, "endpoint unreachable");
-                    last_err = Some(ClientError::Unreachable(format!("{endpoint}: {e}")));
+                    let err = ClientError::Unreachable(format!("{endpoint}: {e}"));
+                    if !(repeatable || e.is_connect()) {
+                        return Err(err);
+                    }
+                    last_err = Some(err);
                     continue;
                 }
             };
@@ -186,7 +196,11 @@ impl Client {
             let bytes = match resp.bytes().await {
                 Ok(b) => b,
                 Err(e) => {
-                    last_err = Some(ClientError::Unreachable(format!("{endpoint}: {e}")));
+                    let err = ClientError::Unreachable(format!("{endpoint}: {e}"));
+                    if !repeatable {
+                        return Err(err);
+                    }
+                    last_err = Some(err);
                     continue;
                 }
             };
@@ -447,6 +461,65 @@ mod tests {
         assert_eq!(encode("web-1"), "web-1");
         assert_eq!(encode("a/b"), "a%2Fb");
         assert_eq!(encode("../x"), "..%2Fx");
+    }
+
+    /// An endpoint that reads one request and hangs up without answering, as a node killed
+    /// after applying a write does; returns its URL and a counter of requests that got there.
+    async fn hang_up_server() -> (String, std::sync::Arc<AtomicUsize>) {
+        use tokio::io::AsyncReadExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind: {e}"));
+        let url = format!(
+            "http://{}",
+            l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+        );
+        let seen = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = seen.clone();
+        tokio::spawn(async move {
+            // Bounded: serves a handful of connections at most.
+            for _ in 0..8 {
+                let Ok((mut sock, _)) = l.accept().await else {
+                    return;
+                };
+                let mut buf = [0u8; 4096];
+                if let Ok(n) = sock.read(&mut buf).await {
+                    if n > 0 {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                drop(sock);
+            }
+        });
+        (url, seen)
+    }
+
+    /// Regression (found by the fault suite's review): a write that may have reached a node
+    /// which then died was sent again to the next endpoint, so a create the cluster applied
+    /// came back as "already exists" (and a delete as "not found").
+    #[tokio::test]
+    async fn write_not_resent_after_ambiguous_failure() {
+        let (a, a_seen) = hang_up_server().await;
+        let (b, b_seen) = hang_up_server().await;
+        let c = Client::new(&[a, b]).unwrap_or_else(|e| panic!("{e}"));
+        let spec: VmSpec = serde_json::from_value(serde_json::json!(
+            {"name": "w", "vcpus": 1, "memory_mib": 64, "hypervisor": "process"}
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let r = c.create_vm(&spec).await;
+        assert!(matches!(r, Err(ClientError::Unreachable(_))), "{r:?}");
+        assert_eq!(a_seen.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            b_seen.load(Ordering::SeqCst),
+            0,
+            "the create was sent twice"
+        );
+        // Reads are safe to repeat elsewhere; so is a create with an idempotency key.
+        let _ = c.list_vms().await;
+        let seen = || (a_seen.load(Ordering::SeqCst), b_seen.load(Ordering::SeqCst));
+        assert_eq!(seen(), (2, 1));
+        let _ = c.create_vm_idempotent(&spec, "key-1").await;
+        assert_eq!(seen(), (3, 2));
     }
 
     #[test]

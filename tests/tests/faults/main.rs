@@ -131,7 +131,12 @@ async fn client(id: usize, clients: Arc<Vec<Client>>, sh: Arc<Shared>, seed: u64
             continue;
         }
         let node = up[rng.below(up.len() as u64) as usize];
-        let c = &clients[node];
+        // The last client uses every endpoint, as blixardctl does, and fails over by itself.
+        let c = if id + 1 == CLIENTS {
+            &clients[NODES]
+        } else {
+            &clients[node]
+        };
         let k = key(
             sh.round.load(Ordering::SeqCst),
             rng.below(KEYS_PER_ROUND as u64) as usize,
@@ -258,7 +263,13 @@ async fn faults_history_is_linearizable_under_kills_and_partitions() -> anyhow::
         unexpected: Mutex::new(Vec::new()),
         unknown_why: Mutex::new(BTreeMap::new()),
     });
-    let clients: Arc<Vec<Client>> = Arc::new((0..NODES).map(|i| c.node_client(i)).collect());
+    // One client per node, then one over all of them.
+    let clients: Arc<Vec<Client>> = Arc::new(
+        (0..NODES)
+            .map(|i| c.node_client(i))
+            .chain([c.client()])
+            .collect(),
+    );
     // Every loop here stops by itself: the clients at this hard deadline at the latest.
     let hard = Instant::now() + Duration::from_secs(60 + 15 * rounds as u64);
     let workers: Vec<_> = (0..CLIENTS)
