@@ -1,0 +1,226 @@
+//! Property: no VM spec that passes the API's validation can smuggle anything into the unit
+//! the agent builds, nor name a file outside the agent's image directory.
+//!
+//! What the agent does with a spec today: the `process` builder runs the configured command
+//! whatever the spec says, and the unit carries the VM's name (unit name, syslog identifier,
+//! journal field, environment) and its resources. The hypervisor builders (QEMU, …), which
+//! will turn image paths and the kernel cmdline into arguments, do not exist yet and the agent
+//! does not resolve image paths yet; so for those fields this tests the validation layer: a
+//! path that passes is one whole argument (no control character, no `,` for QEMU's option
+//! syntax) and, resolved lexically under the image directory (a leading `/` counting as the
+//! image directory's root, as `VmSpec` documents paths as relative to it), stays inside.
+
+use std::path::{Component, Path, PathBuf};
+
+use blixard_agent::command::{CommandBuilders, ProcessCommand};
+use blixard_agent::config::VmUnitConfig;
+use blixard_agent::unit_spec::{self, PropertyValue};
+use blixard_api::{validate, DiskSpec, Hypervisor, NicSpec, VmSpec};
+use proptest::prelude::*;
+
+const IMAGE_DIR: &str = "/var/lib/blixard/images";
+const COMMAND: [&str; 2] = ["/bin/sleep", "infinity"];
+
+/// Strings made of the characters that matter: separators, traversal, shell and option
+/// syntax, whitespace, control characters, non-ASCII.
+fn hostile() -> impl Strategy<Value = String> {
+    let atoms = prop::sample::select(vec![
+        "a", "z", "0", "9", "-", "_", ".", "..", "/", "//", ",", ";", " ", "\t", "\n", "\r", "\0",
+        "=", "$", "`", "'", "\"", "\\", "%", "*", "é", "\u{202e}", "\u{7f}", "vmlinuz", "web-1",
+        "../", "/..", "./", "~",
+    ]);
+    prop::collection::vec(atoms, 0..12).prop_map(|v| v.concat())
+}
+
+/// Printable text that validation lets through, with traversal and shell syntax in it: the
+/// cases where what it guarantees matters.
+fn printable() -> impl Strategy<Value = String> {
+    let atoms = prop::sample::select(vec![
+        "a", "z", "0", "-", "_", ".", "..", "/", "//", ";", " ", "=", "$", "`", "'", "\"", "\\",
+        "%", "*", "é", "\u{202e}", "vmlinuz", "disk.img", "../", "/..", "./", "~", "-M", "--", "@",
+    ]);
+    prop::collection::vec(atoms, 1..10).prop_map(|v| v.concat())
+}
+
+/// Mostly paths and text that may pass validation, sometimes plainly hostile ones.
+fn text() -> impl Strategy<Value = String> {
+    prop_oneof![4 => printable(), 1 => hostile()]
+}
+
+/// Mostly-plausible names, sometimes hostile ones.
+fn name() -> impl Strategy<Value = String> {
+    prop_oneof![
+        6 => "[a-z][a-z0-9-]{0,20}[a-z0-9]",
+        1 => "[a-z][a-z0-9-]{0,70}",
+        1 => hostile(),
+    ]
+}
+
+/// Mostly `process`, the one builder the agent has today, so most valid specs get a unit.
+fn hypervisor() -> impl Strategy<Value = Hypervisor> {
+    prop_oneof![
+        3 => Just(Hypervisor::Process),
+        1 => prop::sample::select(vec![
+            Hypervisor::Qemu,
+            Hypervisor::CloudHypervisor,
+            Hypervisor::Firecracker,
+        ]),
+    ]
+}
+
+fn spec() -> impl Strategy<Value = VmSpec> {
+    (
+        name(),
+        prop_oneof![8 => 1u32..=8, 1 => 0u32..300],
+        prop_oneof![6 => 16u64..4096, 1 => 0u64..100_000, 1 => any::<u64>()],
+        hypervisor(),
+        prop::option::of(text()),
+        prop::option::of(text()),
+        prop::option::of(text()),
+        prop::collection::vec((text(), any::<bool>()), 0..3),
+        prop::collection::vec(
+            (
+                prop_oneof![4 => "[a-z0-9]{1,15}", 1 => hostile()],
+                prop::option::of(prop_oneof![
+                    "[0-9a-f][02468ace](:[0-9a-f]{2}){5}",
+                    hostile()
+                ]),
+            ),
+            0..2,
+        ),
+    )
+        .prop_map(
+            |(name, vcpus, memory_mib, hypervisor, kernel, initrd, cmdline, disks, nics)| {
+                let mut s: VmSpec = serde_json::from_value(serde_json::json!({
+                    "name": name, "vcpus": vcpus, "memory_mib": memory_mib,
+                    "hypervisor": hypervisor,
+                }))
+                .unwrap_or_else(|e| panic!("base spec: {e}"));
+                s.kernel = kernel;
+                s.initrd = initrd;
+                s.cmdline = cmdline;
+                s.disks = disks
+                    .into_iter()
+                    .map(|(path, read_only)| DiskSpec {
+                        path,
+                        read_only,
+                        format: Default::default(),
+                    })
+                    .collect();
+                s.nics = nics
+                    .into_iter()
+                    .map(|(bridge, mac)| NicSpec { bridge, mac })
+                    .collect();
+                s
+            },
+        )
+}
+
+/// `path` under `dir`, resolved without touching the file system; `None` if it climbs out.
+fn resolve_lexically(dir: &Path, path: &str) -> Option<PathBuf> {
+    let mut out = dir.to_path_buf();
+    for c in Path::new(path.trim_start_matches('/')).components() {
+        match c {
+            Component::Normal(p) => out.push(p),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() || !out.starts_with(dir) {
+                    return None;
+                }
+            }
+            Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    out.starts_with(dir).then_some(out)
+}
+
+fn one_argument(field: &str, v: &str) -> Result<(), TestCaseError> {
+    prop_assert!(
+        !v.chars().any(|c| c.is_control()),
+        "{field} {v:?} has a control character"
+    );
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4096))]
+
+    #[test]
+    fn valid_specs_cannot_escape_their_fields(s in spec()) {
+        if validate::vm_spec(&s).is_err() {
+            return Ok(());
+        }
+        let dir = Path::new(IMAGE_DIR);
+        let mut paths: Vec<(&str, &str)> = s.disks.iter().map(|d| ("disk", d.path.as_str())).collect();
+        paths.extend(s.kernel.as_deref().map(|k| ("kernel", k)));
+        paths.extend(s.initrd.as_deref().map(|i| ("initrd", i)));
+        for (field, p) in paths {
+            one_argument(field, p)?;
+            prop_assert!(!p.contains(','), "{field} {p:?} has QEMU's option separator");
+            prop_assert!(
+                resolve_lexically(dir, p).is_some(),
+                "{field} {p:?} resolves outside {IMAGE_DIR}"
+            );
+        }
+        if let Some(c) = &s.cmdline {
+            one_argument("cmdline", c)?;
+        }
+        for n in &s.nics {
+            prop_assert!(n.bridge.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)));
+        }
+
+        // The unit: named after the VM only, in the VM slice, running exactly the configured
+        // command, with the name as the one journal field and environment entry.
+        let mut builders = CommandBuilders::default();
+        builders.insert(Box::new(ProcessCommand { command: COMMAND.iter().map(|c| c.to_string()).collect() }));
+        let unit = match unit_spec::build(&s, &builders, &VmUnitConfig::default()) {
+            Ok(u) => u,
+            // Hypervisors without a builder, or resources beyond the unit's counters.
+            Err(_) => return Ok(()),
+        };
+        prop_assert!(unit.is_vm_unit());
+        prop_assert_eq!(&unit.unit, &format!("blixard-vm-{}.service", s.name));
+        prop_assert!(!s.name.contains(['/', '.', '\\', '@']));
+        match unit.get("ExecStart") {
+            Some(PropertyValue::Exec(cmds)) => {
+                prop_assert_eq!(cmds.len(), 1);
+                prop_assert_eq!(&cmds[0].path, COMMAND[0]);
+                prop_assert_eq!(&cmds[0].argv, &COMMAND.iter().map(|c| c.to_string()).collect::<Vec<_>>());
+            }
+            other => prop_assert!(false, "ExecStart is {other:?}"),
+        }
+        let field = format!("BLIXARD_VM={}", s.name);
+        prop_assert_eq!(unit.get("LogExtraFields"), Some(&PropertyValue::BytesList(vec![field.clone().into_bytes()])));
+        prop_assert_eq!(unit.get("Environment"), Some(&PropertyValue::StrList(vec![field])));
+        for p in &unit.properties {
+            if let PropertyValue::Str(v) = &p.value {
+                one_argument(p.name, v)?;
+            }
+        }
+    }
+
+    #[test]
+    fn validation_is_stable_through_json(s in spec()) {
+        let ok = validate::vm_spec(&s).is_ok();
+        let text = serde_json::to_string(&s).unwrap_or_else(|e| panic!("{e}"));
+        let back: VmSpec = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+        prop_assert_eq!(&back, &s);
+        prop_assert_eq!(validate::vm_spec(&back).is_ok(), ok);
+    }
+}
+
+#[test]
+fn lexical_resolution_catches_escapes() {
+    let dir = Path::new(IMAGE_DIR);
+    for (p, inside) in [
+        ("vmlinuz", true),
+        ("/vmlinuz", true),
+        ("sub/./disk.img", true),
+        ("sub/../disk.img", true),
+        ("../etc/shadow", false),
+        ("a/../../etc", false),
+        ("/../x", false),
+    ] {
+        assert_eq!(resolve_lexically(dir, p).is_some(), inside, "{p}");
+    }
+}
