@@ -185,8 +185,10 @@ async fn client(id: usize, clients: Arc<Vec<Client>>, sh: Arc<Shared>, seed: u64
             });
         if let (Outcome::Unknown, Err(e)) = (o, &r) {
             let secs = (completed - invoked) / 1_000_000_000;
-            let what = e.to_string();
-            let what = what.split(": ").last().unwrap_or_default();
+            let what = match e {
+                ClientError::Unreachable(_) => "transport error or timeout".to_string(),
+                other => other.to_string(),
+            };
             *sh.unknown_why
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
