@@ -21,6 +21,8 @@ pub struct ClusterOptions {
     pub secure: bool,
     /// Start nodes with `--fault-injection`, so [`Cluster::set_isolated`] can partition them.
     pub fault_injection: bool,
+    /// More flags for every node, e.g. `--host-ttl-ms 2000`.
+    pub extra_args: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -29,6 +31,7 @@ impl Default for ClusterOptions {
             snapshot_every: 10_000,
             secure: false,
             fault_injection: false,
+            extra_args: vec![],
         }
     }
 }
@@ -215,6 +218,7 @@ impl Cluster {
         } else {
             cmd.arg("--initial-cluster").arg(&self.initial);
         }
+        cmd.args(&self.opts.extra_args);
         if self.opts.fault_injection {
             cmd.arg("--fault-injection");
         }

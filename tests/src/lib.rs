@@ -10,4 +10,5 @@ pub mod cluster;
 pub mod container;
 pub mod host;
 pub mod linearizability;
+pub mod vms;
 pub mod wait;

@@ -1,0 +1,408 @@
+//! Placement and lifecycle across hosts: 3 real control nodes, 3 simulated hosts (real
+//! `systemd --user` managers) with real agents, checked from outside through the API, the CLI
+//! and each host's manager over D-Bus.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+
+use blixard_agent::systemd::{Systemd, SystemdClient};
+use blixard_api::{Client, HostStatus, VmState};
+use blixard_tests::cluster::{Cluster, ClusterOptions};
+use blixard_tests::host::SimHost;
+use blixard_tests::vms::{create, process_spec, wait_registered, wait_state, with_logs, DEADLINE};
+use blixard_tests::wait;
+
+/// A cluster that declares hosts down after 2 s without heartbeats (agents beat every 0.5 s).
+async fn cluster() -> anyhow::Result<Cluster> {
+    let opts = ClusterOptions {
+        extra_args: vec!["--host-ttl-ms".into(), "2000".into()],
+        ..Default::default()
+    };
+    Cluster::start_with(3, opts).await
+}
+
+/// Starts `n` hosts named `p1..pn` with agents (with a `slot` label naming each).
+async fn hosts(c: &Cluster, prefix: &str, n: usize) -> anyhow::Result<Vec<SimHost>> {
+    let mut out = Vec::new();
+    for i in 1..=n {
+        let name = format!("{prefix}{i}");
+        let mut h = SimHost::start(&name).await?;
+        h.spawn_agent(&c.endpoints(), &format!("[labels]\nslot = \"{name}\"\n"))?;
+        out.push(h);
+    }
+    let client = c.client();
+    for h in &out {
+        wait_registered(&client, h.name(), 1).await?;
+    }
+    Ok(out)
+}
+
+/// The VMs whose units each host's manager has, by host.
+async fn units(hosts: &[SimHost]) -> anyhow::Result<BTreeMap<String, BTreeSet<String>>> {
+    let mut out = BTreeMap::new();
+    for h in hosts {
+        let sd = Systemd::connect_address(&h.bus_address()).await?;
+        let vms = sd
+            .list_vm_units()
+            .await?
+            .into_iter()
+            .filter(|u| u.active.is_up())
+            .map(|u| u.vm)
+            .collect();
+        out.insert(h.name().to_string(), vms);
+    }
+    Ok(out)
+}
+
+/// Fails if any VM's unit is up on two hosts at once.
+fn assert_nothing_twice(units: &BTreeMap<String, BTreeSet<String>>) {
+    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+    for (host, vms) in units {
+        for vm in vms {
+            if let Some(other) = seen.insert(vm, host) {
+                panic!("{vm} runs on both {other} and {host}: {units:?}");
+            }
+        }
+    }
+}
+
+/// Waits until every VM in `names` is running in the API and its unit is up on its host only.
+async fn wait_converged(
+    c: &Client,
+    hosts: &[SimHost],
+    names: &[String],
+) -> anyhow::Result<BTreeMap<String, String>> {
+    wait::until("VMs running on their hosts only", DEADLINE, || async {
+        let vms = c.list_vms().await.map_err(|e| e.to_string())?;
+        let mut placed = BTreeMap::new();
+        for n in names {
+            let vm = vms
+                .iter()
+                .find(|v| &v.spec.name == n)
+                .ok_or(format!("{n} missing"))?;
+            if vm.state != VmState::Running {
+                return Err(format!("{n} is {} ({:?})", vm.state.as_str(), vm.reason));
+            }
+            placed.insert(n.clone(), vm.host.clone().unwrap_or_default());
+        }
+        let u = units(hosts).await.map_err(|e| e.to_string())?;
+        assert_nothing_twice(&u);
+        for (vm, host) in &placed {
+            if !u.get(host).is_some_and(|s| s.contains(vm)) {
+                return Err(format!("{vm} not up on {host}: {u:?}"));
+            }
+        }
+        Ok(Some(placed))
+    })
+    .await
+}
+
+/// 12 VMs of mixed sizes, 3 of them in an anti-affinity group, on 3 hosts: every host stays
+/// within its memory and (4× overcommitted) vCPUs, the group is spread, and a VM that fits
+/// nowhere stays pending with the reason.
+#[tokio::test]
+async fn t30_mixed_sizes_and_anti_affinity_respect_capacity() -> anyhow::Result<()> {
+    let c = cluster().await?;
+    let client = c.client();
+    let hs = hosts(&c, "p", 3).await?;
+    let refs: Vec<&SimHost> = hs.iter().collect();
+    with_logs(&refs, async {
+        let cap = client.get_host("p1").await?.capacity;
+        let m = cap.memory_mib;
+        let mut specs = Vec::new();
+        for i in 1..=3 {
+            let mut s = process_spec(&format!("db-{i}"), m / 4);
+            s.anti_affinity = Some("db".into());
+            specs.push(s);
+            specs.push(process_spec(&format!("big-{i}"), m / 2));
+        }
+        for i in 1..=6 {
+            specs.push(process_spec(&format!("small-{i}"), m / 16));
+        }
+        for s in &specs {
+            create(&client, s).await?;
+        }
+        let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+        let placed = wait_converged(&client, &hs, &names).await?;
+        let mut mem: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut cpu: BTreeMap<&str, u32> = BTreeMap::new();
+        for s in &specs {
+            let h = placed[&s.name].as_str();
+            *mem.entry(h).or_default() += s.memory_mib;
+            *cpu.entry(h).or_default() += s.vcpus;
+        }
+        for (h, used) in &mem {
+            let host = client.get_host(h).await?;
+            assert!(
+                *used <= host.capacity.memory_mib,
+                "{h}: {used} MiB > {}",
+                host.capacity.memory_mib
+            );
+            assert!(cpu[h] <= host.capacity.vcpus * 4, "{h}: {} vCPUs", cpu[h]);
+        }
+        let db_hosts: BTreeSet<&str> = (1..=3)
+            .map(|i| placed[&format!("db-{i}")].as_str())
+            .collect();
+        assert_eq!(
+            db_hosts.len(),
+            3,
+            "anti-affinity group spread over 3 hosts: {placed:?}"
+        );
+        // One more VM of half a host fits nowhere now.
+        create(&client, &process_spec("too-big", m / 2)).await?;
+        let vm = wait::until(
+            "too-big to stay pending with a reason",
+            DEADLINE,
+            || async {
+                let vm = client.get_vm("too-big").await.map_err(|e| e.to_string())?;
+                Ok((vm.state == VmState::Pending
+                    && vm
+                        .reason
+                        .as_deref()
+                        .is_some_and(|r| r.contains("no host fits")))
+                .then_some(vm))
+            },
+        )
+        .await?;
+        assert!(
+            vm.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("short of memory")),
+            "{:?}",
+            vm.reason
+        );
+        Ok(())
+    })
+    .await
+}
+
+/// Killing a whole host (manager, agent and every unit at once) moves its VMs to the other
+/// hosts within seconds; when the host comes back it runs none of them, and it takes new VMs.
+#[tokio::test]
+async fn t31_whole_host_loss_moves_vms_and_the_host_comes_back_fenced() -> anyhow::Result<()> {
+    let c = cluster().await?;
+    let client = c.client();
+    let mut hs = hosts(&c, "q", 3).await?;
+    let names: Vec<String> = (1..=6).map(|i| format!("mv-{i}")).collect();
+    let refs: Vec<&SimHost> = hs.iter().collect();
+    let placed = with_logs(&refs, async {
+        for n in &names {
+            create(&client, &process_spec(n, 64)).await?;
+        }
+        wait_converged(&client, &hs, &names).await
+    })
+    .await?;
+    let victim = placed.values().next().cloned().unwrap_or_default();
+    let i = hs
+        .iter()
+        .position(|h| h.name() == victim)
+        .ok_or_else(|| anyhow::anyhow!("no host {victim}"))?;
+    let moved: Vec<String> = placed
+        .iter()
+        .filter(|(_, h)| **h == victim)
+        .map(|(v, _)| v.clone())
+        .collect();
+    let t0 = Instant::now();
+    hs[i].kill()?;
+    let after = wait::until("the lost host's VMs to run elsewhere", DEADLINE, || async {
+        let vms = client.list_vms().await.map_err(|e| e.to_string())?;
+        for m in &moved {
+            let vm = vms.iter().find(|v| &v.spec.name == m).ok_or("missing")?;
+            if vm.state != VmState::Running || vm.host.as_deref() == Some(victim.as_str()) {
+                return Err(format!("{m} {} on {:?}", vm.state.as_str(), vm.host));
+            }
+        }
+        Ok(Some(vms))
+    })
+    .await?;
+    eprintln!(
+        "host loss → {} VMs running elsewhere in {:?}",
+        moved.len(),
+        t0.elapsed()
+    );
+    assert_eq!(client.get_host(&victim).await?.status, HostStatus::Down);
+    assert_eq!(after.len(), names.len());
+
+    // The host comes back (a fresh manager, as after a reboot) with its agent.
+    let mut back = SimHost::start(&victim).await?;
+    back.spawn_agent(&c.endpoints(), &format!("[labels]\nslot = \"{victim}\"\n"))?;
+    hs[i] = back;
+    wait_registered(&client, &victim, 2).await?;
+    wait::until("the host to be up again", DEADLINE, || async {
+        let h = client.get_host(&victim).await.map_err(|e| e.to_string())?;
+        Ok((h.status == HostStatus::Up).then_some(()))
+    })
+    .await?;
+    let u = units(&hs).await?;
+    assert!(
+        u[&victim].is_empty(),
+        "the returning host runs nothing: {u:?}"
+    );
+    assert_nothing_twice(&u);
+    // Its capacity is usable again: a VM that must run there does.
+    let mut pinned = process_spec("pinned", 64);
+    pinned.constraints.insert("slot".into(), victim.clone());
+    create(&client, &pinned).await?;
+    wait_state(&client, "pinned", VmState::Running, Some(&victim)).await?;
+    let all: Vec<String> = names
+        .iter()
+        .cloned()
+        .chain(["pinned".to_string()])
+        .collect();
+    wait_converged(&client, &hs, &all).await?;
+    Ok(())
+}
+
+/// Draining a host moves every VM off it (stopped there before it starts elsewhere: never on
+/// two hosts at once), refuses new placements there, and undrain opens it again.
+#[tokio::test]
+async fn t32_drain_moves_everything_and_nothing_runs_twice() -> anyhow::Result<()> {
+    let c = cluster().await?;
+    let client = c.client();
+    let hs = hosts(&c, "d", 3).await?;
+    let names: Vec<String> = (1..=6).map(|i| format!("dr-{i}")).collect();
+    let refs: Vec<&SimHost> = hs.iter().collect();
+    with_logs(&refs, async {
+        for n in &names {
+            create(&client, &process_spec(n, 64)).await?;
+        }
+        let placed = wait_converged(&client, &hs, &names).await?;
+        let target = placed.values().next().cloned().unwrap_or_default();
+        let t0 = Instant::now();
+        client.drain_host(&target, Some(60)).await?;
+        // Watch every manager while the VMs move: a VM must never be up on two hosts.
+        let after = wait::until("every VM off the drained host", DEADLINE, || async {
+            let u = units(&hs).await.map_err(|e| e.to_string())?;
+            assert_nothing_twice(&u);
+            let vms = client.list_vms().await.map_err(|e| e.to_string())?;
+            let done = vms
+                .iter()
+                .all(|v| v.state == VmState::Running && v.host.as_deref() != Some(target.as_str()))
+                && u[&target].is_empty();
+            Ok(done.then_some(vms))
+        })
+        .await?;
+        eprintln!("drain of {target} took {:?}", t0.elapsed());
+        assert_eq!(after.len(), names.len(), "nothing lost");
+        wait_converged(&client, &hs, &names).await?;
+        assert_eq!(client.get_host(&target).await?.status, HostStatus::Draining);
+        // New VMs avoid the draining host; after undrain it takes them again.
+        let mut pinned = process_spec("pinned", 64);
+        pinned.constraints.insert("slot".into(), target.clone());
+        create(&client, &pinned).await?;
+        let vm = wait_state(&client, "pinned", VmState::Pending, None).await?;
+        assert!(vm.host.is_none());
+        client.undrain_host(&target).await?;
+        wait_state(&client, "pinned", VmState::Running, Some(&target)).await?;
+        Ok(())
+    })
+    .await
+}
+
+fn run_cli(endpoints: &[String], args: &[&str]) -> anyhow::Result<std::process::Output> {
+    Ok(
+        std::process::Command::new(blixard_tests::binaries::binary("blixardctl"))
+            .env("BLIXARD_ENDPOINTS", endpoints.join(","))
+            .args(args)
+            .output()?,
+    )
+}
+
+/// `blixardctl apply --prune` makes the cluster match the file; `--dry-run` only prints the
+/// plan and changes nothing.
+#[tokio::test]
+async fn t33_apply_prune_converges_and_dry_run_changes_nothing() -> anyhow::Result<()> {
+    let c = Cluster::start(3).await?;
+    let client = c.client();
+    let hs = hosts(&c, "a", 1).await?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("vms.toml");
+    let vm = |name: &str, mem: u64| {
+        format!("[[vm]]\nname = \"{name}\"\nvcpus = 1\nmemory_mib = {mem}\nhypervisor = \"process\"\n\n")
+    };
+    std::fs::write(
+        &file,
+        [vm("app-1", 64), vm("app-2", 64), vm("app-3", 64)].concat(),
+    )?;
+    let f = file.to_string_lossy().to_string();
+    let out = run_cli(&c.endpoints(), &["apply", "-f", &f])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let names: Vec<String> = ["app-1", "app-2", "app-3"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    wait_converged(&client, &hs, &names).await?;
+
+    // The file changes: app-2 grows, app-3 goes, app-4 comes.
+    std::fs::write(
+        &file,
+        [vm("app-1", 64), vm("app-2", 128), vm("app-4", 64)].concat(),
+    )?;
+    let before = client.list_vms().await?;
+    let out = run_cli(
+        &c.endpoints(),
+        &["apply", "-f", &f, "--prune", "--dry-run", "-o", "json"],
+    )?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: blixard_api::Plan = serde_json::from_slice(&out.stdout)?;
+    let names_of =
+        |items: &[blixard_api::PlanItem]| items.iter().map(|i| i.name.clone()).collect::<Vec<_>>();
+    assert_eq!(names_of(&plan.create), vec!["app-4"]);
+    assert_eq!(names_of(&plan.update), vec!["app-2"]);
+    assert_eq!(plan.update[0].changes, vec!["memory_mib"]);
+    assert_eq!(names_of(&plan.delete), vec!["app-3"]);
+    assert_eq!(
+        plan.create[0].host.as_deref(),
+        Some("a1"),
+        "the plan says where it would go"
+    );
+    let after = client.list_vms().await?;
+    let strip = |v: &[blixard_api::Vm]| {
+        v.iter()
+            .map(|v| (v.spec.clone(), v.generation))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&before), strip(&after), "--dry-run changed nothing");
+
+    let out = run_cli(&c.endpoints(), &["apply", "-f", &f, "--prune"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want: Vec<String> = ["app-1", "app-2", "app-4"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    wait_converged(&client, &hs, &want).await?;
+    let vms = client.list_vms().await?;
+    assert_eq!(
+        vms.iter().map(|v| v.spec.name.clone()).collect::<Vec<_>>(),
+        want
+    );
+    assert_eq!(
+        vms.iter()
+            .find(|v| v.spec.name == "app-2")
+            .map(|v| v.spec.memory_mib),
+        Some(128)
+    );
+    // Applying the same file again changes nothing.
+    let out = run_cli(
+        &c.endpoints(),
+        &["apply", "-f", &f, "--prune", "--dry-run", "-o", "json"],
+    )?;
+    let plan: blixard_api::Plan = serde_json::from_slice(&out.stdout)?;
+    assert!(
+        plan.create.is_empty() && plan.update.is_empty() && plan.delete.is_empty(),
+        "{plan:?}"
+    );
+    Ok(())
+}
