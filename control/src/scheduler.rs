@@ -411,3 +411,135 @@ mod tests {
         assert_eq!(placed(&p), pairs(&[("b", "h2")]));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use blixard_api::{Capacity, Hypervisor, RestartPolicy};
+    use proptest::prelude::*;
+
+    fn host(i: usize, vcpus: u32, mem: u64, status: u8, zone: u8) -> Host {
+        Host {
+            id: format!("h{i}"),
+            address: String::new(),
+            capacity: Capacity {
+                vcpus,
+                memory_mib: mem,
+                disk_gib: 1,
+                kvm: false,
+            },
+            labels: [("zone".to_string(), format!("z{zone}"))].into(),
+            hypervisors: vec![],
+            status: match status {
+                0 => HostStatus::Down,
+                1 => HostStatus::Draining,
+                _ => HostStatus::Up,
+            },
+            last_heartbeat_ms: 0,
+            registered_ms: 0,
+            drain_deadline_ms: None,
+            epoch: 1,
+        }
+    }
+
+    fn vm(
+        i: usize,
+        vcpus: u32,
+        mem: u64,
+        group: Option<u8>,
+        zone: Option<u8>,
+        binpack: bool,
+    ) -> Vm {
+        Vm {
+            spec: VmSpec {
+                name: format!("v{i}"),
+                vcpus,
+                memory_mib: mem,
+                hypervisor: Hypervisor::Process,
+                kernel: None,
+                initrd: None,
+                cmdline: None,
+                disks: vec![],
+                nics: vec![],
+                restart_policy: RestartPolicy::Always,
+                constraints: zone
+                    .map(|z| [("zone".to_string(), format!("z{z}"))].into())
+                    .unwrap_or_default(),
+                anti_affinity: group.map(|g| format!("g{g}")),
+                strategy: if binpack {
+                    PlacementStrategy::Binpack
+                } else {
+                    PlacementStrategy::Spread
+                },
+                max_restarts: None,
+                restart_window_secs: None,
+            },
+            desired: DesiredState::Running,
+            state: VmState::Pending,
+            reason: None,
+            host: None,
+            generation: 1,
+            since_ms: 0,
+            created_ms: i as u64,
+            mod_index: 0,
+            restarts: vec![],
+            evicting: None,
+            idempotency_key: None,
+        }
+    }
+
+    prop_compose! {
+        fn cluster()(
+            hosts in prop::collection::vec((1u32..8, 256u64..8192, 0u8..4, 0u8..2), 0..8),
+            vms in prop::collection::vec(
+                (1u32..6, 16u64..3000, prop::option::of(0u8..3), prop::option::of(0u8..2), any::<bool>()),
+                0..40,
+            ),
+        ) -> ClusterState {
+            let mut s = ClusterState::default();
+            for (i, (c, m, st, z)) in hosts.into_iter().enumerate() {
+                let h = host(i, c, m, st, z);
+                s.hosts.insert(h.id.clone(), h);
+            }
+            for (i, (c, m, g, z, b)) in vms.into_iter().enumerate() {
+                let v = vm(i, c, m, g, z, b);
+                s.vms.insert(v.spec.name.clone(), v);
+            }
+            s
+        }
+    }
+
+    proptest! {
+        /// Whatever the input: no host is overcommitted beyond the ratios, no placement goes
+        /// to a host that is not up or lacks a required label, no group shares a host, every
+        /// pending VM is either placed or given a reason, and the result is deterministic.
+        #[test]
+        fn placements_respect_every_rule(s in cluster()) {
+            let oc = Overcommit::default();
+            let (placements, unplaced) = schedule(&s, oc);
+            prop_assert_eq!(schedule(&s, oc), (placements.clone(), unplaced.clone()));
+            prop_assert_eq!(placements.len() + unplaced.len(), pending(&s).len());
+            let mut cpu: BTreeMap<&str, u64> = BTreeMap::new();
+            let mut mem: BTreeMap<&str, u64> = BTreeMap::new();
+            let mut groups: BTreeSet<(String, String)> = BTreeSet::new();
+            for p in &placements {
+                let h = &s.hosts[&p.host];
+                let v = &s.vms[&p.vm];
+                prop_assert_eq!(h.status, HostStatus::Up);
+                for (k, val) in &v.spec.constraints {
+                    prop_assert_eq!(h.labels.get(k), Some(val));
+                }
+                if let Some(g) = &v.spec.anti_affinity {
+                    prop_assert!(groups.insert((g.clone(), p.host.clone())), "group {} twice on {}", g, p.host);
+                }
+                *cpu.entry(&p.host).or_default() += u64::from(v.spec.vcpus);
+                *mem.entry(&p.host).or_default() += v.spec.memory_mib;
+            }
+            for (h, used) in &mem {
+                let cap = &s.hosts[*h].capacity;
+                prop_assert!(*used <= cap.memory_mib);
+                prop_assert!(cpu[h] <= u64::from(cap.vcpus) * 4);
+            }
+        }
+    }
+}
