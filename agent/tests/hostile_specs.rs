@@ -4,11 +4,12 @@
 //! What the agent does with a spec today: the `process` builder runs the configured command
 //! whatever the spec says, and the unit carries the VM's name (unit name, syslog identifier,
 //! journal field, environment) and its resources. The hypervisor builders (QEMU, …), which
-//! will turn image paths and the kernel cmdline into arguments, do not exist yet and the agent
-//! does not resolve image paths yet; so for those fields this tests the validation layer: a
-//! path that passes is one whole argument (no control character, no `,` for QEMU's option
-//! syntax) and, resolved lexically under the image directory (a leading `/` counting as the
-//! image directory's root, as `VmSpec` documents paths as relative to it), stays inside.
+//! will turn image paths and the kernel cmdline into arguments, and the agent's path resolver
+//! are not in the agent yet; so for those fields this tests the validation layer: a path that
+//! passes is one whole argument (no control character, no `,` for QEMU's option syntax) and,
+//! resolved lexically under the image directory, stays inside. A leading `/` is read here as
+//! the image directory's root, the most permissive reading (a resolver may instead refuse
+//! absolute paths outside the directory, which validation lets through).
 
 use std::path::{Component, Path, PathBuf};
 
