@@ -3,14 +3,49 @@
 //!
 //! The executable always comes from the agent's configuration, never from the spec, and every
 //! spec field becomes one whole argument at most, so nothing a user types can become an extra
-//! argument or a shell word. QEMU, cloud-hypervisor and Firecracker plug in here (issue 4);
-//! until then only the `process` hypervisor, a configured long-lived command, is available.
+//! argument or a shell word. The QEMU, cloud-hypervisor and Firecracker builders live in
+//! [`crate::hypervisor`]; `process` runs a configured long-lived command.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use blixard_api::{Hypervisor, VmSpec};
 
 use crate::config::Config;
+use crate::hypervisor::{CloudHypervisorCommand, FirecrackerCommand, HostPaths, QemuCommand};
+use crate::image_path;
+
+/// Whether a hypervisor can run on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Availability {
+    Available(PathBuf),
+    /// No entry in the `hypervisors` table.
+    NotConfigured,
+    /// The configured binary is not an executable file.
+    MissingBinary(PathBuf),
+    /// cloud-hypervisor and Firecracker do not run without KVM.
+    NeedsKvm,
+}
+
+impl std::fmt::Display for Availability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Availability::Available(p) => write!(f, "available ({})", p.display()),
+            Availability::NotConfigured => write!(f, "unavailable: not configured"),
+            Availability::MissingBinary(p) => {
+                write!(f, "unavailable: {} is not an executable file", p.display())
+            }
+            Availability::NeedsKvm => write!(f, "unavailable: needs KVM, which this host lacks"),
+        }
+    }
+}
+
+/// Whether `p` is a regular file with an execute bit.
+pub fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
 
 /// Errors of building a VM's command line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -24,6 +59,9 @@ pub enum CommandError {
         hypervisor: &'static str,
         message: String,
     },
+    /// An image path of the spec is refused (outside the image directory, missing, …).
+    #[error("{0}")]
+    Path(crate::image_path::PathError),
 }
 
 /// Builds the argv (executable first) of one hypervisor.
@@ -59,16 +97,73 @@ pub struct CommandBuilders {
 }
 
 impl CommandBuilders {
-    /// The builders the configuration enables. Hypervisor binaries listed in `hypervisors`
-    /// get no builder yet: their command lines arrive with issue 4.
-    pub fn from_config(config: &Config) -> Self {
+    /// The builders the configuration enables: `process` when `process_command` is set, and
+    /// each hypervisor of `hypervisors` whose binary is an executable file (see
+    /// [`Self::availability`]). `kvm` is the host's KVM probe.
+    pub fn from_config(config: &Config, kvm: bool) -> Self {
+        Self::from_config_with(config, kvm, &is_executable)
+    }
+
+    /// [`Self::from_config`] with the binary check given.
+    pub fn from_config_with(
+        config: &Config,
+        kvm: bool,
+        executable: &dyn Fn(&Path) -> bool,
+    ) -> Self {
         let mut b = CommandBuilders::default();
         if let Some(cmd) = &config.process_command {
             b.insert(Box::new(ProcessCommand {
                 command: cmd.clone(),
             }));
         }
+        for (hv, status) in Self::availability(config, kvm, executable) {
+            let Availability::Available(binary) = status else {
+                continue;
+            };
+            let paths = HostPaths {
+                binary,
+                image_dir: config.image_dir.clone(),
+                runtime_dir: config.runtime_dir.clone(),
+                check: Arc::new(image_path::fs_check),
+            };
+            match hv {
+                Hypervisor::Qemu => b.insert(Box::new(QemuCommand {
+                    paths,
+                    machine: config.qemu_machine,
+                    kvm,
+                })),
+                Hypervisor::CloudHypervisor => b.insert(Box::new(CloudHypervisorCommand { paths })),
+                Hypervisor::Firecracker => b.insert(Box::new(FirecrackerCommand { paths })),
+                Hypervisor::Process => {}
+            }
+        }
         b
+    }
+
+    /// Whether each real hypervisor can run here, and why not: QEMU needs its binary
+    /// (it falls back to TCG without KVM); cloud-hypervisor and Firecracker need their
+    /// binary and KVM.
+    pub fn availability(
+        config: &Config,
+        kvm: bool,
+        executable: &dyn Fn(&Path) -> bool,
+    ) -> Vec<(Hypervisor, Availability)> {
+        [
+            Hypervisor::Qemu,
+            Hypervisor::CloudHypervisor,
+            Hypervisor::Firecracker,
+        ]
+        .into_iter()
+        .map(|hv| {
+            let status = match config.hypervisors.get(hv.as_str()) {
+                None => Availability::NotConfigured,
+                Some(p) if !executable(p) => Availability::MissingBinary(p.clone()),
+                Some(_) if hv != Hypervisor::Qemu && !kvm => Availability::NeedsKvm,
+                Some(p) => Availability::Available(p.clone()),
+            };
+            (hv, status)
+        })
+        .collect()
     }
 
     pub fn insert(&mut self, builder: Box<dyn CommandBuilder>) {
@@ -117,7 +212,80 @@ pub(crate) mod tests {
             process_command: process.map(|p| p.iter().map(|s| s.to_string()).collect()),
             ..Config::default()
         };
-        CommandBuilders::from_config(&c)
+        CommandBuilders::from_config(&c, false)
+    }
+
+    #[test]
+    fn availability_table() {
+        let mut c = Config::default();
+        for (hv, p) in [
+            ("qemu", "/q"),
+            ("cloud-hypervisor", "/ch"),
+            ("firecracker", "/nope"),
+        ] {
+            c.hypervisors.insert(hv.into(), PathBuf::from(p));
+        }
+        let exe = |p: &Path| p != Path::new("/nope");
+        let cases = [
+            (
+                false,
+                vec![
+                    Availability::Available("/q".into()),
+                    Availability::NeedsKvm,
+                    Availability::MissingBinary("/nope".into()),
+                ],
+                vec![Hypervisor::Qemu],
+            ),
+            (
+                true,
+                vec![
+                    Availability::Available("/q".into()),
+                    Availability::Available("/ch".into()),
+                    Availability::MissingBinary("/nope".into()),
+                ],
+                vec![Hypervisor::Qemu, Hypervisor::CloudHypervisor],
+            ),
+        ];
+        for (kvm, want, offered) in cases {
+            let got: Vec<_> = CommandBuilders::availability(&c, kvm, &exe)
+                .into_iter()
+                .map(|(_, a)| a)
+                .collect();
+            assert_eq!(got, want, "kvm={kvm}");
+            let mut h = CommandBuilders::from_config_with(&c, kvm, &exe).hypervisors();
+            h.sort_by_key(|h| h.as_str());
+            let mut offered = offered;
+            offered.sort_by_key(|h| h.as_str());
+            assert_eq!(h, offered, "kvm={kvm}");
+        }
+        let none = CommandBuilders::availability(&Config::default(), true, &exe);
+        assert!(none.iter().all(|(_, a)| *a == Availability::NotConfigured));
+        assert_eq!(
+            Availability::NeedsKvm.to_string(),
+            "unavailable: needs KVM, which this host lacks"
+        );
+    }
+
+    #[test]
+    fn qemu_from_config_refuses_missing_images_before_any_unit() {
+        let t = tempfile::tempdir().expect("tempdir");
+        std::fs::write(t.path().join("vmlinuz"), b"k").expect("write");
+        let mut c = Config {
+            image_dir: t.path().to_path_buf(),
+            runtime_dir: "/run/bx".into(),
+            ..Config::default()
+        };
+        c.hypervisors
+            .insert("qemu".into(), "/usr/bin/qemu-system-x86_64".into());
+        let b = CommandBuilders::from_config_with(&c, false, &|_| true);
+        let mut s = spec("web", Hypervisor::Qemu);
+        let argv = b.argv(&s).expect("argv");
+        assert_eq!(argv[0], "/usr/bin/qemu-system-x86_64");
+        assert!(argv.contains(&"tcg".to_string()));
+        s.initrd = Some("initrd.gz".into());
+        let e = b.argv(&s).expect_err("missing initrd");
+        assert!(matches!(e, CommandError::Path(_)), "{e:?}");
+        assert!(e.to_string().contains("initrd: "), "{e}");
     }
 
     #[test]

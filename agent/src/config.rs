@@ -104,6 +104,9 @@ pub struct Config {
     /// Hypervisor name (`qemu`, `cloud-hypervisor`, `firecracker`) → binary path.
     #[serde(default)]
     pub hypervisors: BTreeMap<String, PathBuf>,
+    /// QEMU's machine type: `microvm` (default) or the `q35` fallback.
+    #[serde(default)]
+    pub qemu_machine: crate::hypervisor::QemuMachine,
     /// Memory kept for the host itself, subtracted from MemTotal in the capacity.
     #[serde(default = "default_memory_reserve_mib")]
     pub memory_reserve_mib: u64,
@@ -179,6 +182,7 @@ impl Default for Config {
             heartbeat_interval_ms: default_heartbeat_ms(),
             process_command: None,
             hypervisors: BTreeMap::new(),
+            qemu_machine: crate::hypervisor::QemuMachine::default(),
             memory_reserve_mib: default_memory_reserve_mib(),
             token_file: None,
             ca_file: None,

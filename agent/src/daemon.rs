@@ -111,7 +111,12 @@ where
         kvm_note = %probe.kvm_note,
         "host capacity"
     );
-    let builders = CommandBuilders::from_config(&config);
+    for (hv, status) in
+        CommandBuilders::availability(&config, probe.capacity.kvm, &crate::command::is_executable)
+    {
+        tracing::info!(hypervisor = hv.as_str(), status = %status, "hypervisor");
+    }
+    let builders = CommandBuilders::from_config(&config, probe.capacity.kvm);
     let registration = HostRegistration {
         id: host.clone(),
         address: config.advertise_address.clone(),

@@ -19,6 +19,8 @@ pub mod capacity;
 pub mod command;
 pub mod config;
 pub mod daemon;
+pub mod hypervisor;
+pub mod image_path;
 pub mod logging;
 pub mod notify;
 pub mod reconcile;
