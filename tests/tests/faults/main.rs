@@ -251,6 +251,8 @@ async fn faults_history_is_linearizable_under_kills_and_partitions() -> anyhow::
         NODES,
         ClusterOptions {
             fault_injection: true,
+            // Compact often, so restarted nodes also catch up through snapshots.
+            snapshot_every: 100,
             ..Default::default()
         },
     )
