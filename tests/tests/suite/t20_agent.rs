@@ -10,10 +10,11 @@ use blixard_agent::systemd::{
 };
 use blixard_agent::unit_spec::{self, UnitSpec};
 use blixard_api::{unit_name, VmSpec, VmState};
-use blixard_api::{Client, Host, Vm};
+use blixard_api::{Client, Vm};
 use blixard_tests::binaries::binary;
 use blixard_tests::cluster::Cluster;
 use blixard_tests::host::{get_property, SimHost};
+use blixard_tests::vms::{wait_registered, wait_state as wait_vm_state, with_logs};
 use blixard_tests::wait;
 use zbus::{OwnedVariant, Variant};
 
@@ -369,72 +370,6 @@ async fn create_vm(c: &Client, spec: &VmSpec) -> anyhow::Result<Vm> {
         }
     })
     .await
-}
-
-/// Waits until the API shows `vm` in `state` (on `host` if given) and returns it.
-async fn wait_vm_state(
-    c: &Client,
-    vm: &str,
-    state: VmState,
-    host: Option<&str>,
-) -> anyhow::Result<Vm> {
-    wait::until(
-        &format!("{vm} {} in the API", state.as_str()),
-        DEADLINE,
-        || async {
-            match c.get_vm(vm).await {
-                Ok(v) if v.state == state && (host.is_none() || v.host.as_deref() == host) => {
-                    Ok(Some(v))
-                }
-                Ok(v) => Err(format!(
-                    "state {} reason {:?} host {:?}",
-                    v.state.as_str(),
-                    v.reason,
-                    v.host
-                )),
-                Err(e) => Err(e.to_string()),
-            }
-        },
-    )
-    .await
-}
-
-/// Waits until the host is registered with `epoch` at least.
-async fn wait_registered(c: &Client, host: &str, epoch: u64) -> anyhow::Result<Host> {
-    wait::until(
-        &format!("{host} registered (epoch ≥ {epoch})"),
-        DEADLINE,
-        || async {
-            match c.get_host(host).await {
-                Ok(h) if h.epoch >= epoch => Ok(Some(h)),
-                Ok(h) => Err(format!("epoch {}", h.epoch)),
-                Err(e) => Err(e.to_string()),
-            }
-        },
-    )
-    .await
-}
-
-/// Fails with the agent's log when `f` fails: the first thing to read when a test breaks.
-async fn with_logs<T>(
-    hosts: &[&SimHost],
-    f: impl std::future::Future<Output = anyhow::Result<T>>,
-) -> anyhow::Result<T> {
-    match f.await {
-        Ok(t) => Ok(t),
-        Err(e) => {
-            for h in hosts {
-                let log = h.agent_log();
-                let lines: Vec<&str> = log.lines().collect();
-                eprintln!(
-                    "---- agent log of {} (last 60 lines) ----\n{}",
-                    h.name(),
-                    lines[lines.len().saturating_sub(60)..].join("\n")
-                );
-            }
-            Err(e)
-        }
-    }
 }
 
 /// Creating a VM through the API puts its unit on the host's manager with the expected
