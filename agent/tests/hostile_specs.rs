@@ -1,20 +1,24 @@
 //! Property: no VM spec that passes the API's validation can smuggle anything into the unit
 //! the agent builds, nor name a file outside the agent's image directory.
 //!
-//! What the agent does with a spec today: the `process` builder runs the configured command
-//! whatever the spec says, and the unit carries the VM's name (unit name, syslog identifier,
-//! journal field, environment) and its resources. The hypervisor builders (QEMU, …), which
-//! will turn image paths and the kernel cmdline into arguments, and the agent's path resolver
-//! are not in the agent yet; so for those fields this tests the validation layer: a path that
-//! passes is one whole argument (no control character, no `,` for QEMU's option syntax) and,
-//! resolved lexically under the image directory, stays inside. A leading `/` is read here as
-//! the image directory's root, the most permissive reading (a resolver may instead refuse
-//! absolute paths outside the directory, which validation lets through).
+//! The `process` builder runs the configured command whatever the spec says; the unit
+//! carries the VM's name (unit name, syslog identifier, journal field, environment) and its
+//! resources. The QEMU and cloud-hypervisor builders turn image paths, the kernel cmdline and
+//! disks into arguments: their argv must parse back, flag by flag, into exactly the options
+//! the spec asked for, every image path resolved inside the image directory (through the
+//! agent's `image_path::resolve`, with a file check that accepts everything: symlink escapes
+//! are `fs_check`'s part, tested beside it), and no value may add a `key=value` to an option
+//! string. The validation layer is checked too: a path that passes is one whole argument and,
+//! read lexically under the image directory (a leading `/` as its root, the most permissive
+//! reading), stays inside.
 
 use std::path::{Component, Path, PathBuf};
 
-use blixard_agent::command::{CommandBuilders, ProcessCommand};
+use std::sync::Arc;
+
+use blixard_agent::command::{CommandBuilder, CommandBuilders, ProcessCommand};
 use blixard_agent::config::VmUnitConfig;
+use blixard_agent::hypervisor::{CloudHypervisorCommand, HostPaths, QemuCommand, QemuMachine};
 use blixard_agent::unit_spec::{self, PropertyValue};
 use blixard_api::{validate, DiskSpec, Hypervisor, NicSpec, VmSpec};
 use proptest::prelude::*;
@@ -37,8 +41,39 @@ fn hostile() -> impl Strategy<Value = String> {
 /// cases where what it guarantees matters.
 fn printable() -> impl Strategy<Value = String> {
     let atoms = prop::sample::select(vec![
-        "a", "z", "0", "-", "_", ".", "..", "/", "//", ";", " ", "=", "$", "`", "'", "\"", "\\",
-        "%", "*", "é", "\u{202e}", "vmlinuz", "disk.img", "../", "/..", "./", "~", "-M", "--", "@",
+        "a",
+        "z",
+        "0",
+        "-",
+        "_",
+        ".",
+        "..",
+        "/",
+        "//",
+        ";",
+        " ",
+        "=",
+        "$",
+        "`",
+        "'",
+        "\"",
+        "\\",
+        "%",
+        "*",
+        "é",
+        "\u{202e}",
+        "vmlinuz",
+        "disk.img",
+        "../",
+        "/..",
+        "./",
+        "~",
+        "-M",
+        "--",
+        "@",
+        "/var/lib/blixard/images/",
+        "/var/lib/blixard/images",
+        "/etc/",
     ]);
     prop::collection::vec(atoms, 1..10).prop_map(|v| v.concat())
 }
@@ -223,5 +258,134 @@ fn lexical_resolution_catches_escapes() {
         ("/../x", false),
     ] {
         assert_eq!(resolve_lexically(dir, p).is_some(), inside, "{p}");
+    }
+}
+
+fn host_paths() -> HostPaths {
+    HostPaths {
+        binary: "/usr/bin/qemu-system-x86_64".into(),
+        image_dir: IMAGE_DIR.into(),
+        runtime_dir: "/run/blixard-agent".into(),
+        check: Arc::new(|_, _| Ok(())),
+    }
+}
+
+/// How many values each flag of a builder's argv takes.
+fn arity(flag: &str) -> Option<usize> {
+    Some(match flag {
+        "-nodefaults" | "-no-user-config" | "-no-reboot" => 0,
+        "-name" | "-M" | "-accel" | "-cpu" | "-smp" | "-m" | "-display" | "-serial" | "-kernel"
+        | "-initrd" | "-append" | "-drive" | "-device" | "-netdev" | "-qmp" => 1,
+        "--api-socket" | "--cpus" | "--memory" | "--kernel" | "--initramfs" | "--cmdline"
+        | "--disk" | "--net" | "--serial" | "--console" => 1,
+        _ => return None,
+    })
+}
+
+/// `argv[1..]` as (flag, value) pairs; an unknown flag or a missing value is an error.
+fn parse(argv: &[String]) -> Result<Vec<(String, Option<String>)>, String> {
+    let mut out = Vec::new();
+    let mut it = argv.iter().skip(1);
+    while let Some(flag) = it.next() {
+        match arity(flag) {
+            Some(0) => out.push((flag.clone(), None)),
+            Some(_) => {
+                let v = it.next().ok_or(format!("{flag} has no value"))?;
+                out.push((flag.clone(), Some(v.clone())));
+            }
+            None => return Err(format!("unexpected argument {flag:?} in {argv:?}")),
+        }
+    }
+    Ok(out)
+}
+
+/// The keys of a `key=value,key=value` option string.
+fn keys(v: &str) -> Vec<&str> {
+    v.split(',')
+        .map(|kv| kv.split('=').next().unwrap_or(""))
+        .collect()
+}
+
+fn inside(p: &str) -> bool {
+    let path = Path::new(p);
+    path.starts_with(IMAGE_DIR)
+        && path.components().all(|c| c != Component::ParentDir)
+        && path != Path::new(IMAGE_DIR)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4096))]
+
+    #[test]
+    fn valid_specs_make_well_formed_hypervisor_argv(
+        mut s in spec(),
+        qemu in any::<bool>(),
+        q35 in any::<bool>(),
+        kvm in any::<bool>(),
+    ) {
+        s.hypervisor = if qemu { Hypervisor::Qemu } else { Hypervisor::CloudHypervisor };
+        if validate::vm_spec(&s).is_err() {
+            return Ok(());
+        }
+        let argv = if qemu {
+            QemuCommand {
+                paths: host_paths(),
+                machine: if q35 { QemuMachine::Q35 } else { QemuMachine::Microvm },
+                kvm,
+            }
+            .argv(&s)
+        } else {
+            CloudHypervisorCommand { paths: host_paths() }.argv(&s)
+        };
+        let Ok(argv) = argv else {
+            // Refused (e.g. an absolute path outside the image directory): nothing starts.
+            return Ok(());
+        };
+        prop_assert_eq!(&argv[0], "/usr/bin/qemu-system-x86_64");
+        for a in &argv {
+            one_argument("argument", a)?;
+        }
+        let opts = parse(&argv).map_err(TestCaseError::fail)?;
+        let count = |f: &str| opts.iter().filter(|(k, _)| k == f).count();
+        let values = |f: &str| -> Vec<String> {
+            opts.iter().filter(|(k, _)| k == f).filter_map(|(_, v)| v.clone()).collect()
+        };
+        let (kernel, initrd, append, disk) = if qemu {
+            ("-kernel", "-initrd", "-append", "-drive")
+        } else {
+            ("--kernel", "--initramfs", "--cmdline", "--disk")
+        };
+        prop_assert_eq!(count(kernel), usize::from(s.kernel.is_some()));
+        prop_assert_eq!(count(initrd), usize::from(s.initrd.is_some()));
+        prop_assert_eq!(count(disk), s.disks.len());
+        for p in values(kernel).iter().chain(&values(initrd)) {
+            prop_assert!(inside(p), "{p:?} is not inside {IMAGE_DIR}");
+        }
+        if let (Some(c), [got]) = (&s.cmdline, values(append).as_slice()) {
+            prop_assert!(got.starts_with(c.as_str()), "cmdline {c:?} became {got:?}");
+        }
+        for (i, d) in values(disk).iter().enumerate() {
+            let want: Vec<&str> = match (qemu, s.disks[i].read_only) {
+                (true, false) => vec!["file", "format", "if", "id"],
+                (true, true) => vec!["file", "format", "if", "id", "readonly"],
+                (false, _) => vec!["path", "readonly"],
+            };
+            prop_assert_eq!(keys(d), want, "disk option string {:?}", d);
+            let file = d.split(',').next().and_then(|kv| kv.split_once('=')).map(|(_, v)| v);
+            prop_assert!(file.is_some_and(inside), "disk {d:?} is not inside {IMAGE_DIR}");
+        }
+        if qemu {
+            prop_assert_eq!(count("-netdev"), s.nics.len());
+            for n in values("-netdev") {
+                prop_assert_eq!(keys(&n), vec!["tap", "id", "ifname", "script", "downscript"]);
+            }
+            for d in values("-device").iter().filter(|d| d.contains("netdev=")) {
+                prop_assert_eq!(keys(d).len(), 3, "nic device {:?}", d);
+            }
+        } else {
+            for n in values("--net") {
+                prop_assert_eq!(keys(&n), vec!["tap", "mac"]);
+            }
+        }
     }
 }
