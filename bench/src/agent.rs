@@ -90,7 +90,7 @@ pub struct Outcome {
 }
 
 pub async fn run(o: &Opts, summary: &mut Vec<String>) -> anyhow::Result<Outcome> {
-    let c = BlixardCluster::start(&o.bin_dir, 3, &[]).await?;
+    let c = BlixardCluster::start(&o.bin_dir, 3, &o.control_flags(&[])).await?;
     let leader = c.wait_leader(Duration::from_secs(30)).await?;
     let url = c.nodes[leader].url.clone();
     let mut host = SimHost::start(HOST).await?;

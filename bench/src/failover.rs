@@ -24,7 +24,7 @@ struct Probe {
 }
 
 pub async fn run(o: &Opts, summary: &mut Vec<String>) -> anyhow::Result<Value> {
-    let mut c = BlixardCluster::start(&o.bin_dir, 3, &[]).await?;
+    let mut c = BlixardCluster::start(&o.bin_dir, 3, &o.control_flags(&[])).await?;
     let urls = c.urls();
     let probe = Arc::new(Mutex::new(Probe::default()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -130,8 +130,13 @@ pub async fn run(o: &Opts, summary: &mut Vec<String>) -> anyhow::Result<Value> {
     let p50 = load::percentile_us(&us, 50.0) / 1000.0;
     let p99 = load::percentile_us(&us, 99.0) / 1000.0;
     summary.push(format!(
-        "failover ({} kills, defaults: heartbeat 100 ms, election 500-1000 ms): writes back after p50 {p50:.0} ms, p99 {p99:.0} ms, max {:.0} ms",
+        "failover ({} kills, {}): writes back after p50 {p50:.0} ms, p99 {p99:.0} ms, max {:.0} ms",
         gaps.len(),
+        if o.extra_control_flags.is_empty() {
+            "default timeouts: heartbeat 100 ms, election 500-1000 ms".to_string()
+        } else {
+            o.extra_control_flags.join(" ")
+        },
         sorted.last().copied().unwrap_or(f64::NAN)
     ));
     Ok(json!({

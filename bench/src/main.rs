@@ -53,6 +53,9 @@ struct Args {
     /// Skip etcd in `writes` (Blixard only).
     #[arg(long)]
     no_etcd: bool,
+    /// Extra flags for every blixard-control node, e.g. "--election-timeout-min-ms 250".
+    #[arg(long, allow_hyphen_values = true)]
+    control_flags: Option<String>,
     /// Where blixard-control and blixard-agent are (default: beside this executable).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -72,9 +75,19 @@ pub struct Opts {
     pub no_etcd: bool,
     pub bin_dir: PathBuf,
     pub start_vms: usize,
+    pub extra_control_flags: Vec<String>,
 }
 
 impl Opts {
+    /// `figure`'s own flags for the control nodes, then `--control-flags`.
+    pub fn control_flags(&self, figure: &[&str]) -> Vec<String> {
+        figure
+            .iter()
+            .map(|s| s.to_string())
+            .chain(self.extra_control_flags.iter().cloned())
+            .collect()
+    }
+
     /// How long an idle process is watched for its CPU use.
     pub fn idle_window(&self) -> Duration {
         Duration::from_secs(if self.quick { 3 } else { 5 })
@@ -110,6 +123,13 @@ fn main() -> anyhow::Result<()> {
         no_etcd: args.no_etcd,
         bin_dir,
         start_vms: 100,
+        extra_control_flags: args
+            .control_flags
+            .as_deref()
+            .unwrap_or("")
+            .split_whitespace()
+            .map(String::from)
+            .collect(),
     };
     let selected = |f: &str| args.only.is_empty() || args.only.iter().any(|o| o == f);
     // reqwest is built without a default TLS provider; every client needs one installed.
@@ -183,6 +203,7 @@ fn main() -> anyhow::Result<()> {
         "quick": opts.quick,
         "runs": opts.runs,
         "machine": machine(),
+        "control_flags": opts.extra_control_flags,
         "elapsed_s": stats::round(started.elapsed().as_secs_f64()),
         "figures": figures,
     });

@@ -65,7 +65,12 @@ pub async fn run(
     let mut errors = 0;
     let mut fp = None;
     for run in 0..runs {
-        let c = BlixardCluster::start(&o.bin_dir, 3, &["--host-ttl-ms", "3600000"]).await?;
+        let c = BlixardCluster::start(
+            &o.bin_dir,
+            3,
+            &o.control_flags(&["--host-ttl-ms", "3600000"]),
+        )
+        .await?;
         let leader = c.wait_leader(Duration::from_secs(30)).await?;
         let url = c.nodes[leader].url.clone();
         let follower = c.nodes[(leader + 1) % c.nodes.len()].url.clone();

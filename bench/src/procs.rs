@@ -107,7 +107,7 @@ pub struct BlixardCluster {
 
 impl BlixardCluster {
     /// Starts `n` nodes with `extra` flags and waits until one leads and all agree.
-    pub async fn start(bin_dir: &Path, n: usize, extra: &[&str]) -> anyhow::Result<Self> {
+    pub async fn start(bin_dir: &Path, n: usize, extra: &[String]) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("blixard-bench-")
             .tempdir()?;
@@ -133,7 +133,7 @@ impl BlixardCluster {
             _dir: dir,
             nodes,
             initial,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            extra: extra.to_vec(),
             bin: bin_dir.join("blixard-control"),
         };
         if !c.bin.exists() {

@@ -46,7 +46,7 @@ pub async fn run(o: &Opts, summary: &mut Vec<String>) -> anyhow::Result<Value> {
     let mut etcd = vec![Series::default(); levels.len()];
     for run in 0..o.runs {
         {
-            let c = BlixardCluster::start(&o.bin_dir, 3, &[]).await?;
+            let c = BlixardCluster::start(&o.bin_dir, 3, &o.control_flags(&[])).await?;
             let leader = c.wait_leader(Duration::from_secs(30)).await?;
             let url = c.nodes[leader].url.clone();
             for (li, &clients) in levels.iter().enumerate() {
