@@ -1,10 +1,16 @@
-//! The VM spec → unit builder of the agent: any spec that passes validation becomes a unit
-//! named after the VM only, in the VM slice, running exactly the configured command, with no
-//! control character in any string property; nothing panics on any spec, valid or not.
+//! The VM spec → argv → unit builders of the agent (`process`, QEMU, cloud-hypervisor): any
+//! spec that passes validation becomes a unit named after the VM only, in the VM slice, with
+//! no control character in any string property or argument; a QEMU or cloud-hypervisor argv
+//! has its image paths inside the image directory and no option string gains a key; nothing
+//! panics on any spec, valid or not.
 #![no_main]
+
+use std::path::{Component, Path};
+use std::sync::Arc;
 
 use blixard_agent::command::{CommandBuilders, ProcessCommand};
 use blixard_agent::config::VmUnitConfig;
+use blixard_agent::hypervisor::{CloudHypervisorCommand, HostPaths, QemuCommand, QemuMachine};
 use blixard_agent::unit_spec::{self, PropertyValue};
 use blixard_api::{validate, DiskSpec, Hypervisor, NicSpec, VmSpec};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
@@ -23,6 +29,53 @@ struct Input {
     nics: Vec<(String, Option<String>)>,
     overhead_mib: u64,
     stop_timeout_secs: u64,
+    q35: bool,
+    kvm: bool,
+}
+
+const IMAGE_DIR: &str = "/var/lib/blixard/images";
+
+fn inside(p: &str) -> bool {
+    let path = Path::new(p);
+    path.starts_with(IMAGE_DIR) && path.components().all(|c| c != Component::ParentDir)
+}
+
+/// Values of the path-carrying flags must be inside the image directory; option strings keep
+/// their keys.
+fn check_argv(argv: &[String]) {
+    assert!(
+        argv.iter().all(|a| !a.chars().any(char::is_control)),
+        "{argv:?}"
+    );
+    for w in argv.windows(2) {
+        let (flag, v) = (w[0].as_str(), w[1].as_str());
+        match flag {
+            "-kernel" | "-initrd" | "--kernel" | "--initramfs" => assert!(inside(v), "{v:?}"),
+            "-drive" => {
+                let keys: Vec<&str> = v
+                    .split(',')
+                    .map(|kv| kv.split('=').next().unwrap_or(""))
+                    .collect();
+                assert!(
+                    keys == ["file", "format", "if", "id"]
+                        || keys == ["file", "format", "if", "id", "readonly"],
+                    "{v:?}"
+                );
+                assert!(
+                    inside(&v["file=".len()..v.find(",format=").unwrap_or(v.len())]),
+                    "{v:?}"
+                );
+            }
+            "--disk" => {
+                let keys: Vec<&str> = v
+                    .split(',')
+                    .map(|kv| kv.split('=').next().unwrap_or(""))
+                    .collect();
+                assert_eq!(keys, ["path", "readonly"], "{v:?}");
+            }
+            _ => {}
+        }
+    }
 }
 
 const COMMAND: [&str; 2] = ["/bin/sleep", "infinity"];
@@ -60,10 +113,26 @@ fuzz_target!(|i: Input| {
         stop_timeout_secs: i.stop_timeout_secs,
         ..VmUnitConfig::default()
     };
+    let paths = HostPaths {
+        binary: "/usr/bin/qemu-system-x86_64".into(),
+        image_dir: IMAGE_DIR.into(),
+        runtime_dir: "/run/blixard-agent".into(),
+        check: Arc::new(|_, _| Ok(())),
+    };
     let mut builders = CommandBuilders::default();
     builders.insert(Box::new(ProcessCommand {
         command: COMMAND.iter().map(|c| c.to_string()).collect(),
     }));
+    builders.insert(Box::new(QemuCommand {
+        paths: paths.clone(),
+        machine: if i.q35 {
+            QemuMachine::Q35
+        } else {
+            QemuMachine::Microvm
+        },
+        kvm: i.kvm,
+    }));
+    builders.insert(Box::new(CloudHypervisorCommand { paths }));
     // Whatever the spec, building must not panic (it may refuse).
     let built = unit_spec::build(&s, &builders, &cfg);
     if validate::vm_spec(&s).is_err() {
@@ -77,7 +146,11 @@ fuzz_target!(|i: Input| {
     match unit.get("ExecStart") {
         Some(PropertyValue::Exec(cmds)) => {
             assert_eq!(cmds.len(), 1);
-            assert_eq!(cmds[0].argv, COMMAND);
+            if s.hypervisor == Hypervisor::Process {
+                assert_eq!(cmds[0].argv, COMMAND);
+            } else {
+                check_argv(&cmds[0].argv);
+            }
         }
         other => panic!("ExecStart is {other:?}"),
     }
