@@ -6,6 +6,8 @@ set -eu
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 tests/ct/setup.sh
+# The kernel + initramfs the QEMU tests boot (cached under /var/cache/blixard-test/guest).
+tests/guest/build.sh
 # The integration suite runs the binaries next to it, so build them first.
 cargo build --workspace --bins --locked
 if cargo nextest --version >/dev/null 2>&1; then

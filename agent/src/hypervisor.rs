@@ -8,7 +8,8 @@
 //!
 //! QEMU runs `-M microvm` (or `q35`, [`QemuMachine`]), `-accel kvm` when the host's KVM probe
 //! said yes and `tcg` otherwise, with the serial console on stdout (the unit's journal) and a
-//! QMP socket in the runtime directory for a graceful stop. Under TCG with `microvm` the
+//! QMP socket in the runtime directory for a graceful stop, and a pvpanic device so that a
+//! guest kernel panic ends QEMU with a failure. Under TCG with `microvm` the
 //! kernel command line gets `tsc_early_khz=` (without it most boots hang, see
 //! `shared/environment.md`).
 
@@ -256,6 +257,12 @@ impl CommandBuilder for QemuCommand {
             "-serial",
             "stdio",
             "-no-reboot",
+            // A guest kernel panic (the guest's pvpanic driver) ends QEMU with status 1
+            // instead of a silent reboot; the ISA pvpanic works on microvm and q35 alike.
+            "-device",
+            "pvpanic",
+            "-action",
+            "panic=exit-failure",
         ]);
         if let Some(k) = &spec.kernel {
             let k = p.resolve(hv, "kernel", k)?;
@@ -513,6 +520,10 @@ mod tests {
                 "-serial",
                 "stdio",
                 "-no-reboot",
+                "-device",
+                "pvpanic",
+                "-action",
+                "panic=exit-failure",
                 "-kernel",
                 "/img/vmlinuz",
                 "-initrd",
@@ -774,7 +785,8 @@ mod tests {
         spec.cmdline = Some("a b  -device evil --x".into());
         let argv = qemu(QemuMachine::Microvm, false).argv(&spec).expect("argv");
         assert!(argv.contains(&"a b  -device evil --x tsc_early_khz=2400000".to_string()));
-        assert_eq!(argv.iter().filter(|a| *a == "-device").count(), 0);
+        // Only the builder's own pvpanic device: the cmdline added none.
+        assert_eq!(argv.iter().filter(|a| *a == "-device").count(), 1);
     }
 
     #[test]

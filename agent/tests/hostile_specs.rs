@@ -275,7 +275,7 @@ fn arity(flag: &str) -> Option<usize> {
     Some(match flag {
         "-nodefaults" | "-no-user-config" | "-no-reboot" => 0,
         "-name" | "-M" | "-accel" | "-cpu" | "-smp" | "-m" | "-display" | "-serial" | "-kernel"
-        | "-initrd" | "-append" | "-drive" | "-device" | "-netdev" | "-qmp" => 1,
+        | "-initrd" | "-append" | "-drive" | "-device" | "-netdev" | "-qmp" | "-action" => 1,
         "--api-socket" | "--cpus" | "--memory" | "--kernel" | "--initramfs" | "--cmdline"
         | "--disk" | "--net" | "--serial" | "--console" => 1,
         _ => return None,

@@ -275,6 +275,11 @@ impl SimHost {
         Ok(cmd)
     }
 
+    /// The agent's image directory (`images` under the base directory).
+    pub fn image_dir(&self) -> PathBuf {
+        self.base.path().join("images")
+    }
+
     /// The journal directory, for `journalctl -D`.
     pub fn journal_dir(&self) -> PathBuf {
         self.base.path().join("journal")

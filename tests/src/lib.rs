@@ -8,6 +8,7 @@
 pub mod binaries;
 pub mod cluster;
 pub mod container;
+pub mod guest;
 pub mod host;
 pub mod linearizability;
 pub mod vms;
