@@ -13,7 +13,9 @@ use std::sync::Arc;
 use blixard_api::{Hypervisor, VmSpec};
 
 use crate::config::Config;
-use crate::hypervisor::{CloudHypervisorCommand, FirecrackerCommand, HostPaths, QemuCommand};
+use crate::hypervisor::{
+    CloudHypervisorCommand, FirecrackerCommand, GracefulStop, HostPaths, QemuCommand,
+};
 use crate::image_path;
 
 /// Whether a hypervisor can run on this host.
@@ -64,10 +66,26 @@ pub enum CommandError {
     Path(crate::image_path::PathError),
 }
 
+/// Commands systemd runs around the hypervisor, as part of the VM's unit (each one an argv,
+/// executable first, absolute).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnitHooks {
+    /// `ExecStartPre=`, in order; a failure fails the start (e.g. creating tap devices).
+    pub start_pre: Vec<Vec<String>>,
+    /// `ExecStop=`: asks the hypervisor to stop gracefully before systemd's SIGTERM.
+    pub stop: Vec<Vec<String>>,
+    /// `ExecStopPost=`, failures ignored (e.g. deleting tap devices).
+    pub stop_post: Vec<Vec<String>>,
+}
+
 /// Builds the argv (executable first) of one hypervisor.
 pub trait CommandBuilder: Send + Sync + std::fmt::Debug {
     fn hypervisor(&self) -> Hypervisor;
     fn argv(&self, spec: &VmSpec) -> Result<Vec<String>, CommandError>;
+    /// The commands around the hypervisor's (none by default).
+    fn hooks(&self, _spec: &VmSpec) -> Result<UnitHooks, CommandError> {
+        Ok(UnitHooks::default())
+    }
 }
 
 /// `process`: the configured command, unchanged, whatever the spec says (for hosts and tests
@@ -100,15 +118,18 @@ impl CommandBuilders {
     /// The builders the configuration enables: `process` when `process_command` is set, and
     /// each hypervisor of `hypervisors` whose binary is an executable file (see
     /// [`Self::availability`]). `kvm` is the host's KVM probe.
+    /// The QEMU unit's graceful stop runs this agent's own binary (`qmp-powerdown`).
     pub fn from_config(config: &Config, kvm: bool) -> Self {
-        Self::from_config_with(config, kvm, &is_executable)
+        let agent_exe = std::env::current_exe().ok();
+        Self::from_config_with(config, kvm, &is_executable, agent_exe)
     }
 
-    /// [`Self::from_config`] with the binary check given.
+    /// [`Self::from_config`] with the binary check and the agent's binary given.
     pub fn from_config_with(
         config: &Config,
         kvm: bool,
         executable: &dyn Fn(&Path) -> bool,
+        agent_exe: Option<PathBuf>,
     ) -> Self {
         let mut b = CommandBuilders::default();
         if let Some(cmd) = &config.process_command {
@@ -131,6 +152,10 @@ impl CommandBuilders {
                     paths,
                     machine: config.qemu_machine,
                     kvm,
+                    graceful_stop: agent_exe.clone().map(|agent| GracefulStop {
+                        agent,
+                        timeout_secs: config.vm_unit.graceful_stop_secs,
+                    }),
                 })),
                 Hypervisor::CloudHypervisor => b.insert(Box::new(CloudHypervisorCommand { paths })),
                 Hypervisor::Firecracker => b.insert(Box::new(FirecrackerCommand { paths })),
@@ -173,6 +198,13 @@ impl CommandBuilders {
     /// The hypervisors this host can run, as registered with the control plane.
     pub fn hypervisors(&self) -> Vec<Hypervisor> {
         self.builders.values().map(|b| b.hypervisor()).collect()
+    }
+
+    /// The commands around `spec`'s hypervisor (see [`UnitHooks`]).
+    pub fn hooks(&self, spec: &VmSpec) -> Result<UnitHooks, CommandError> {
+        let hv = spec.hypervisor.as_str();
+        let builder = self.builders.get(hv).ok_or(CommandError::Unavailable(hv))?;
+        builder.hooks(spec)
     }
 
     /// The argv of `spec`'s VM.
@@ -252,7 +284,7 @@ pub(crate) mod tests {
                 .map(|(_, a)| a)
                 .collect();
             assert_eq!(got, want, "kvm={kvm}");
-            let mut h = CommandBuilders::from_config_with(&c, kvm, &exe).hypervisors();
+            let mut h = CommandBuilders::from_config_with(&c, kvm, &exe, None).hypervisors();
             h.sort_by_key(|h| h.as_str());
             let mut offered = offered;
             offered.sort_by_key(|h| h.as_str());
@@ -277,7 +309,7 @@ pub(crate) mod tests {
         };
         c.hypervisors
             .insert("qemu".into(), "/usr/bin/qemu-system-x86_64".into());
-        let b = CommandBuilders::from_config_with(&c, false, &|_| true);
+        let b = CommandBuilders::from_config_with(&c, false, &|_| true, None);
         let mut s = spec("web", Hypervisor::Qemu);
         let argv = b.argv(&s).expect("argv");
         assert_eq!(argv[0], "/usr/bin/qemu-system-x86_64");

@@ -138,8 +138,13 @@ pub struct VmUnitConfig {
     pub cpu_weight: u64,
     /// `TasksMax=` of every VM.
     pub tasks_max: u64,
-    /// How long a VM may take to stop after SIGTERM before it is killed, in seconds.
+    /// `TimeoutStopSec=`: how long each stop phase may take (the graceful stop command, then
+    /// SIGTERM) before systemd moves on and finally sends SIGKILL, in seconds.
     pub stop_timeout_secs: u64,
+    /// How long a QEMU guest gets to power off after the ACPI power button (the unit's
+    /// `ExecStop=`, `blixard-agent qmp-powerdown`) before systemd's SIGTERM, in seconds.
+    /// Less than `stop_timeout_secs`.
+    pub graceful_stop_secs: u64,
 }
 
 impl Default for VmUnitConfig {
@@ -149,6 +154,7 @@ impl Default for VmUnitConfig {
             cpu_weight: 100,
             tasks_max: 4096,
             stop_timeout_secs: 30,
+            graceful_stop_secs: 20,
         }
     }
 }
@@ -363,6 +369,12 @@ impl Config {
         if u.stop_timeout_secs == 0 {
             return Err(invalid("vm_unit.stop_timeout_secs", "must be at least 1"));
         }
+        if u.graceful_stop_secs >= u.stop_timeout_secs {
+            return Err(invalid(
+                "vm_unit.graceful_stop_secs",
+                "must be less than vm_unit.stop_timeout_secs (systemd ends the stop command after that)",
+            ));
+        }
         Ok(())
     }
 
@@ -459,6 +471,7 @@ mod tests {
             ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\nprocess_command = [\"sleep\"]", "process_command"),
             ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\n[hypervisors]\nkvmtool = \"/x\"", "hypervisors.kvmtool"),
             ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\n[vm_unit]\ncpu_weight = 0", "vm_unit.cpu_weight"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\n[vm_unit]\nstop_timeout_secs = 10", "vm_unit.graceful_stop_secs"),
         ];
         for (text, field) in cases {
             let c = parse(text).expect("parses");

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use blixard_api::{DiskFormat, Hypervisor, VmSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::command::{CommandBuilder, CommandError};
+use crate::command::{CommandBuilder, CommandError, UnitHooks};
 use crate::image_path::{self, FileProblem};
 
 /// The file check image paths go through (real: [`image_path::fs_check`]).
@@ -190,6 +190,16 @@ fn check_name(hv: Hypervisor, name: &str) -> Result<(), CommandError> {
     }
 }
 
+/// The graceful stop of a QEMU VM: `<agent> qmp-powerdown --socket <qmp> --timeout <secs>`
+/// as the unit's `ExecStop=` (see [`crate::qmp`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GracefulStop {
+    /// The agent's own binary.
+    pub agent: PathBuf,
+    /// How long the guest gets to power off after the ACPI power button.
+    pub timeout_secs: u64,
+}
+
 /// QEMU (`qemu-system-x86_64`).
 #[derive(Debug, Clone)]
 pub struct QemuCommand {
@@ -197,6 +207,8 @@ pub struct QemuCommand {
     pub machine: QemuMachine,
     /// `-accel kvm` when true, `-accel tcg` otherwise.
     pub kvm: bool,
+    /// The unit's `ExecStop=`; without it a stop is systemd's SIGTERM.
+    pub graceful_stop: Option<GracefulStop>,
 }
 
 impl QemuCommand {
@@ -311,6 +323,26 @@ impl CommandBuilder for QemuCommand {
         a.push("-qmp".into());
         a.push(format!("unix:{qmp},server=on,wait=off"));
         Ok(a)
+    }
+
+    fn hooks(&self, spec: &VmSpec) -> Result<UnitHooks, CommandError> {
+        let hv = Hypervisor::Qemu;
+        let mut hooks = UnitHooks::default();
+        if let Some(g) = &self.graceful_stop {
+            let agent = g
+                .agent
+                .to_str()
+                .ok_or_else(|| unsupported(hv, "the agent's path is not UTF-8"))?;
+            hooks.stop.push(vec![
+                agent.to_string(),
+                "qmp-powerdown".into(),
+                "--socket".into(),
+                self.paths.socket(hv, &spec.name, "qmp")?,
+                "--timeout".into(),
+                g.timeout_secs.to_string(),
+            ]);
+        }
+        Ok(hooks)
     }
 }
 
@@ -487,6 +519,7 @@ mod tests {
             paths: paths(&["/img/missing"]),
             machine,
             kvm,
+            graceful_stop: None,
         }
     }
 
@@ -777,6 +810,29 @@ mod tests {
             .expect_err("comma")
             .to_string()
             .contains("','"));
+    }
+
+    #[test]
+    fn qemu_stops_gracefully_through_the_agents_qmp_powerdown() {
+        let mut q = qemu(QemuMachine::Microvm, false);
+        assert_eq!(q.hooks(&base()).expect("hooks"), UnitHooks::default());
+        q.graceful_stop = Some(GracefulStop {
+            agent: "/usr/bin/blixard-agent".into(),
+            timeout_secs: 7,
+        });
+        let hooks = q.hooks(&base()).expect("hooks");
+        assert_eq!(
+            hooks.stop,
+            vec![s(&[
+                "/usr/bin/blixard-agent",
+                "qmp-powerdown",
+                "--socket",
+                "/run/bx/web-1.qmp",
+                "--timeout",
+                "7",
+            ])]
+        );
+        assert!(hooks.start_pre.is_empty() && hooks.stop_post.is_empty());
     }
 
     #[test]

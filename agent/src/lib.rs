@@ -13,6 +13,7 @@
 //! - [`capacity`]: what the host offers;
 //! - [`systemd`]: the D-Bus adapter, the only module that imports zbus;
 //! - [`daemon`]: the loops that tie them to the control plane ([`run`]);
+//! - [`qmp`]: the graceful stop of a QEMU VM (`blixard-agent qmp-powerdown`);
 //! - [`notify`] and [`logging`]: sd-notify and journald/stderr logging.
 
 pub mod capacity;
@@ -23,6 +24,7 @@ pub mod hypervisor;
 pub mod image_path;
 pub mod logging;
 pub mod notify;
+pub mod qmp;
 pub mod reconcile;
 pub mod systemd;
 pub mod unit_spec;

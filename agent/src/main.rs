@@ -49,10 +49,39 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Presses a QEMU VM's ACPI power button over its QMP socket and waits until QEMU exits
+    /// (the `ExecStop=` of every QEMU VM unit). Exits 0 when QEMU is gone or the time is up
+    /// (systemd's SIGTERM follows), 1 on a QMP error.
+    QmpPowerdown {
+        /// The VM's QMP socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Seconds to wait for QEMU to exit.
+        #[arg(long, default_value_t = 20)]
+        timeout: u64,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::QmpPowerdown { socket, timeout }) = &cli.command {
+        let started = std::time::Instant::now();
+        return match blixard_agent::qmp::powerdown(socket, std::time::Duration::from_secs(*timeout))
+        {
+            Ok(outcome) => {
+                // The unit's journal shows how the stop went.
+                println!(
+                    "qmp-powerdown: {outcome:?} after {:.1}s",
+                    started.elapsed().as_secs_f64()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("qmp-powerdown: {}", blixard_agent::error_chain(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(Command::CheckConfig { file }) = &cli.command {
         return match Config::load(file).and_then(|c| c.validate().map(|()| c)) {
             Ok(c) => {

@@ -96,7 +96,40 @@ pub fn build(
     cfg: &VmUnitConfig,
 ) -> Result<UnitSpec, UnitSpecError> {
     let argv = builders.argv(spec)?;
-    build_with_argv(spec, argv, cfg)
+    let hooks = builders.hooks(spec)?;
+    let mut unit = build_with_argv(spec, argv, cfg)?;
+    let exec = |cmds: &[Vec<String>], ignore_failure: bool| {
+        PropertyValue::Exec(
+            cmds.iter()
+                .map(|argv| ExecCommand {
+                    path: argv.first().cloned().unwrap_or_default(),
+                    argv: argv.clone(),
+                    ignore_failure,
+                })
+                .collect(),
+        )
+    };
+    for (name, cmds, ignore) in [
+        ("ExecStartPre", &hooks.start_pre, false),
+        ("ExecStop", &hooks.stop, false),
+        ("ExecStopPost", &hooks.stop_post, true),
+    ] {
+        if cmds
+            .iter()
+            .any(|c| !c.first().is_some_and(|p| p.starts_with('/')))
+        {
+            return Err(UnitSpecError::Resources(format!(
+                "{name}: every command needs an absolute executable"
+            )));
+        }
+        if !cmds.is_empty() {
+            unit.properties.push(Property {
+                name,
+                value: exec(cmds, ignore),
+            });
+        }
+    }
+    Ok(unit)
 }
 
 /// The unit of `spec`'s VM running `argv` (executable first, absolute).

@@ -332,6 +332,7 @@ proptest! {
                 paths: host_paths(),
                 machine: if q35 { QemuMachine::Q35 } else { QemuMachine::Microvm },
                 kvm,
+                graceful_stop: None,
             }
             .argv(&s)
         } else {

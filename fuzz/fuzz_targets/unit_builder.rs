@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use blixard_agent::command::{CommandBuilders, ProcessCommand};
 use blixard_agent::config::VmUnitConfig;
-use blixard_agent::hypervisor::{CloudHypervisorCommand, HostPaths, QemuCommand, QemuMachine};
+use blixard_agent::hypervisor::{
+    CloudHypervisorCommand, GracefulStop, HostPaths, QemuCommand, QemuMachine,
+};
 use blixard_agent::unit_spec::{self, PropertyValue};
 use blixard_api::{validate, DiskSpec, Hypervisor, NicSpec, VmSpec};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
@@ -131,6 +133,10 @@ fuzz_target!(|i: Input| {
             QemuMachine::Microvm
         },
         kvm: i.kvm,
+        graceful_stop: Some(GracefulStop {
+            agent: "/usr/bin/blixard-agent".into(),
+            timeout_secs: 20,
+        }),
     }));
     builders.insert(Box::new(CloudHypervisorCommand { paths }));
     // Whatever the spec, building must not panic (it may refuse).

@@ -65,3 +65,27 @@ async fn t40_qemu_guest_boots_and_its_console_reaches_the_journal() -> anyhow::R
     })
     .await
 }
+
+/// Stopping a VM through the API is graceful: the unit's `ExecStop=` presses the ACPI power
+/// button over QMP, the guest sees it and powers off, and the state becomes `stopped`.
+#[tokio::test]
+async fn t40_qemu_stop_is_graceful() -> anyhow::Result<()> {
+    let (_cluster, host, client) = setup("q2", "").await?;
+    with_logs(&[&host], async {
+        create_and_boot(&client, &host, &guest::spec("calm", "")).await?;
+        wait_state(&client, "calm", VmState::Running, Some("q2")).await?;
+        // The guest arms its power-button watcher shortly after the marker.
+        wait_console(&host, "calm", "BLIXARD-GUEST-POWER-BUTTON-READY").await?;
+        client.stop_vm("calm").await?;
+        let vm = wait_state(&client, "calm", VmState::Stopped, None).await?;
+        eprintln!("stopped: reason {:?}", vm.reason);
+        let c = console(&host, "calm");
+        assert!(
+            c.contains(&format!("{}\n", guest::POWER_BUTTON)),
+            "the guest did not see the power button:\n{c}"
+        );
+        assert!(c.contains("qmp-powerdown: Exited"), "{c}");
+        Ok(())
+    })
+    .await
+}
