@@ -120,6 +120,9 @@ pub struct Config {
     /// Address reported in the registration, for operators; may be empty.
     #[serde(default)]
     pub advertise_address: String,
+    /// `journalctl`, run to read why a QEMU VM ended (a guest panic, QEMU's own error).
+    #[serde(default = "default_journalctl")]
+    pub journalctl: PathBuf,
     /// Forces the KVM capability instead of probing `/dev/kvm`.
     #[serde(default)]
     pub kvm: Option<bool>,
@@ -168,6 +171,9 @@ fn default_runtime_dir() -> PathBuf {
 fn default_image_dir() -> PathBuf {
     PathBuf::from("/var/lib/blixard/images")
 }
+fn default_journalctl() -> PathBuf {
+    PathBuf::from("/usr/bin/journalctl")
+}
 fn default_heartbeat_ms() -> u64 {
     2000
 }
@@ -193,6 +199,7 @@ impl Default for Config {
             token_file: None,
             ca_file: None,
             advertise_address: String::new(),
+            journalctl: default_journalctl(),
             kvm: None,
             vm_unit: VmUnitConfig::default(),
         }

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blixard_api::{
-    unit_name, vm_name_of_unit, Assignments, Client, ClientError, Host, HostRegistration, VmState,
-    VmStatusReport,
+    unit_name, vm_name_of_unit, Assignments, Client, ClientError, Host, HostRegistration,
+    Hypervisor, VmState, VmStatusReport,
 };
 use tokio::sync::{mpsc, Notify};
 
@@ -31,6 +31,7 @@ use crate::notify;
 use crate::reconcile::{describe_end, reconcile, Action, Ended, Input, ObservedUnit};
 use crate::systemd::{StartOutcome, Systemd, SystemdClient, SystemdError, UnitEvent, UnitEvents};
 use crate::unit_spec;
+use crate::{guest_end, journal};
 
 /// How long one assignments long-poll may wait on the server.
 pub const LONG_POLL: Duration = Duration::from_secs(30);
@@ -41,6 +42,9 @@ const RETRY: Duration = Duration::from_secs(1);
 /// How long a unit may be listed as ended before its signals arrive; past that its end is
 /// recorded without a result (a lost signal must not hold a VM back for ever).
 const UNSEEN_END: Duration = Duration::from_secs(3);
+/// Reads of an ended QEMU VM's journal before its reason is reported as systemd gave it.
+const JOURNAL_TRIES: usize = 5;
+const JOURNAL_RETRY: Duration = Duration::from_millis(200);
 
 /// Errors that end the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +166,7 @@ where
         link_error: None,
         reported: BTreeMap::new(),
         ended: BTreeMap::new(),
+        unexplained: BTreeMap::new(),
         tracks: BTreeMap::new(),
         observed_running: units.iter().filter(|u| u.active.is_up()).count(),
         heartbeat: None,
@@ -322,6 +327,8 @@ struct Track {
     live: bool,
     /// Since when a live unit is listed as ended or gone while its signals are not read yet.
     missing_since: Option<Instant>,
+    /// When this agent started the unit (bounds the journal read of its end).
+    started_at: Option<std::time::SystemTime>,
 }
 
 struct Agent<S> {
@@ -339,6 +346,9 @@ struct Agent<S> {
     reported: BTreeMap<String, VmStatusReport>,
     /// Units that ended on their own.
     ended: BTreeMap<String, Ended>,
+    /// QEMU VMs in `ended` whose console has not been read for the reason yet, with when
+    /// this agent started them, if it did.
+    unexplained: BTreeMap<String, Option<std::time::SystemTime>>,
     tracks: BTreeMap<String, Track>,
     observed_running: usize,
     heartbeat: Option<tokio::task::JoinHandle<()>>,
@@ -577,6 +587,9 @@ impl<S: SystemdClient> Agent<S> {
             } else {
                 tracing::info!(vm = %vm, host = %self.host, reason = %reason, "VM exited");
             }
+            if self.hypervisor_of(&vm) == Some(Hypervisor::Qemu) {
+                self.unexplained.insert(vm.clone(), t.started_at);
+            }
             self.ended.insert(
                 vm,
                 Ended {
@@ -587,6 +600,53 @@ impl<S: SystemdClient> Agent<S> {
             );
         }
         ending
+    }
+
+    fn hypervisor_of(&self, vm: &str) -> Option<Hypervisor> {
+        self.assignments
+            .as_ref()
+            .and_then(|a| a.vms.iter().find(|x| x.spec.name == vm))
+            .map(|a| a.spec.hypervisor)
+    }
+
+    /// Refines the reason of QEMU VMs that just ended with what their console says (guest
+    /// power-off, kernel panic, QEMU's own error). The unit's last lines may reach the journal
+    /// a little after its end, so a run without a telling line is read again a few times.
+    async fn explain_ends(&mut self) {
+        for (vm, since) in std::mem::take(&mut self.unexplained) {
+            let Some(end) = self.ended.get(&vm).cloned() else {
+                continue;
+            };
+            let unit = unit_name(&vm);
+            let mut console = None;
+            for attempt in 0..JOURNAL_TRIES {
+                if attempt > 0 {
+                    tokio::time::sleep(JOURNAL_RETRY).await;
+                }
+                match journal::unit_last_run(&self.config.journalctl, &unit, since).await {
+                    Ok(lines) => {
+                        console = guest_end::classify(&lines);
+                        if console.is_some() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = %vm, error = %crate::error_chain(&e), "cannot read the VM's journal");
+                        break;
+                    }
+                }
+            }
+            let (state, reason) = guest_end::explain(end.state, &end.reason, console.as_ref());
+            tracing::info!(vm = %vm, host = %self.host, state = state.as_str(), reason = %reason, "VM end explained");
+            self.ended.insert(
+                vm,
+                Ended {
+                    state,
+                    reason,
+                    ..end
+                },
+            );
+        }
     }
 
     /// One reconcile pass; `true` when something should be retried soon.
@@ -600,6 +660,7 @@ impl<S: SystemdClient> Agent<S> {
         };
         self.observed_running = observed.iter().filter(|u| u.active.is_up()).count();
         let ending = self.record_ends(&observed);
+        self.explain_ends().await;
         let Some(assignments) = self.assignments.clone() else {
             // The desired state is unknown: touch nothing.
             return false;
@@ -665,6 +726,7 @@ impl<S: SystemdClient> Agent<S> {
                             Track {
                                 generation: a.generation,
                                 live: true,
+                                started_at: Some(std::time::SystemTime::now()),
                                 ..Track::default()
                             },
                         );

@@ -10,6 +10,8 @@
 //! - [`command`]: hypervisor argv builders (the spec never picks the executable);
 //! - [`unit_spec`]: VM spec → transient unit properties, as plain data;
 //! - [`reconcile`]: desired + observed → actions, as plain data;
+//! - [`guest_end`]: why a QEMU VM ended, from its console's last lines (pure), read by
+//!   [`journal`];
 //! - [`capacity`]: what the host offers;
 //! - [`systemd`]: the D-Bus adapter, the only module that imports zbus;
 //! - [`daemon`]: the loops that tie them to the control plane ([`run`]);
@@ -20,8 +22,10 @@ pub mod capacity;
 pub mod command;
 pub mod config;
 pub mod daemon;
+pub mod guest_end;
 pub mod hypervisor;
 pub mod image_path;
+pub mod journal;
 pub mod logging;
 pub mod notify;
 pub mod qmp;

@@ -89,3 +89,51 @@ async fn t40_qemu_stop_is_graceful() -> anyhow::Result<()> {
     })
     .await
 }
+
+/// A guest that powers off by itself becomes `stopped`, with a reason saying so; a guest
+/// kernel panic becomes `failed` with the panic message (pvpanic + `panic=exit-failure`); a
+/// QEMU that cannot start (a "kernel" that is not one) becomes `failed` with QEMU's message.
+#[tokio::test]
+async fn t40_qemu_exit_reasons() -> anyhow::Result<()> {
+    let (_cluster, host, client) = setup("q3", "").await?;
+    std::fs::write(
+        host.image_dir().join("notakernel"),
+        b"this is not a kernel\n",
+    )?;
+    with_logs(&[&host], async {
+        create(&client, &guest::spec("off", "blixard.exit=poweroff")).await?;
+        create(&client, &guest::spec("oops", "blixard.exit=panic")).await?;
+        let mut bad = guest::spec("bad", "");
+        bad.kernel = Some("notakernel".into());
+        create(&client, &bad).await?;
+
+        let off = wait_reason(&client, "off", VmState::Stopped).await?;
+        anyhow::ensure!(off.contains("the guest powered off"), "{off}");
+        let oops = wait_reason(&client, "oops", VmState::Failed).await?;
+        anyhow::ensure!(
+            oops.contains("guest kernel panic: Attempted to kill init!"),
+            "{oops}"
+        );
+        let bad = wait_reason(&client, "bad", VmState::Failed).await?;
+        // QEMU's own words, e.g. "qemu: linux kernel too old to load a ram disk".
+        anyhow::ensure!(
+            bad.starts_with("qemu: ") && bad.ends_with("(exit-code status=1)"),
+            "{bad}"
+        );
+        eprintln!("reasons:\n  off: {off}\n  oops: {oops}\n  bad: {bad}");
+        Ok(())
+    })
+    .await
+}
+
+/// Waits (boot deadline) until `vm` is in `state` and returns its reason.
+async fn wait_reason(client: &Client, vm: &str, state: VmState) -> anyhow::Result<String> {
+    wait::until(&format!("{vm} {}", state.as_str()), BOOT, || async {
+        match client.get_vm(vm).await {
+            Ok(v) if v.state == state => Ok(Some(v.reason.unwrap_or_default())),
+            Ok(v) => Err(format!("state {} reason {:?}", v.state.as_str(), v.reason)),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await
+}
