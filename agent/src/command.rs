@@ -14,7 +14,7 @@ use blixard_api::{Hypervisor, VmSpec};
 
 use crate::config::Config;
 use crate::hypervisor::{
-    CloudHypervisorCommand, FirecrackerCommand, GracefulStop, HostPaths, QemuCommand,
+    CloudHypervisorCommand, FirecrackerCommand, GracefulStop, HostPaths, QemuCommand, TapNetwork,
 };
 use crate::image_path;
 
@@ -155,6 +155,11 @@ impl CommandBuilders {
                     graceful_stop: agent_exe.clone().map(|agent| GracefulStop {
                         agent,
                         timeout_secs: config.vm_unit.graceful_stop_secs,
+                    }),
+                    network: Some(TapNetwork {
+                        ip: config.ip.clone(),
+                        bridges: config.bridges.clone(),
+                        exists: Arc::new(crate::hypervisor::bridge_exists),
                     }),
                 })),
                 Hypervisor::CloudHypervisor => b.insert(Box::new(CloudHypervisorCommand { paths })),

@@ -120,6 +120,12 @@ pub struct Config {
     /// Address reported in the registration, for operators; may be empty.
     #[serde(default)]
     pub advertise_address: String,
+    /// Bridges a VM's NICs may join (as tap devices); a spec naming another is refused.
+    #[serde(default)]
+    pub bridges: Vec<String>,
+    /// The `ip` binary (iproute2) that creates and deletes the tap devices.
+    #[serde(default = "default_ip")]
+    pub ip: PathBuf,
     /// `journalctl`, run to read why a QEMU VM ended (a guest panic, QEMU's own error).
     #[serde(default = "default_journalctl")]
     pub journalctl: PathBuf,
@@ -171,6 +177,9 @@ fn default_runtime_dir() -> PathBuf {
 fn default_image_dir() -> PathBuf {
     PathBuf::from("/var/lib/blixard/images")
 }
+fn default_ip() -> PathBuf {
+    PathBuf::from("/usr/sbin/ip")
+}
 fn default_journalctl() -> PathBuf {
     PathBuf::from("/usr/bin/journalctl")
 }
@@ -199,6 +208,8 @@ impl Default for Config {
             token_file: None,
             ca_file: None,
             advertise_address: String::new(),
+            bridges: Vec::new(),
+            ip: default_ip(),
             journalctl: default_journalctl(),
             kvm: None,
             vm_unit: VmUnitConfig::default(),

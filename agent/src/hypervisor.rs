@@ -200,6 +200,85 @@ pub struct GracefulStop {
     pub timeout_secs: u64,
 }
 
+/// Whether a bridge exists on this host (real: [`bridge_exists`]).
+pub type BridgeCheck = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// `/sys/class/net/<name>/bridge` exists: `name` is a bridge of this network namespace.
+pub fn bridge_exists(name: &str) -> bool {
+    Path::new("/sys/class/net")
+        .join(name)
+        .join("bridge")
+        .is_dir()
+}
+
+/// Tap networking of QEMU VMs: each NIC is a tap device on one of the allowed bridges,
+/// created by the unit's `ExecStartPre=` with `ip` and deleted by its `ExecStopPost=`.
+#[derive(Clone)]
+pub struct TapNetwork {
+    /// The `ip` binary (iproute2).
+    pub ip: PathBuf,
+    /// Bridges VMs may join (the agent's `bridges` setting).
+    pub bridges: Vec<String>,
+    pub exists: BridgeCheck,
+}
+
+impl std::fmt::Debug for TapNetwork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TapNetwork")
+            .field("ip", &self.ip)
+            .field("bridges", &self.bridges)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TapNetwork {
+    /// The start and stop commands of NIC `index` of VM `vm` on `bridge`, after checking the
+    /// bridge is allowed and exists.
+    fn hooks(&self, vm: &str, index: usize, bridge: &str) -> Result<UnitHooks, CommandError> {
+        let hv = Hypervisor::Qemu;
+        if !self.bridges.iter().any(|b| b == bridge) {
+            return Err(unsupported(
+                hv,
+                format!(
+                    "nics[{index}].bridge {bridge:?} is not an allowed bridge on this host (allowed: {})",
+                    if self.bridges.is_empty() {
+                        "none".to_string()
+                    } else {
+                        self.bridges.join(", ")
+                    }
+                ),
+            ));
+        }
+        if !(self.exists)(bridge) {
+            return Err(unsupported(
+                hv,
+                format!("nics[{index}].bridge {bridge:?} does not exist on this host"),
+            ));
+        }
+        let ip = self
+            .ip
+            .to_str()
+            .ok_or_else(|| unsupported(hv, "the ip binary's path is not UTF-8"))?;
+        let tap = tap_name(vm, index);
+        let cmd = |args: &[&str]| -> Vec<String> {
+            std::iter::once(ip)
+                .chain(args.iter().copied())
+                .map(String::from)
+                .collect()
+        };
+        Ok(UnitHooks {
+            start_pre: vec![
+                cmd(&["tuntap", "add", "dev", &tap, "mode", "tap"]),
+                // The host needs no address of its own on a VM's tap (no IPv6 link-local).
+                cmd(&["link", "set", "dev", &tap, "addrgenmode", "none"]),
+                cmd(&["link", "set", "dev", &tap, "master", bridge, "up"]),
+            ],
+            stop: Vec::new(),
+            stop_post: vec![cmd(&["link", "del", "dev", &tap])],
+        })
+    }
+}
+
 /// QEMU (`qemu-system-x86_64`).
 #[derive(Debug, Clone)]
 pub struct QemuCommand {
@@ -209,6 +288,8 @@ pub struct QemuCommand {
     pub kvm: bool,
     /// The unit's `ExecStop=`; without it a stop is systemd's SIGTERM.
     pub graceful_stop: Option<GracefulStop>,
+    /// Tap devices for NICs; without it specs with NICs are refused.
+    pub network: Option<TapNetwork>,
 }
 
 impl QemuCommand {
@@ -328,6 +409,19 @@ impl CommandBuilder for QemuCommand {
     fn hooks(&self, spec: &VmSpec) -> Result<UnitHooks, CommandError> {
         let hv = Hypervisor::Qemu;
         let mut hooks = UnitHooks::default();
+        if !spec.nics.is_empty() {
+            let net = self.network.as_ref().ok_or_else(|| {
+                unsupported(
+                    hv,
+                    "this host has no tap networking (no bridges configured)",
+                )
+            })?;
+            for (i, nic) in spec.nics.iter().enumerate() {
+                let h = net.hooks(&spec.name, i, &nic.bridge)?;
+                hooks.start_pre.extend(h.start_pre);
+                hooks.stop_post.extend(h.stop_post);
+            }
+        }
         if let Some(g) = &self.graceful_stop {
             let agent = g
                 .agent
@@ -520,6 +614,7 @@ mod tests {
             machine,
             kvm,
             graceful_stop: None,
+            network: None,
         }
     }
 
@@ -833,6 +928,67 @@ mod tests {
             ])]
         );
         assert!(hooks.start_pre.is_empty() && hooks.stop_post.is_empty());
+    }
+
+    #[test]
+    fn nics_become_taps_on_allowed_existing_bridges() {
+        let mut q = qemu(QemuMachine::Microvm, false);
+        let mut spec = base();
+        spec.nics = vec![NicSpec {
+            bridge: "br0".into(),
+            mac: None,
+        }];
+        let e = q.hooks(&spec).expect_err("no network");
+        assert!(e.to_string().contains("no tap networking"), "{e}");
+        q.network = Some(TapNetwork {
+            ip: "/usr/sbin/ip".into(),
+            bridges: vec!["br0".into(), "gone".into()],
+            exists: Arc::new(|b| b == "br0"),
+        });
+        let tap = tap_name("web-1", 0);
+        let h = q.hooks(&spec).expect("hooks");
+        assert_eq!(
+            h.start_pre,
+            vec![
+                s(&["/usr/sbin/ip", "tuntap", "add", "dev", &tap, "mode", "tap"]),
+                s(&[
+                    "/usr/sbin/ip",
+                    "link",
+                    "set",
+                    "dev",
+                    &tap,
+                    "addrgenmode",
+                    "none"
+                ]),
+                s(&[
+                    "/usr/sbin/ip",
+                    "link",
+                    "set",
+                    "dev",
+                    &tap,
+                    "master",
+                    "br0",
+                    "up"
+                ]),
+            ]
+        );
+        assert_eq!(
+            h.stop_post,
+            vec![s(&["/usr/sbin/ip", "link", "del", "dev", &tap])]
+        );
+        let cases = [
+            (
+                "br9",
+                "\"br9\" is not an allowed bridge on this host (allowed: br0, gone)",
+            ),
+            ("gone", "\"gone\" does not exist on this host"),
+        ];
+        for (bridge, want) in cases {
+            spec.nics[0].bridge = bridge.into();
+            let e = q.hooks(&spec).expect_err(bridge).to_string();
+            assert!(e.contains(want), "{e}");
+            assert!(e.contains("nics[0].bridge"), "{e}");
+        }
     }
 
     #[test]

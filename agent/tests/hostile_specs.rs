@@ -333,6 +333,7 @@ proptest! {
                 machine: if q35 { QemuMachine::Q35 } else { QemuMachine::Microvm },
                 kvm,
                 graceful_stop: None,
+                network: None,
             }
             .argv(&s)
         } else {

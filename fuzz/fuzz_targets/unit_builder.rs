@@ -11,7 +11,7 @@ use std::sync::Arc;
 use blixard_agent::command::{CommandBuilders, ProcessCommand};
 use blixard_agent::config::VmUnitConfig;
 use blixard_agent::hypervisor::{
-    CloudHypervisorCommand, GracefulStop, HostPaths, QemuCommand, QemuMachine,
+    CloudHypervisorCommand, GracefulStop, HostPaths, QemuCommand, QemuMachine, TapNetwork,
 };
 use blixard_agent::unit_spec::{self, PropertyValue};
 use blixard_api::{validate, DiskSpec, Hypervisor, NicSpec, VmSpec};
@@ -136,6 +136,11 @@ fuzz_target!(|i: Input| {
         graceful_stop: Some(GracefulStop {
             agent: "/usr/bin/blixard-agent".into(),
             timeout_secs: 20,
+        }),
+        network: Some(TapNetwork {
+            ip: "/usr/sbin/ip".into(),
+            bridges: vec!["br0".into()],
+            exists: Arc::new(|b| b == "br0"),
         }),
     }));
     builders.insert(Box::new(CloudHypervisorCommand { paths }));

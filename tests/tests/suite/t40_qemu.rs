@@ -7,6 +7,8 @@
 
 use std::time::{Duration, Instant};
 
+use blixard_agent::hypervisor::tap_name;
+use blixard_agent::systemd::{Systemd, SystemdClient};
 use blixard_api::{unit_name, Client, VmSpec, VmState};
 use blixard_tests::cluster::Cluster;
 use blixard_tests::guest;
@@ -25,7 +27,8 @@ async fn setup(name: &str, extra: &str) -> anyhow::Result<(Cluster, SimHost, Cli
     guest::install(&host)?;
     host.spawn_agent(
         &cluster.endpoints(),
-        &format!("{}{extra}", guest::agent_config()),
+        // Top-level keys first: agent_config() ends inside the [hypervisors] table.
+        &format!("{extra}{}", guest::agent_config()),
     )?;
     wait_registered(&client, name, 1).await?;
     Ok((cluster, host, client))
@@ -134,6 +137,176 @@ async fn wait_reason(client: &Client, vm: &str, state: VmState) -> anyhow::Resul
             Ok(v) => Err(format!("state {} reason {:?}", v.state.as_str(), v.reason)),
             Err(e) => Err(e.to_string()),
         }
+    })
+    .await
+}
+
+/// Restarting the agent leaves the guest running: the same QEMU process, and its console
+/// goes on (a later heartbeat appears).
+#[tokio::test]
+async fn t40_qemu_agent_restart_keeps_the_guest() -> anyhow::Result<()> {
+    let (cluster, mut host, client) = setup("q4", "").await?;
+    let sd = Systemd::connect_address(&host.bus_address()).await?;
+    let unit = unit_name("keep");
+    let pid = with_logs(&[&host], async {
+        create_and_boot(&client, &host, &guest::spec("keep", "")).await?;
+        wait_state(&client, "keep", VmState::Running, Some("q4")).await?;
+        main_pid(&sd, &unit).await
+    })
+    .await?;
+    host.kill_agent()?;
+    let beats_before = heartbeats(&console(&host, "keep"));
+    host.spawn_agent(&cluster.endpoints(), &guest::agent_config())?;
+    with_logs(&[&host], async {
+        wait_registered(&client, "q4", 2).await?;
+        wait_state(&client, "keep", VmState::Running, Some("q4")).await?;
+        wait::until("a later heartbeat", BOOT, || async {
+            Ok((heartbeats(&console(&host, "keep")) > beats_before + 1).then_some(()))
+        })
+        .await?;
+        let now = main_pid(&sd, &unit).await?;
+        anyhow::ensure!(now == pid, "QEMU changed from pid {pid} to {now}");
+        Ok(())
+    })
+    .await
+}
+
+async fn main_pid(sd: &Systemd, unit: &str) -> anyhow::Result<u32> {
+    match sd.unit_status(unit).await? {
+        Some(s) if s.active_state == "active" && s.main_pid != 0 => Ok(s.main_pid),
+        other => anyhow::bail!("{unit} is not active: {other:?}"),
+    }
+}
+
+/// The highest heartbeat number on a console.
+fn heartbeats(console: &str) -> u64 {
+    console
+        .lines()
+        .filter_map(|l| l.split_once(guest::HEARTBEAT).map(|(_, n)| n.trim()))
+        .filter_map(|n| n.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// A bridge made for one test, without addresses and never up (no traffic leaves the root
+/// namespace's side of it), deleted on drop.
+struct TestBridge(String);
+
+impl TestBridge {
+    fn create() -> anyhow::Result<TestBridge> {
+        let name = format!("bxt{}", std::process::id() % 1_000_000);
+        let ip = |args: &[&str]| -> anyhow::Result<()> {
+            let out = std::process::Command::new("ip").args(args).output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        };
+        ip(&["link", "add", "name", &name, "type", "bridge"])?;
+        let b = TestBridge(name);
+        ip(&["link", "set", "dev", &b.0, "addrgenmode", "none"])?;
+        Ok(b)
+    }
+}
+
+impl Drop for TestBridge {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", "dev", &self.0])
+            .status();
+    }
+}
+
+/// A NIC becomes a tap device on its bridge (created by the unit's `ExecStartPre=`), the
+/// guest brings its NIC up, and the tap is deleted when the VM stops.
+#[tokio::test]
+async fn t40_qemu_nic_is_a_tap_on_the_bridge() -> anyhow::Result<()> {
+    let br = TestBridge::create()?;
+    let (_cluster, host, client) = setup("q5", &format!("bridges = [{:?}]\n", br.0)).await?;
+    let mut spec = guest::spec("net", "blixard.net=1");
+    spec.nics = vec![serde_json::from_value(
+        serde_json::json!({ "bridge": br.0 }),
+    )?];
+    let tap = tap_name("net", 0);
+    with_logs(&[&host], async {
+        create_and_boot(&client, &host, &spec).await?;
+        wait_console(&host, "net", "BLIXARD-GUEST-NET-UP").await?;
+        let master = std::fs::read_link(format!("/sys/class/net/{tap}/master"))?;
+        anyhow::ensure!(
+            master.file_name().and_then(|n| n.to_str()) == Some(br.0.as_str()),
+            "{tap} is enslaved to {master:?}, not {}",
+            br.0
+        );
+        let c = console(&host, "net");
+        let line = c
+            .lines()
+            .find(|l| l.contains("BLIXARD-GUEST-NET-UP"))
+            .unwrap_or_default();
+        anyhow::ensure!(line.contains(",UP"), "the guest's NIC is not up: {line}");
+        client.stop_vm("net").await?;
+        wait_state(&client, "net", VmState::Stopped, None).await?;
+        wait::until(&format!("{tap} deleted"), BOOT, || async {
+            Ok((!std::path::Path::new(&format!("/sys/class/net/{tap}")).exists()).then_some(()))
+        })
+        .await
+    })
+    .await
+}
+
+/// Every refusal ends with a clear error and no unit: `..` at the API (400); at the agent,
+/// an absolute path outside the image directory, a missing file, an unreadable one (a
+/// symlink loop: root reads any regular file), a bridge not in the agent's list and a listed
+/// bridge that does not exist.
+#[tokio::test]
+async fn t40_qemu_refusals_start_no_unit() -> anyhow::Result<()> {
+    let (_cluster, host, client) = setup("q6", "bridges = [\"bxabsent0\"]\n").await?;
+    let img = host.image_dir();
+    std::os::unix::fs::symlink(img.join("loop"), img.join("loop"))?;
+    with_logs(&[&host], async {
+        let mut dotdot = guest::spec("dotdot", "");
+        dotdot.kernel = Some("../images/vmlinuz".into());
+        let e = client.create_vm(&dotdot).await.expect_err("'..' accepted");
+        anyhow::ensure!(e.status() == Some(400), "{e}");
+        anyhow::ensure!(e.to_string().contains("'..'"), "{e}");
+
+        let with = |name: &str, kernel: &str, bridge: Option<&str>| -> anyhow::Result<VmSpec> {
+            let mut s = guest::spec(name, "");
+            s.kernel = Some(kernel.into());
+            if let Some(b) = bridge {
+                s.nics = vec![serde_json::from_value(serde_json::json!({ "bridge": b }))?];
+            }
+            Ok(s)
+        };
+        let cases = [
+            (with("abs", "/etc/hostname", None)?, "outside the image directory"),
+            (with("missing", "nope", None)?, "does not exist"),
+            (with("unreadable", "loop", None)?, "cannot be read"),
+            (with("badbr", "vmlinuz", Some("bxnotlisted"))?, "is not an allowed bridge"),
+            (with("gonebr", "vmlinuz", Some("bxabsent0"))?, "does not exist on this host"),
+        ];
+        for (spec, _) in &cases {
+            create(&client, spec).await?;
+        }
+        for (spec, want) in &cases {
+            let reason = wait_reason(&client, &spec.name, VmState::Failed).await?;
+            eprintln!("{}: {reason}", spec.name);
+            anyhow::ensure!(reason.contains(want), "{}: {reason}", spec.name);
+            let log = host.agent_log();
+            anyhow::ensure!(
+                !log.lines()
+                    .any(|l| l.contains("starting VM") && l.contains(&format!("vm={} ", spec.name))),
+                "a unit was started for {}",
+                spec.name
+            );
+            anyhow::ensure!(
+                console(&host, &spec.name).trim().is_empty() || console(&host, &spec.name).contains("No entries"),
+                "{} has journal lines",
+                spec.name
+            );
+        }
+        Ok(())
     })
     .await
 }
