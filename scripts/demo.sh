@@ -1,14 +1,16 @@
 #!/bin/bash
 # The local demo: builds Blixard, starts a 3-node control plane on 127.0.0.1:7001-7003, two
-# simulated hosts with agents, and demo VMs placed across them.
+# simulated hosts with agents, demo VMs placed across them, and a real QEMU guest (the test
+# guest of tests/guest/build.sh, under TCG) whose console it prints.
 #   scripts/demo.sh [up]     install, build, start, show `blixardctl cluster status`
 #   scripts/demo.sh down     stop everything the demo started
-# State and logs live in .demo/ in the repository.
+# State and logs live in .demo/ in the repository. BLIXARD_DEMO_PROFILE=debug uses debug builds.
 set -eu
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 D=$ROOT/.demo
-BIN=$ROOT/target/release
+PROFILE=${BLIXARD_DEMO_PROFILE:-release}
+BIN=$ROOT/target/$PROFILE
 IC="1=http://127.0.0.1:7001,2=http://127.0.0.1:7002,3=http://127.0.0.1:7003"
 export BLIXARD_ENDPOINTS=http://127.0.0.1:7001,http://127.0.0.1:7002,http://127.0.0.1:7003
 
@@ -36,7 +38,8 @@ down)
   ;;
 up)
   scripts/install-deps.sh
-  cargo build --release --bins --locked
+  if [ "$PROFILE" = debug ]; then cargo build --bins --locked; else cargo build --release --bins --locked; fi
+  GUEST=$(tests/guest/build.sh)
   down
   mkdir -p "$D"
   for i in 1 2 3; do
@@ -47,7 +50,7 @@ up)
   wait_http http://127.0.0.1:7001/v1/health
   # Two simulated hosts (real systemd --user managers in their own namespaces) with agents.
   nohup "$BIN/blixard-devhosts" --dir "$D/hosts" --hosts 2 --endpoints "$BLIXARD_ENDPOINTS" \
-    >"$D/devhosts.log" 2>&1 &
+    --guest "$GUEST" >"$D/devhosts.log" 2>&1 &
   echo $! >"$D/devhosts.pid"
   for _ in $(seq 300); do
     [ "$("$BIN/blixardctl" host list -o json 2>/dev/null | grep -c '"status": "up"')" -ge 2 ] && break
@@ -63,7 +66,21 @@ up)
     "$BIN/blixardctl" vm show "demo-$n" >/dev/null 2>&1 ||
       "$BIN/blixardctl" vm create "demo-$n" --hypervisor process --memory 64 --wait --timeout 60 >/dev/null
   done
+  # A real guest: the Debian cloud kernel and a busybox initramfs under QEMU (TCG).
+  "$BIN/blixardctl" vm show guest-1 >/dev/null 2>&1 ||
+    "$BIN/blixardctl" vm create guest-1 --hypervisor qemu --memory 128 --kernel vmlinuz \
+      --initrd initrd.gz --cmdline "console=ttyS0 reboot=t panic=-1 quiet" --wait --timeout 60 >/dev/null
   "$BIN/blixardctl" vm list
+  echo
+  # Its console, from its host's journal (blixardctl vm logs will serve this).
+  echo "console of guest-1:"
+  for _ in $(seq 600); do
+    for j in "$D"/hosts/*/journal; do
+      out=$(journalctl -D "$j" --no-pager -o cat -u blixard-vm-guest-1.service 2>/dev/null || true)
+      case "$out" in *BLIXARD-GUEST-HEARTBEAT*) printf '%s\n' "$out" | sed 's/^/  /'; break 2 ;; esac
+    done
+    sleep 0.2
+  done
   echo
   echo "The control plane is up. Try:"
   echo "  export PATH=$BIN:\$PATH BLIXARD_ENDPOINTS=$BLIXARD_ENDPOINTS"
@@ -71,6 +88,7 @@ up)
   echo "  blixardctl vm create web-1 --hypervisor process --memory 64 --wait"
   echo "  blixardctl vm list"
   echo "  blixardctl host drain host1 && blixardctl vm list"
+  echo "  journalctl -D $D/hosts/<host>/journal -u blixard-vm-guest-1 -f   # the guest's console"
   echo "Stop it with: scripts/demo.sh down"
   ;;
 *)

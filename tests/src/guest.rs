@@ -55,7 +55,12 @@ fn build() -> anyhow::Result<PathBuf> {
 
 /// Copies the guest's `vmlinuz` and `initrd.gz` into `host`'s image directory.
 pub fn install(host: &SimHost) -> anyhow::Result<()> {
-    let src = images()?;
+    install_from(&images()?, host)
+}
+
+/// Copies `vmlinuz` and `initrd.gz` from `src` (a build of `tests/guest/build.sh`) into
+/// `host`'s image directory.
+pub fn install_from(src: &Path, host: &SimHost) -> anyhow::Result<()> {
     let dst = host.image_dir();
     for f in ["vmlinuz", "initrd.gz"] {
         std::fs::copy(src.join(f), dst.join(f))

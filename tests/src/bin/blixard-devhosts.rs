@@ -1,11 +1,13 @@
 //! `blixard-devhosts`: simulated hosts with real agents, for the local demo
 //! (`scripts/demo.sh`). Each host is a real `systemd --user` manager (see
 //! `blixard_tests::host`) running `blixard-agent` against the given control plane, with
-//! `/bin/sleep infinity` as the `process` hypervisor. Runs until SIGTERM or SIGINT, then kills
-//! every host; their journals and agent logs stay in `--dir`.
+//! `/bin/sleep infinity` as the `process` hypervisor, and with `--guest DIR` (a build of
+//! `tests/guest/build.sh`) QEMU with that kernel and initramfs in every image directory.
+//! Runs until SIGTERM or SIGINT, then kills every host; their journals and agent logs stay in
+//! `--dir`.
 //!
 //! ```text
-//! blixard-devhosts --dir .demo/hosts --hosts 2 --endpoints http://127.0.0.1:7001,…
+//! blixard-devhosts --dir .demo/hosts --hosts 2 --endpoints http://127.0.0.1:7001,… [--guest DIR]
 //! ```
 //! Needs root (namespaces, cgroups), like the integration suite.
 
@@ -19,23 +21,26 @@ struct Args {
     dir: PathBuf,
     hosts: usize,
     endpoints: Vec<String>,
+    guest: Option<PathBuf>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut dir = None;
     let mut hosts = 2;
     let mut endpoints = None;
+    let mut guest = None;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
         match arg.as_str() {
             "--dir" => dir = Some(PathBuf::from(value()?)),
+            "--guest" => guest = Some(PathBuf::from(value()?)),
             "--hosts" => hosts = value()?.parse().context("--hosts must be a number")?,
             "--endpoints" => {
                 endpoints = Some(value()?.split(',').map(|s| s.trim().to_string()).collect())
             }
             "-h" | "--help" => {
-                println!("usage: blixard-devhosts --dir DIR [--hosts N] --endpoints URL[,URL…]");
+                println!("usage: blixard-devhosts --dir DIR [--hosts N] --endpoints URL[,URL…] [--guest DIR]");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?}"),
@@ -54,6 +59,7 @@ fn parse_args() -> anyhow::Result<Args> {
         dir: std::path::absolute(dir)?,
         hosts,
         endpoints,
+        guest,
     })
 }
 
@@ -63,7 +69,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for i in 1..=args.hosts {
         let name = format!("host{i}");
         let mut host = SimHost::start_in(&name, &args.dir).await?;
-        host.spawn_agent(&args.endpoints, "")?;
+        let extra = match &args.guest {
+            Some(dir) => {
+                blixard_tests::guest::install_from(dir, &host)?;
+                blixard_tests::guest::agent_config()
+            }
+            None => String::new(),
+        };
+        host.spawn_agent(&args.endpoints, &extra)?;
         let env: Vec<String> = host.env().iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("{name}: {}", host.base_dir().display());
         println!(
