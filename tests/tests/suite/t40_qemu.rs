@@ -142,7 +142,8 @@ async fn wait_reason(client: &Client, vm: &str, state: VmState) -> anyhow::Resul
 }
 
 /// Restarting the agent leaves the guest running: the same QEMU process, and its console
-/// goes on (a later heartbeat appears).
+/// goes on (a later heartbeat appears). With the agent down, stopping the unit is still
+/// graceful.
 #[tokio::test]
 async fn t40_qemu_agent_restart_keeps_the_guest() -> anyhow::Result<()> {
     let (cluster, mut host, client) = setup("q4", "").await?;
@@ -168,7 +169,26 @@ async fn t40_qemu_agent_restart_keeps_the_guest() -> anyhow::Result<()> {
         anyhow::ensure!(now == pid, "QEMU changed from pid {pid} to {now}");
         Ok(())
     })
-    .await
+    .await?;
+
+    // With the agent down, stopping the unit directly (what `systemctl stop` does) is still
+    // graceful: the unit's own ExecStop presses the power button.
+    host.kill_agent()?;
+    sd.stop_unit(&unit).await?;
+    wait::until("the unit gone", BOOT, || async {
+        match sd.unit_status(&unit).await {
+            Ok(None) => Ok(Some(())),
+            Ok(Some(s)) => Err(format!("{} {}", s.active_state, s.sub_state)),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await?;
+    let c = console(&host, "keep");
+    anyhow::ensure!(
+        c.contains(&format!("{}\n", guest::POWER_BUTTON)) && c.contains("qmp-powerdown: Exited"),
+        "not a graceful stop:\n{c}"
+    );
+    Ok(())
 }
 
 async fn main_pid(sd: &Systemd, unit: &str) -> anyhow::Result<u32> {
