@@ -28,7 +28,7 @@ use crate::capacity::{self, CapacityError};
 use crate::command::CommandBuilders;
 use crate::config::{Config, ConfigError};
 use crate::notify;
-use crate::reconcile::{describe_end, reconcile, Action, Ended, Input, ObservedUnit};
+use crate::reconcile::{describe_end, reconcile, Action, ActiveState, Ended, Input, ObservedUnit};
 use crate::systemd::{StartOutcome, Systemd, SystemdClient, SystemdError, UnitEvent, UnitEvents};
 use crate::unit_spec;
 use crate::{guest_end, journal};
@@ -532,6 +532,13 @@ impl<S: SystemdClient> Agent<S> {
             .filter(|u| u.active.is_up())
             .map(|u| u.vm.as_str())
             .collect();
+        // Stopping: its ExecStop (a QEMU guest's graceful power-off) may take a while; the end
+        // comes with signals once it is done, so no "unseen end" clock runs meanwhile.
+        let stopping: BTreeSet<&str> = observed
+            .iter()
+            .filter(|u| u.active == ActiveState::Deactivating)
+            .map(|u| u.vm.as_str())
+            .collect();
         let mut ending = BTreeSet::new();
         let vms: Vec<String> = self.tracks.keys().cloned().collect();
         for vm in vms {
@@ -544,6 +551,13 @@ impl<S: SystemdClient> Agent<S> {
                 t.generation = t.generation.max(generation);
                 t.live = true;
                 t.missing_since = None;
+                continue;
+            }
+            if !t.end_pending && stopping.contains(vm.as_str()) {
+                t.missing_since = None;
+                if !t.stop_requested {
+                    ending.insert(vm);
+                }
                 continue;
             }
             if !t.end_pending {

@@ -15,6 +15,7 @@
 # every 2 s. Kernel command line switches:
 #   blixard.exit=poweroff   power off by itself right after the marker
 #   blixard.exit=panic      init exits: the kernel panics (with pvpanic loaded, QEMU sees it)
+#   blixard.nobutton=1      ignore the ACPI power button (a stop then ends with SIGTERM)
 #   blixard.debug=1         print what the kernel found (ACPI, input devices, modules)
 #   blixard.net=1           load virtio-net, bring every ethN up, print `BLIXARD-GUEST-NET-UP`
 # Always: loads pvpanic (mmio+pci), evdev and the ACPI `button` module, and runs a watcher that
@@ -110,7 +111,10 @@ power_button() {
   done
   echo "BLIXARD-GUEST-NO-POWER-BUTTON"
 }
-power_button &
+case "$CMDLINE" in
+  *" blixard.nobutton=1 "*) echo "BLIXARD-GUEST-IGNORES-POWER-BUTTON" ;;
+  *) power_button & ;;
+esac
 case "$CMDLINE" in *" blixard.debug=1 "*)
   dmesg | grep -i -E "acpi|button|input|ged|pvpanic" | head -40
   ls /sys/class/input /sys/bus/platform/devices; lsmod

@@ -330,3 +330,40 @@ async fn t40_qemu_refusals_start_no_unit() -> anyhow::Result<()> {
     })
     .await
 }
+
+/// A guest that ignores the power button: a stop made outside the agent (an operator's
+/// `systemctl stop`) waits `graceful_stop_secs`, then systemd's SIGTERM ends QEMU. The agent
+/// waits for the stopping unit and records its end once, as `stopped`.
+#[tokio::test]
+async fn t40_qemu_stubborn_guest_ends_on_sigterm_after_the_timeout() -> anyhow::Result<()> {
+    let (_cluster, host, client) = setup(
+        "q7",
+        "[vm_unit]\ngraceful_stop_secs = 5\nstop_timeout_secs = 20\n",
+    )
+    .await?;
+    let sd = Systemd::connect_address(&host.bus_address()).await?;
+    let unit = unit_name("mule");
+    with_logs(&[&host], async {
+        create_and_boot(&client, &host, &guest::spec("mule", "blixard.nobutton=1")).await?;
+        wait_state(&client, "mule", VmState::Running, Some("q7")).await?;
+        let t0 = Instant::now();
+        sd.stop_unit(&unit).await?;
+        let reason = wait_reason(&client, "mule", VmState::Stopped).await?;
+        let took = t0.elapsed();
+        eprintln!("stubborn guest stopped after {took:?}: {reason}");
+        anyhow::ensure!(took >= Duration::from_secs(5), "ended after {took:?}");
+        let c = console(&host, "mule");
+        anyhow::ensure!(
+            c.contains("qmp-powerdown: TimedOut") && c.contains("terminating on signal 15"),
+            "{c}"
+        );
+        let ends = host
+            .agent_log()
+            .lines()
+            .filter(|l| l.contains("VM end explained") && l.contains("vm=mule"))
+            .count();
+        anyhow::ensure!(ends == 1, "the end was recorded {ends} times");
+        Ok(())
+    })
+    .await
+}
