@@ -126,6 +126,11 @@ pub struct Config {
     /// Limits and timeouts of every VM unit.
     #[serde(default)]
     pub vm_unit: VmUnitConfig,
+    /// Where the agent's own API (the VMs' logs, for the control plane) listens, e.g.
+    /// `10.0.0.5:7101` or `127.0.0.1:0`; its URL goes into the registration. Absent: no API,
+    /// and `blixardctl vm logs` cannot reach this host. Without `token_file`, loopback only.
+    #[serde(default)]
+    pub api_listen: Option<String>,
 }
 
 /// Settings of the transient unit of every VM (see `unit_spec`).
@@ -189,6 +194,7 @@ impl Default for Config {
             advertise_address: String::new(),
             kvm: None,
             vm_unit: VmUnitConfig::default(),
+            api_listen: None,
         }
     }
 }
@@ -353,6 +359,26 @@ impl Config {
                 "https:// endpoints need the control plane's CA bundle",
             ));
         }
+        if let Some(listen) = &self.api_listen {
+            let addr: std::net::SocketAddr = listen.parse().map_err(|_| {
+                invalid(
+                    "api_listen",
+                    format!("{listen:?} is not an IP:port address"),
+                )
+            })?;
+            if addr.ip().is_unspecified() {
+                return Err(invalid(
+                    "api_listen",
+                    "must name the address the control plane connects to, not 0.0.0.0 or ::",
+                ));
+            }
+            if self.token_file.is_none() && !addr.ip().is_loopback() {
+                return Err(invalid(
+                    "api_listen",
+                    "without token_file the agent API serves only on loopback",
+                ));
+            }
+        }
         let u = &self.vm_unit;
         if u.cpu_weight == 0 || u.cpu_weight > 10_000 {
             return Err(invalid("vm_unit.cpu_weight", "must be between 1 and 10000"));
@@ -421,6 +447,7 @@ mod tests {
             memory_reserve_mib = 1024
             token_file = "/run/credentials/blixard-agent.service/token"
             ca_file = "/etc/blixard/ca.pem"
+            api_listen = "10.0.0.5:7101"
             [labels]
             zone = "a"
             [hypervisors]
@@ -459,6 +486,9 @@ mod tests {
             ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\nprocess_command = [\"sleep\"]", "process_command"),
             ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\n[hypervisors]\nkvmtool = \"/x\"", "hypervisors.kvmtool"),
             ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\n[vm_unit]\ncpu_weight = 0", "vm_unit.cpu_weight"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\napi_listen = \"localhost:1\"", "api_listen"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\napi_listen = \"0.0.0.0:7101\"", "api_listen"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\napi_listen = \"10.0.0.5:7101\"", "api_listen"),
         ];
         for (text, field) in cases {
             let c = parse(text).expect("parses");

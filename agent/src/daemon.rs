@@ -24,6 +24,7 @@ use blixard_api::{
 };
 use tokio::sync::{mpsc, Notify};
 
+use crate::agent_api;
 use crate::capacity::{self, CapacityError};
 use crate::command::CommandBuilders;
 use crate::config::{Config, ConfigError};
@@ -61,6 +62,8 @@ pub enum AgentError {
     Client(#[source] ClientError),
     #[error("lost the connection to systemd (its signal stream ended)")]
     SignalsLost,
+    #[error(transparent)]
+    Api(#[from] agent_api::AgentApiError),
     #[error("cannot install the signal handlers")]
     Signals(#[source] std::io::Error),
 }
@@ -117,13 +120,6 @@ where
         tracing::info!(hypervisor = hv.as_str(), status = %status, "hypervisor");
     }
     let builders = CommandBuilders::from_config(&config, probe.capacity.kvm);
-    let registration = HostRegistration {
-        id: host.clone(),
-        address: config.advertise_address.clone(),
-        capacity: probe.capacity,
-        labels: config.labels.clone(),
-        hypervisors: builders.hypervisors(),
-    };
     let token = match &config.token_file {
         Some(p) => Some(
             std::fs::read_to_string(p)
@@ -135,6 +131,28 @@ where
                 .to_string(),
         ),
         None => None,
+    };
+    // The agent API is bound before registering, so the registration carries its real port.
+    let api = match &config.api_listen {
+        Some(addr) => {
+            let bound = agent_api::bind(addr).await?;
+            tracing::info!(url = %bound.url, "agent API listening");
+            let url = bound.url.clone();
+            let task = tokio::spawn(agent_api::serve(
+                bound,
+                agent_api::ApiState::new(token.clone()),
+            ));
+            Some((url, task))
+        }
+        None => None,
+    };
+    let registration = HostRegistration {
+        id: host.clone(),
+        address: config.advertise_address.clone(),
+        capacity: probe.capacity,
+        labels: config.labels.clone(),
+        hypervisors: builders.hypervisors(),
+        agent_url: api.as_ref().map(|(url, _)| url.clone()),
     };
     let client = Arc::new(
         Client::with_ca(&config.control_endpoints, config.ca_file.as_deref())
@@ -171,6 +189,9 @@ where
         .main_loop(events, link_rx, link_tx, reregister, shutdown)
         .await;
     link.abort();
+    if let Some((_, task)) = api {
+        task.abort();
+    }
     if let Some(h) = agent.heartbeat.take() {
         h.abort();
     }

@@ -12,15 +12,19 @@
 //! - [`reconcile`]: desired + observed → actions, as plain data;
 //! - [`capacity`]: what the host offers;
 //! - [`systemd`]: the D-Bus adapter, the only module that imports zbus;
+//! - [`journal`]: `journalctl` arguments for a VM and the parser of its JSON, as plain data;
+//! - [`agent_api`]: the agent's HTTP API (a VM's logs from the journal, for the control plane);
 //! - [`daemon`]: the loops that tie them to the control plane ([`run`]);
 //! - [`notify`] and [`logging`]: sd-notify and journald/stderr logging.
 
+pub mod agent_api;
 pub mod capacity;
 pub mod command;
 pub mod config;
 pub mod daemon;
 pub mod hypervisor;
 pub mod image_path;
+pub mod journal;
 pub mod logging;
 pub mod notify;
 pub mod reconcile;
