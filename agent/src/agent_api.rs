@@ -26,7 +26,7 @@ use blixard_api::{ErrorBody, ErrorDetail, DEFAULT_LOG_LINES};
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::journal::{self, JournalError};
+use crate::journal::{self, Manager};
 
 /// Errors of starting the API.
 #[derive(Debug, thiserror::Error)]
@@ -46,13 +46,16 @@ pub struct ApiState {
     token: Option<Arc<str>>,
     /// The `journalctl` to run (tests may point elsewhere).
     journalctl: Arc<str>,
+    /// The manager that runs the VM units.
+    manager: Manager,
 }
 
 impl ApiState {
-    pub fn new(token: Option<String>) -> Self {
+    pub fn new(token: Option<String>, manager: Manager) -> Self {
         ApiState {
             token: token.map(Arc::from),
             journalctl: Arc::from("journalctl"),
+            manager,
         }
     }
 }
@@ -172,15 +175,8 @@ async fn logs(
     };
     let lines = q.lines.unwrap_or(DEFAULT_LOG_LINES);
     let follow = q.follow.unwrap_or(false);
-    let args = match journal::journalctl_args(&name, lines, follow) {
+    let args = match journal::journalctl_args(&name, lines, follow, state.manager) {
         Ok(a) => a,
-        Err(e @ (JournalError::Name(_) | JournalError::Lines(_))) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                codes::INVALID_ARGUMENT,
-                e.to_string(),
-            )
-        }
         Err(e) => {
             return error(
                 StatusCode::BAD_REQUEST,
@@ -254,6 +250,7 @@ mod tests {
         ApiState {
             token: token.map(Arc::from),
             journalctl: Arc::from(journalctl),
+            manager: Manager::System,
         }
     }
 

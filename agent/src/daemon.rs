@@ -27,7 +27,8 @@ use tokio::sync::{mpsc, Notify};
 use crate::agent_api;
 use crate::capacity::{self, CapacityError};
 use crate::command::CommandBuilders;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, SystemdBus};
+use crate::journal::Manager;
 use crate::notify;
 use crate::reconcile::{describe_end, reconcile, Action, Ended, Input, ObservedUnit};
 use crate::systemd::{StartOutcome, Systemd, SystemdClient, SystemdError, UnitEvent, UnitEvents};
@@ -140,7 +141,13 @@ where
             let url = bound.url.clone();
             let task = tokio::spawn(agent_api::serve(
                 bound,
-                agent_api::ApiState::new(token.clone()),
+                agent_api::ApiState::new(
+                    token.clone(),
+                    match config.systemd_bus {
+                        SystemdBus::System => Manager::System,
+                        SystemdBus::Session => Manager::User,
+                    },
+                ),
             ));
             Some((url, task))
         }

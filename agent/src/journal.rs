@@ -24,16 +24,35 @@ pub enum JournalError {
     NoTimestamp,
 }
 
+/// Which systemd manager runs the VM units, for finding its messages about them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Manager {
+    /// PID 1: its messages carry `UNIT=`, which `--unit` matches.
+    System,
+    /// A user manager (test hosts, rootless use): its messages carry `USER_UNIT=`, which only
+    /// `--user-unit` matches.
+    User,
+}
+
 /// The arguments (without the program) of `journalctl` printing the last `lines` entries of
 /// `vm`'s unit as JSON, and with `follow` the new ones as they come.
-pub fn journalctl_args(vm: &str, lines: u32, follow: bool) -> Result<Vec<String>, JournalError> {
+pub fn journalctl_args(
+    vm: &str,
+    lines: u32,
+    follow: bool,
+    manager: Manager,
+) -> Result<Vec<String>, JournalError> {
     validate::dns_label("name", vm).map_err(|e| JournalError::Name(e.message))?;
     if !(1..=MAX_LOG_LINES).contains(&lines) {
         return Err(JournalError::Lines(lines));
     }
-    let mut args = vec![
-        "--unit".to_string(),
-        unit_name(vm),
+    let unit = unit_name(vm);
+    let mut args = vec!["--unit".to_string(), unit.clone()];
+    if manager == Manager::User {
+        // Matches are ORed: the unit's output (`_SYSTEMD_UNIT`) and the manager's messages.
+        args.extend(["--user-unit".to_string(), unit]);
+    }
+    args.extend([
         "--output".into(),
         "json".into(),
         // Full field values: without it, values over 4 KiB print as null.
@@ -42,7 +61,7 @@ pub fn journalctl_args(vm: &str, lines: u32, follow: bool) -> Result<Vec<String>
         lines.to_string(),
         "--no-pager".into(),
         "--quiet".into(),
-    ];
+    ]);
     if follow {
         args.push("--follow".into());
     }
@@ -160,7 +179,7 @@ mod tests {
             ("-f", 1, false, Err(JournalError::Name(String::new()))),
         ];
         for (vm, lines, follow, want) in cases {
-            let got = journalctl_args(vm, lines, follow);
+            let got = journalctl_args(vm, lines, follow, Manager::System);
             match (got, want) {
                 (Ok(g), Ok(w)) => assert_eq!(g, w, "{vm} {lines} {follow}"),
                 (Err(JournalError::Name(_)), Err(JournalError::Name(_))) => {}
@@ -168,8 +187,31 @@ mod tests {
             }
         }
         for bad in ["", "../x", "a b", "UPPER", "x;rm", "a*"] {
-            assert!(journalctl_args(bad, 1, false).is_err(), "{bad:?}");
+            assert!(
+                journalctl_args(bad, 1, false, Manager::User).is_err(),
+                "{bad:?}"
+            );
         }
+        assert_eq!(
+            journalctl_args("web", 5, false, Manager::User).ok(),
+            Some(
+                [
+                    "--unit",
+                    "blixard-vm-web.service",
+                    "--user-unit",
+                    "blixard-vm-web.service",
+                    "--output",
+                    "json",
+                    "--all",
+                    "--lines",
+                    "5",
+                    "--no-pager",
+                    "--quiet",
+                ]
+                .map(String::from)
+                .to_vec()
+            )
+        );
     }
 
     #[test]

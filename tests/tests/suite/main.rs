@@ -6,5 +6,6 @@
 mod t10_cluster;
 mod t20_agent;
 mod t30_placement;
+mod t50_logs;
 mod t60_packaging;
 mod t70_security;
