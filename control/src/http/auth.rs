@@ -328,6 +328,7 @@ mod tests {
             ),
             (Method::POST, "/v1/hosts/h1/drain", Need::Operator),
             (Method::POST, "/v1/vms", Need::Operator),
+            (Method::GET, "/v1/vms/a/logs", Need::Operator),
             (Method::GET, "/v1/cluster/status", Need::Operator),
         ];
         for (m, p, want) in cases {

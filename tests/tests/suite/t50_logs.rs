@@ -288,6 +288,10 @@ async fn follow_sees_new_line(
                 .context("after-marker did not arrive through vm logs -f")?
                 .ok_or_else(|| anyhow::anyhow!("vm logs -f ended"))?;
             if line == "after-marker" {
+                anyhow::ensure!(
+                    !following_journalctls().is_empty(),
+                    "no journalctl --follow runs while vm logs -f does"
+                );
                 return Ok::<_, anyhow::Error>(());
             }
         }
@@ -296,7 +300,41 @@ async fn follow_sees_new_line(
     let _ = child.kill();
     let _ = child.wait();
     let _ = reader.join();
-    result
+    result?;
+    // The client went away: the control node drops its agent connection and the agent ends
+    // its `journalctl --follow`.
+    wait::until(
+        "the agent's journalctl --follow to end",
+        DEADLINE,
+        || async {
+            let left = following_journalctls();
+            if left.is_empty() {
+                Ok(Some(()))
+            } else {
+                Err(format!("still running: {left:?}"))
+            }
+        },
+    )
+    .await
+}
+
+/// Processes running `journalctl … --follow` on the ticker's unit.
+fn following_journalctls() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    dir.filter_map(|e| {
+        let cmdline = std::fs::read(e.ok()?.path().join("cmdline")).ok()?;
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is = args.first()?.ends_with("journalctl")
+            && args.iter().any(|a| a == "--follow")
+            && args.iter().any(|a| a == "blixard-vm-ticker.service");
+        is.then(|| args.join(" "))
+    })
+    .collect()
 }
 
 /// The agent refuses a wrong or missing token and anything that is not a VM name.
