@@ -8,7 +8,8 @@
 //!
 //! A caller must present the host's agent token (`Authorization: Bearer …`, compared in
 //! constant time). An agent without a token serves only on loopback (the configuration
-//! refuses anything else). The API is plain HTTP: put it on loopback or a trusted network.
+//! refuses anything else). With `api_tls_cert_file` and `api_tls_key_file` it serves HTTPS
+//! ([`crate::api_tls`]); otherwise plain HTTP, for loopback or a trusted network.
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -37,6 +38,8 @@ pub enum AgentApiError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot load the agent API's certificate")]
+    Tls(#[from] crate::api_tls::ApiTlsError),
 }
 
 /// What the handlers share.
@@ -61,14 +64,23 @@ impl ApiState {
 }
 
 /// A bound listener and its URL, ready to [`serve`].
-#[derive(Debug)]
 pub struct Bound {
     pub listener: tokio::net::TcpListener,
+    /// With a certificate: HTTPS.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub url: String,
 }
 
-/// Binds `addr` (e.g. `127.0.0.1:0`); the URL names the bound port.
-pub async fn bind(addr: &str) -> Result<Bound, AgentApiError> {
+/// Binds `addr` (e.g. `127.0.0.1:0`), with HTTPS when `tls` names a certificate and key; the
+/// URL names the bound port.
+pub async fn bind(
+    addr: &str,
+    tls: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<Bound, AgentApiError> {
+    let tls = match tls {
+        Some((cert, key)) => Some(crate::api_tls::acceptor(cert, key)?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| AgentApiError::Bind {
@@ -81,15 +93,27 @@ pub async fn bind(addr: &str) -> Result<Bound, AgentApiError> {
             addr: addr.to_string(),
             source,
         })?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     Ok(Bound {
         listener,
-        url: format!("http://{local}"),
+        tls,
+        url: format!("{scheme}://{local}"),
     })
 }
 
 /// Serves the API on `bound` until the task is aborted.
 pub async fn serve(bound: Bound, state: ApiState) {
-    if let Err(e) = axum::serve(bound.listener, router(state)).await {
+    let result = match bound.tls {
+        Some(acceptor) => {
+            let listener = crate::api_tls::TlsListener {
+                tcp: bound.listener,
+                acceptor,
+            };
+            axum::serve(listener, router(state)).await
+        }
+        None => axum::serve(bound.listener, router(state)).await,
+    };
+    if let Err(e) = result {
         tracing::error!(error = %e, "agent API stopped");
     }
 }

@@ -131,6 +131,12 @@ pub struct Config {
     /// and `blixardctl vm logs` cannot reach this host. Without `token_file`, loopback only.
     #[serde(default)]
     pub api_listen: Option<String>,
+    /// PEM certificate chain and key of the agent API: with both, it serves HTTPS (control
+    /// nodes check it against the cluster's CA).
+    #[serde(default)]
+    pub api_tls_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub api_tls_key_file: Option<PathBuf>,
 }
 
 /// Settings of the transient unit of every VM (see `unit_spec`).
@@ -195,6 +201,8 @@ impl Default for Config {
             kvm: None,
             vm_unit: VmUnitConfig::default(),
             api_listen: None,
+            api_tls_cert_file: None,
+            api_tls_key_file: None,
         }
     }
 }
@@ -338,7 +346,21 @@ impl Config {
                 ));
             }
         }
-        for (field, file) in [("token_file", &self.token_file), ("ca_file", &self.ca_file)] {
+        if self.api_tls_cert_file.is_some() != self.api_tls_key_file.is_some() {
+            return Err(invalid(
+                "api_tls_cert_file",
+                "api_tls_cert_file and api_tls_key_file go together",
+            ));
+        }
+        if self.api_tls_cert_file.is_some() && self.api_listen.is_none() {
+            return Err(invalid("api_tls_cert_file", "needs api_listen"));
+        }
+        for (field, file) in [
+            ("token_file", &self.token_file),
+            ("ca_file", &self.ca_file),
+            ("api_tls_cert_file", &self.api_tls_cert_file),
+            ("api_tls_key_file", &self.api_tls_key_file),
+        ] {
             if let Some(f) = file {
                 if !f.is_absolute() {
                     return Err(invalid(
@@ -448,6 +470,8 @@ mod tests {
             token_file = "/run/credentials/blixard-agent.service/token"
             ca_file = "/etc/blixard/ca.pem"
             api_listen = "10.0.0.5:7101"
+            api_tls_cert_file = "/etc/blixard/tls/agent.pem"
+            api_tls_key_file = "/etc/blixard/tls/agent.key"
             [labels]
             zone = "a"
             [hypervisors]
@@ -489,6 +513,9 @@ mod tests {
             ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\napi_listen = \"localhost:1\"", "api_listen"),
             ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\napi_listen = \"0.0.0.0:7101\"", "api_listen"),
             ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\napi_listen = \"10.0.0.5:7101\"", "api_listen"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\napi_listen = \"127.0.0.1:0\"\napi_tls_cert_file = \"/c.pem\"", "api_tls_cert_file"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\napi_tls_cert_file = \"/c.pem\"\napi_tls_key_file = \"/k.pem\"", "api_tls_cert_file"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\napi_listen = \"127.0.0.1:0\"\napi_tls_cert_file = \"c.pem\"\napi_tls_key_file = \"/k.pem\"", "api_tls_cert_file"),
         ];
         for (text, field) in cases {
             let c = parse(text).expect("parses");

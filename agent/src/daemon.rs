@@ -136,7 +136,11 @@ where
     // The agent API is bound before registering, so the registration carries its real port.
     let api = match &config.api_listen {
         Some(addr) => {
-            let bound = agent_api::bind(addr).await?;
+            let tls = config
+                .api_tls_cert_file
+                .as_deref()
+                .zip(config.api_tls_key_file.as_deref());
+            let bound = agent_api::bind(addr, tls).await?;
             tracing::info!(url = %bound.url, "agent API listening");
             let url = bound.url.clone();
             let task = tokio::spawn(agent_api::serve(

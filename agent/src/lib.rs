@@ -13,11 +13,13 @@
 //! - [`capacity`]: what the host offers;
 //! - [`systemd`]: the D-Bus adapter, the only module that imports zbus;
 //! - [`journal`]: `journalctl` arguments for a VM and the parser of its JSON, as plain data;
-//! - [`agent_api`]: the agent's HTTP API (a VM's logs from the journal, for the control plane);
+//! - [`agent_api`]: the agent's HTTP API (a VM's logs from the journal, for the control plane),
+//!   over HTTPS with [`api_tls`];
 //! - [`daemon`]: the loops that tie them to the control plane ([`run`]);
 //! - [`notify`] and [`logging`]: sd-notify and journald/stderr logging.
 
 pub mod agent_api;
+pub mod api_tls;
 pub mod capacity;
 pub mod command;
 pub mod config;

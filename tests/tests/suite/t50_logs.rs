@@ -91,13 +91,20 @@ async fn t50_vm_logs_from_every_control_node() -> anyhow::Result<()> {
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
     }
     let trigger = base.join("trigger");
+    // The agent API serves HTTPS with a certificate for 127.0.0.1 from the cluster's CA.
+    let certs = ca
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("the CA file has a directory"))?;
     host.spawn_agent(
         &cluster.endpoints(),
         &format!(
             "token_file = {:?}\nca_file = {:?}\napi_listen = \"127.0.0.1:0\"\n\
+             api_tls_cert_file = {:?}\napi_tls_key_file = {:?}\n\
              process_command = [\"/bin/sh\", {:?}, {:?}]\n",
             base.join("agent-token").display().to_string(),
             ca.display().to_string(),
+            certs.join("node.pem").display().to_string(),
+            certs.join("node.key").display().to_string(),
             script.display().to_string(),
             trigger.display().to_string(),
         ),
@@ -113,7 +120,7 @@ async fn t50_vm_logs_from_every_control_node() -> anyhow::Result<()> {
             .agent_url
             .clone()
             .ok_or_else(|| anyhow::anyhow!("h1 registered without an agent_url"))?;
-        anyhow::ensure!(agent_url.starts_with("http://127.0.0.1:"), "{agent_url}");
+        anyhow::ensure!(agent_url.starts_with("https://127.0.0.1:"), "{agent_url}");
         vms::create(&client, &vms::process_spec("ticker", 64)).await?;
         vms::wait_state(&client, "ticker", VmState::Running, Some("h1")).await?;
 
@@ -216,7 +223,7 @@ async fn t50_vm_logs_from_every_control_node() -> anyhow::Result<()> {
         anyhow::ensure!(e.status() == Some(400), "{e}");
 
         // The agent's own endpoint: the host's token only, VM names only.
-        agent_refusals(&agent_url, agent_token).await?;
+        agent_refusals(&agent_url, agent_token, &ca).await?;
         Ok(())
     })
     .await?;
@@ -337,11 +344,24 @@ fn following_journalctls() -> Vec<String> {
     .collect()
 }
 
-/// The agent refuses a wrong or missing token and anything that is not a VM name.
-async fn agent_refusals(agent_url: &str, token: &str) -> anyhow::Result<()> {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()?;
+/// The agent refuses a wrong or missing token and anything that is not a VM name, and
+/// serves only HTTPS when it has a certificate.
+async fn agent_refusals(agent_url: &str, token: &str, ca: &Path) -> anyhow::Result<()> {
+    let http = blixard_api::tls::trust_only(
+        reqwest::Client::builder().timeout(Duration::from_secs(30)),
+        ca,
+    )?
+    .build()?;
+    let plain = agent_url.replacen("https://", "http://", 1);
+    let r = http
+        .get(format!("{plain}/v1/vms/ticker/logs?lines=1"))
+        .bearer_auth(token)
+        .send()
+        .await;
+    anyhow::ensure!(
+        !r.as_ref().is_ok_and(|r| r.status().is_success()),
+        "plain HTTP was served: {r:?}"
+    );
     let cases = [
         ("/v1/vms/ticker/logs?lines=1", None, 401),
         (
