@@ -72,13 +72,11 @@ up)
       --initrd initrd.gz --cmdline "console=ttyS0 reboot=t panic=-1 quiet" --wait --timeout 60 >/dev/null
   "$BIN/blixardctl" vm list
   echo
-  # Its console, from its host's journal (blixardctl vm logs will serve this).
-  echo "console of guest-1:"
+  # Its console, from its host's journal, through any control node and the host's agent.
+  echo "blixardctl vm logs guest-1:"
   for _ in $(seq 600); do
-    for j in "$D"/hosts/*/journal; do
-      out=$(journalctl -D "$j" --no-pager -o cat -u blixard-vm-guest-1.service 2>/dev/null || true)
-      case "$out" in *BLIXARD-GUEST-HEARTBEAT*) printf '%s\n' "$out" | sed 's/^/  /'; break 2 ;; esac
-    done
+    out=$("$BIN/blixardctl" vm logs guest-1 -n 200 2>/dev/null || true)
+    case "$out" in *BLIXARD-GUEST-HEARTBEAT*) printf '%s\n' "$out" | sed 's/^/  /'; break ;; esac
     sleep 0.2
   done
   echo
@@ -88,7 +86,8 @@ up)
   echo "  blixardctl vm create web-1 --hypervisor process --memory 64 --wait"
   echo "  blixardctl vm list"
   echo "  blixardctl host drain host1 && blixardctl vm list"
-  echo "  journalctl -D $D/hosts/<host>/journal -u blixard-vm-guest-1 -f   # the guest's console"
+  echo "  blixardctl vm logs guest-1 -f      # the guest's console, from any node"
+  echo "  blixardctl vm show guest-1         # host, state, last console lines"
   echo "Stop it with: scripts/demo.sh down"
   ;;
 *)

@@ -135,6 +135,17 @@ pub struct Config {
     /// Limits and timeouts of every VM unit.
     #[serde(default)]
     pub vm_unit: VmUnitConfig,
+    /// Where the agent's own API (the VMs' logs, for the control plane) listens, e.g.
+    /// `10.0.0.5:7101` or `127.0.0.1:0`; its URL goes into the registration. Absent: no API,
+    /// and `blixardctl vm logs` cannot reach this host. Without `token_file`, loopback only.
+    #[serde(default)]
+    pub api_listen: Option<String>,
+    /// PEM certificate chain and key of the agent API: with both, it serves HTTPS (control
+    /// nodes check it against the cluster's CA).
+    #[serde(default)]
+    pub api_tls_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub api_tls_key_file: Option<PathBuf>,
 }
 
 /// Settings of the transient unit of every VM (see `unit_spec`).
@@ -213,6 +224,9 @@ impl Default for Config {
             journalctl: default_journalctl(),
             kvm: None,
             vm_unit: VmUnitConfig::default(),
+            api_listen: None,
+            api_tls_cert_file: None,
+            api_tls_key_file: None,
         }
     }
 }
@@ -356,7 +370,21 @@ impl Config {
                 ));
             }
         }
-        for (field, file) in [("token_file", &self.token_file), ("ca_file", &self.ca_file)] {
+        if self.api_tls_cert_file.is_some() != self.api_tls_key_file.is_some() {
+            return Err(invalid(
+                "api_tls_cert_file",
+                "api_tls_cert_file and api_tls_key_file go together",
+            ));
+        }
+        if self.api_tls_cert_file.is_some() && self.api_listen.is_none() {
+            return Err(invalid("api_tls_cert_file", "needs api_listen"));
+        }
+        for (field, file) in [
+            ("token_file", &self.token_file),
+            ("ca_file", &self.ca_file),
+            ("api_tls_cert_file", &self.api_tls_cert_file),
+            ("api_tls_key_file", &self.api_tls_key_file),
+        ] {
             if let Some(f) = file {
                 if !f.is_absolute() {
                     return Err(invalid(
@@ -376,6 +404,26 @@ impl Config {
                 "ca_file",
                 "https:// endpoints need the control plane's CA bundle",
             ));
+        }
+        if let Some(listen) = &self.api_listen {
+            let addr: std::net::SocketAddr = listen.parse().map_err(|_| {
+                invalid(
+                    "api_listen",
+                    format!("{listen:?} is not an IP:port address"),
+                )
+            })?;
+            if addr.ip().is_unspecified() {
+                return Err(invalid(
+                    "api_listen",
+                    "must name the address the control plane connects to, not 0.0.0.0 or ::",
+                ));
+            }
+            if self.token_file.is_none() && !addr.ip().is_loopback() {
+                return Err(invalid(
+                    "api_listen",
+                    "without token_file the agent API serves only on loopback",
+                ));
+            }
         }
         let u = &self.vm_unit;
         if u.cpu_weight == 0 || u.cpu_weight > 10_000 {
@@ -451,6 +499,9 @@ mod tests {
             memory_reserve_mib = 1024
             token_file = "/run/credentials/blixard-agent.service/token"
             ca_file = "/etc/blixard/ca.pem"
+            api_listen = "10.0.0.5:7101"
+            api_tls_cert_file = "/etc/blixard/tls/agent.pem"
+            api_tls_key_file = "/etc/blixard/tls/agent.key"
             [labels]
             zone = "a"
             [hypervisors]
@@ -490,6 +541,12 @@ mod tests {
             ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\n[hypervisors]\nkvmtool = \"/x\"", "hypervisors.kvmtool"),
             ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\n[vm_unit]\ncpu_weight = 0", "vm_unit.cpu_weight"),
             ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\n[vm_unit]\nstop_timeout_secs = 10", "vm_unit.graceful_stop_secs"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\napi_listen = \"localhost:1\"", "api_listen"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\napi_listen = \"0.0.0.0:7101\"", "api_listen"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\napi_listen = \"10.0.0.5:7101\"", "api_listen"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\napi_listen = \"127.0.0.1:0\"\napi_tls_cert_file = \"/c.pem\"", "api_tls_cert_file"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\napi_tls_cert_file = \"/c.pem\"\napi_tls_key_file = \"/k.pem\"", "api_tls_cert_file"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\napi_listen = \"127.0.0.1:0\"\napi_tls_cert_file = \"c.pem\"\napi_tls_key_file = \"/k.pem\"", "api_tls_cert_file"),
         ];
         for (text, field) in cases {
             let c = parse(text).expect("parses");

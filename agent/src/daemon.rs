@@ -24,14 +24,16 @@ use blixard_api::{
 };
 use tokio::sync::{mpsc, Notify};
 
+use crate::agent_api;
 use crate::capacity::{self, CapacityError};
 use crate::command::CommandBuilders;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, SystemdBus};
+use crate::journal::Manager;
 use crate::notify;
 use crate::reconcile::{describe_end, reconcile, Action, ActiveState, Ended, Input, ObservedUnit};
 use crate::systemd::{StartOutcome, Systemd, SystemdClient, SystemdError, UnitEvent, UnitEvents};
 use crate::unit_spec;
-use crate::{guest_end, journal};
+use crate::{guest_end, last_run_log};
 
 /// How long one assignments long-poll may wait on the server.
 pub const LONG_POLL: Duration = Duration::from_secs(30);
@@ -65,6 +67,8 @@ pub enum AgentError {
     Client(#[source] ClientError),
     #[error("lost the connection to systemd (its signal stream ended)")]
     SignalsLost,
+    #[error(transparent)]
+    Api(#[from] agent_api::AgentApiError),
     #[error("cannot install the signal handlers")]
     Signals(#[source] std::io::Error),
 }
@@ -121,13 +125,6 @@ where
         tracing::info!(hypervisor = hv.as_str(), status = %status, "hypervisor");
     }
     let builders = CommandBuilders::from_config(&config, probe.capacity.kvm);
-    let registration = HostRegistration {
-        id: host.clone(),
-        address: config.advertise_address.clone(),
-        capacity: probe.capacity,
-        labels: config.labels.clone(),
-        hypervisors: builders.hypervisors(),
-    };
     let token = match &config.token_file {
         Some(p) => Some(
             std::fs::read_to_string(p)
@@ -139,6 +136,39 @@ where
                 .to_string(),
         ),
         None => None,
+    };
+    // The agent API is bound before registering, so the registration carries its real port.
+    let api = match &config.api_listen {
+        Some(addr) => {
+            let tls = config
+                .api_tls_cert_file
+                .as_deref()
+                .zip(config.api_tls_key_file.as_deref());
+            let bound = agent_api::bind(addr, tls).await?;
+            tracing::info!(url = %bound.url, "agent API listening");
+            let url = bound.url.clone();
+            let task = tokio::spawn(agent_api::serve(
+                bound,
+                agent_api::ApiState::new(
+                    token.clone(),
+                    &config.journalctl,
+                    match config.systemd_bus {
+                        SystemdBus::System => Manager::System,
+                        SystemdBus::Session => Manager::User,
+                    },
+                ),
+            ));
+            Some((url, task))
+        }
+        None => None,
+    };
+    let registration = HostRegistration {
+        id: host.clone(),
+        address: config.advertise_address.clone(),
+        capacity: probe.capacity,
+        labels: config.labels.clone(),
+        hypervisors: builders.hypervisors(),
+        agent_url: api.as_ref().map(|(url, _)| url.clone()),
     };
     let client = Arc::new(
         Client::with_ca(&config.control_endpoints, config.ca_file.as_deref())
@@ -176,6 +206,9 @@ where
         .main_loop(events, link_rx, link_tx, reregister, shutdown)
         .await;
     link.abort();
+    if let Some((_, task)) = api {
+        task.abort();
+    }
     if let Some(h) = agent.heartbeat.take() {
         h.abort();
     }
@@ -637,7 +670,7 @@ impl<S: SystemdClient> Agent<S> {
                 if attempt > 0 {
                     tokio::time::sleep(JOURNAL_RETRY).await;
                 }
-                match journal::unit_last_run(&self.config.journalctl, &unit, since).await {
+                match last_run_log::unit_last_run(&self.config.journalctl, &unit, since).await {
                     Ok(lines) => {
                         console = guest_end::classify(&lines);
                         if console.is_some() {

@@ -11,13 +11,19 @@
 //! - [`unit_spec`]: VM spec → transient unit properties, as plain data;
 //! - [`reconcile`]: desired + observed → actions, as plain data;
 //! - [`guest_end`]: why a QEMU VM ended, from its console's last lines (pure), read by
-//!   [`journal`];
+//!   [`last_run_log`];
 //! - [`capacity`]: what the host offers;
 //! - [`systemd`]: the D-Bus adapter, the only module that imports zbus;
+//! - [`last_run_log`]: the last run's messages of a VM unit, from `journalctl`;
+//! - [`journal`]: `journalctl` arguments for a VM and the parser of its JSON, as plain data;
+//! - [`agent_api`]: the agent's HTTP API (a VM's logs from the journal, for the control plane),
+//!   over HTTPS with [`api_tls`];
 //! - [`daemon`]: the loops that tie them to the control plane ([`run`]);
 //! - [`qmp`]: the graceful stop of a QEMU VM (`blixard-agent qmp-powerdown`);
 //! - [`notify`] and [`logging`]: sd-notify and journald/stderr logging.
 
+pub mod agent_api;
+pub mod api_tls;
 pub mod capacity;
 pub mod command;
 pub mod config;
@@ -26,6 +32,7 @@ pub mod guest_end;
 pub mod hypervisor;
 pub mod image_path;
 pub mod journal;
+pub mod last_run_log;
 pub mod logging;
 pub mod notify;
 pub mod qmp;

@@ -140,6 +140,7 @@ mod tests {
             registered_ms: 0,
             drain_deadline_ms: None,
             epoch: 1,
+            agent_url: None,
         }
     }
 

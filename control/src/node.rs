@@ -91,6 +91,20 @@ fn peer_client(peer_token: Option<&str>, config: &Config) -> Result<reqwest::Cli
     b.build().map_err(|e| NodeError::Raft(e.to_string()))
 }
 
+/// The HTTP client for calls to agents: a short connect timeout, so that a dead host is an
+/// error within seconds; with TLS the cluster's CA as the only trust root.
+fn agent_client(config: &Config) -> Result<reqwest::Client, NodeError> {
+    blixard_api::tls::install_provider();
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true);
+    if let Some(tls) = &config.tls {
+        b = blixard_api::tls::trust_only(b, &tls.ca)
+            .map_err(|e| NodeError::Invalid(e.to_string()))?;
+    }
+    b.build().map_err(|e| NodeError::Raft(e.to_string()))
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -110,6 +124,9 @@ pub struct ControlNode {
     pub tokens: Option<crate::http::auth::Tokens>,
     /// Client for calls to peers (carries the peer token and the cluster CA).
     http: reqwest::Client,
+    /// Client for calls to hosts' agents (a VM's logs): no default credentials, each call
+    /// carries that host's agent token.
+    pub agent_http: reqwest::Client,
 }
 
 impl ControlNode {
@@ -152,6 +169,7 @@ impl ControlNode {
             None => None,
         };
         let http = peer_client(tokens.as_ref().and_then(|t| t.peer_token()), &config)?;
+        let agent_http = agent_client(&config)?;
         let network = HttpNetwork::from_client(http.clone());
         let raft = Raft::new(config.node_id, raft_config, network, log, state.clone())
             .await
@@ -164,6 +182,7 @@ impl ControlNode {
             metrics: Arc::new(Metrics::new()),
             tokens,
             http,
+            agent_http,
         }))
     }
 

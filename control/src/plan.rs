@@ -135,6 +135,7 @@ mod tests {
             },
             labels: Default::default(),
             hypervisors: vec![Hypervisor::Process],
+            agent_url: None,
         };
         let cmds = [
             Command::RegisterHost {

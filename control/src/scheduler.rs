@@ -215,6 +215,7 @@ mod tests {
             registered_ms: 0,
             drain_deadline_ms: None,
             epoch: 1,
+            agent_url: None,
         }
     }
 
@@ -439,6 +440,7 @@ mod properties {
             registered_ms: 0,
             drain_deadline_ms: None,
             epoch: 1,
+            agent_url: None,
         }
     }
 

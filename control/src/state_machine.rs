@@ -520,6 +520,7 @@ impl Apply<'_> {
                 registered_ms: old.registered_ms,
                 drain_deadline_ms: old.drain_deadline_ms,
                 epoch: old.epoch + 1,
+                agent_url: r.agent_url.clone(),
             },
             None => Host {
                 id: r.id.clone(),
@@ -532,6 +533,7 @@ impl Apply<'_> {
                 registered_ms: now,
                 drain_deadline_ms: None,
                 epoch: 1,
+                agent_url: r.agent_url.clone(),
             },
         };
         self.s.hosts.insert(r.id.clone(), host.clone());

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::types::{
     codes, AddMember, Assignments, ClusterStatus, DrainRequest, ErrorBody, Events, Health, Host,
-    HostRegistration, Member, Plan, PlanRequest, StateSnapshot, UpdateVm, Vm, VmSpec,
+    HostRegistration, LogLine, Member, Plan, PlanRequest, StateSnapshot, UpdateVm, Vm, VmSpec,
     VmStatusReport,
 };
 
@@ -259,6 +259,74 @@ impl Client {
         self.get("/v1/cluster/status").await
     }
 
+    /// Streams the last `lines` (server default when `None`) console and unit lines of VM
+    /// `name`, and with `follow` every new one until the stream is dropped. `timeout` bounds
+    /// the whole request (`None`: no bound, as `follow` needs). Endpoints are tried in turn
+    /// until one answers.
+    pub async fn vm_logs(
+        &self,
+        name: &str,
+        lines: Option<u32>,
+        follow: bool,
+        timeout: Option<Duration>,
+    ) -> Result<LogStream, ClientError> {
+        let mut path = format!("/v1/vms/{}/logs?follow={follow}", encode(name));
+        if let Some(n) = lines {
+            path.push_str(&format!("&lines={n}"));
+        }
+        let n = self.endpoints.len();
+        let start = self.preferred.load(Ordering::Relaxed) % n;
+        let mut last_err = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            let endpoint = &self.endpoints[i];
+            let mut req = self.http.get(format!("{endpoint}{path}"));
+            if let Some(t) = timeout {
+                req = req.timeout(t);
+            }
+            if let Some(t) = &self.bearer {
+                req = req.bearer_auth(t);
+            }
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    last_err = Some(ClientError::Unreachable(format!("{endpoint}: {e}")));
+                    continue;
+                }
+            };
+            let status = resp.status();
+            if status.is_success() {
+                self.preferred.store(i, Ordering::Relaxed);
+                return Ok(LogStream {
+                    resp,
+                    endpoint: endpoint.clone(),
+                    buf: Vec::new(),
+                    done: false,
+                });
+            }
+            let bytes = resp.bytes().await.unwrap_or_default();
+            let err = match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(b) => ClientError::Api {
+                    status: status.as_u16(),
+                    code: b.error.code,
+                    message: b.error.message,
+                },
+                Err(_) => ClientError::Api {
+                    status: status.as_u16(),
+                    code: codes::INTERNAL.into(),
+                    message: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+                },
+            };
+            // As for every read, a node without a leader passes the request on.
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                last_err = Some(err);
+                continue;
+            }
+            return Err(err);
+        }
+        Err(last_err.unwrap_or_else(|| ClientError::Unreachable("no endpoint".into())))
+    }
+
     pub async fn members(&self) -> Result<Vec<Member>, ClientError> {
         self.get("/v1/cluster/members").await
     }
@@ -435,6 +503,64 @@ impl Client {
         let path = format!("/v1/hosts/{}/vms/{}/status", encode(host), encode(vm));
         self.call(Method::PUT, &path, Some(report), DEFAULT_TIMEOUT)
             .await
+    }
+}
+
+/// The NDJSON lines of `GET /v1/vms/{name}/logs` as they arrive (see [`Client::vm_logs`]).
+#[derive(Debug)]
+pub struct LogStream {
+    resp: reqwest::Response,
+    endpoint: String,
+    buf: Vec<u8>,
+    done: bool,
+}
+
+/// Longest NDJSON line accepted from the server.
+const MAX_LOG_LINE_BYTES: usize = 1 << 20;
+
+impl LogStream {
+    /// The next line, or `None` at the end of the stream (without `follow`: after the last
+    /// line asked for).
+    pub async fn next_line(&mut self) -> Result<Option<LogLine>, ClientError> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                let line = &line[..i];
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                return serde_json::from_slice(line)
+                    .map(Some)
+                    .map_err(|e| ClientError::Decode {
+                        endpoint: self.endpoint.clone(),
+                        message: format!("log line: {e}"),
+                    });
+            }
+            if self.done {
+                return Ok(None);
+            }
+            if self.buf.len() > MAX_LOG_LINE_BYTES {
+                return Err(ClientError::Decode {
+                    endpoint: self.endpoint.clone(),
+                    message: "log line over 1 MiB".into(),
+                });
+            }
+            match self.resp.chunk().await {
+                Ok(Some(b)) => self.buf.extend_from_slice(&b),
+                Ok(None) => {
+                    self.done = true;
+                    if !self.buf.is_empty() && !self.buf.ends_with(b"\n") {
+                        self.buf.push(b'\n');
+                    }
+                }
+                Err(e) => {
+                    return Err(ClientError::Unreachable(format!(
+                        "{}: the log stream broke off: {e}",
+                        self.endpoint
+                    )))
+                }
+            }
+        }
     }
 }
 

@@ -9,7 +9,7 @@ pub mod tls;
 pub mod types;
 pub mod validate;
 
-pub use client::{Client, ClientError};
+pub use client::{Client, ClientError, LogStream};
 pub use types::*;
 
 /// Prefix of every VM's systemd unit name: `blixard-vm-<name>.service`.

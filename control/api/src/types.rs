@@ -268,6 +268,10 @@ pub struct HostRegistration {
     /// Hypervisors this host can run.
     #[serde(default)]
     pub hypervisors: Vec<Hypervisor>,
+    /// Base URL of the agent's own API (`http://127.0.0.1:7101`), which serves the VMs'
+    /// logs; absent when the agent serves none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_url: Option<String>,
 }
 
 /// A host as stored by the cluster.
@@ -288,7 +292,44 @@ pub struct Host {
     pub drain_deadline_ms: Option<u64>,
     /// Bumped whenever the agent (re)registers: a new session of the agent.
     pub epoch: u64,
+    /// Base URL of the agent's API (see [`HostRegistration::agent_url`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_url: Option<String>,
 }
+
+/// Where a [`LogLine`] comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogSource {
+    /// The VM's own output: its console, from the unit's processes.
+    Console,
+    /// systemd's messages about the VM's unit (started, stopped, failed).
+    Unit,
+}
+
+impl LogSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogSource::Console => "console",
+            LogSource::Unit => "unit",
+        }
+    }
+}
+
+/// One line of `GET /v1/vms/{name}/logs`, which streams them as NDJSON (one JSON object a
+/// line), oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// Unix microseconds at which the host's journal received the line.
+    pub ts_us: u64,
+    pub source: LogSource,
+    pub message: String,
+}
+
+/// Most lines `GET /v1/vms/{name}/logs?lines=N` may ask for.
+pub const MAX_LOG_LINES: u32 = 10_000;
+/// Lines of `GET /v1/vms/{name}/logs` when `lines` is not given.
+pub const DEFAULT_LOG_LINES: u32 = 100;
 
 /// Body of `POST /v1/hosts/{id}/drain`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -26,7 +26,7 @@ Exit codes:
   2  usage error
   3  not found
   4  conflict (already exists, changed meanwhile)
-  5  control plane unreachable or without a leader
+  5  control plane unreachable or without a leader (or, for vm logs, the VM's host)
   6  --wait timed out";
 
 #[derive(Parser)]
@@ -192,8 +192,19 @@ enum VmCmd {
     },
     /// List VMs.
     List,
-    /// Show one VM.
+    /// Show one VM, with its last console lines when its host can be reached.
     Show { name: String },
+    /// Print a VM's console and unit lines from its host's journal (`-o json`: NDJSON).
+    Logs {
+        name: String,
+        /// Keep printing new lines until interrupted (Ctrl-C).
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// How many of the last lines to print first (1-10000).
+        #[arg(short = 'n', long, default_value_t = 100,
+              value_parser = clap::value_parser!(u32).range(1..=i64::from(blixard_api::MAX_LOG_LINES)))]
+        lines: u32,
+    },
     /// Delete a VM (its unit is stopped).
     Delete { name: String },
     /// Start a stopped VM (or one that failed).
@@ -411,7 +422,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     finish(&client, out, vm, wait, blixard_api::VmState::Running).await?
                 }
                 VmCmd::List => print_vms(out, &client.list_vms().await?),
-                VmCmd::Show { name } => print_vm(out, &client.get_vm(&name).await?),
+                VmCmd::Show { name } => {
+                    let vm = client.get_vm(&name).await?;
+                    print_vm(out, &vm);
+                    if out == Format::Table && vm.host.is_some() {
+                        print_console_tail(&last_console_lines(&client, &name).await);
+                    }
+                }
+                VmCmd::Logs {
+                    name,
+                    follow,
+                    lines,
+                } => {
+                    let timeout = (!follow).then_some(LOGS_TIMEOUT);
+                    let mut stream = client.vm_logs(&name, Some(lines), follow, timeout).await?;
+                    while let Some(line) = stream.next_line().await? {
+                        print_log_line(out, &line);
+                    }
+                }
                 VmCmd::Delete { name } => {
                     let vm = client.delete_vm(&name).await?;
                     match out {
@@ -475,6 +503,64 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long `vm logs` without `-f` may take.
+const LOGS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+/// How long `vm show` waits for the console lines before saying they are unavailable.
+const SHOW_LOGS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Console lines `vm show` prints.
+const SHOW_LINES: usize = 10;
+
+/// The last console lines of `name`, or why they cannot be had (best effort, bounded).
+async fn last_console_lines(client: &Client, name: &str) -> Result<Vec<String>, String> {
+    let read = async {
+        let mut s = client
+            .vm_logs(name, Some(50), false, Some(SHOW_LOGS_TIMEOUT))
+            .await?;
+        let mut lines = std::collections::VecDeque::new();
+        while let Some(l) = s.next_line().await? {
+            if l.source == blixard_api::LogSource::Console {
+                lines.push_back(l.message);
+                if lines.len() > SHOW_LINES {
+                    lines.pop_front();
+                }
+            }
+        }
+        Ok::<_, ClientError>(Vec::from(lines))
+    };
+    match tokio::time::timeout(SHOW_LOGS_TIMEOUT, read).await {
+        Ok(Ok(lines)) => Ok(lines),
+        Ok(Err(ClientError::Api { message, .. })) => Err(message),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {}s", SHOW_LOGS_TIMEOUT.as_secs())),
+    }
+}
+
+fn print_console_tail(lines: &Result<Vec<String>, String>) {
+    match lines {
+        Ok(l) if l.is_empty() => println!("console:     (no lines yet)"),
+        Ok(l) => {
+            println!("console:     (last {} lines)", l.len());
+            for m in l {
+                println!("  {m}");
+            }
+        }
+        Err(why) => println!("console:     unavailable: {why}"),
+    }
+}
+
+fn print_log_line(out: Format, line: &blixard_api::LogLine) {
+    match out {
+        Format::Json => match serde_json::to_string(line) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("blixardctl: cannot encode output: {e}"),
+        },
+        Format::Table => match line.source {
+            blixard_api::LogSource::Console => println!("{}", line.message),
+            blixard_api::LogSource::Unit => println!("[unit] {}", line.message),
+        },
+    }
+}
+
 /// Prints the VM, or with `--wait` follows it until it reaches `target`.
 async fn finish(
     client: &Client,
@@ -496,7 +582,10 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<ClientError>() {
         Some(ClientError::Api { status: 404, .. }) => 3,
         Some(ClientError::Api { status: 409, .. }) => 4,
-        Some(ClientError::Api { status: 503, .. }) | Some(ClientError::Unreachable(_)) => 5,
+        Some(ClientError::Api {
+            status: 502 | 503, ..
+        })
+        | Some(ClientError::Unreachable(_)) => 5,
         _ if e.downcast_ref::<wait::Timeout>().is_some() => 6,
         _ => 1,
     }

@@ -58,6 +58,7 @@ pub fn routes() -> Router<Arc<ControlNode>> {
         )
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
+        .route("/v1/vms/{name}/logs", get(super::logs::vm_logs))
         .route("/v1/hosts", get(list_hosts).post(register_host))
         .route("/v1/hosts/{id}", get(get_host))
         .route("/v1/hosts/{id}/heartbeat", post(heartbeat))

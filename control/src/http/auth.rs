@@ -157,6 +157,14 @@ impl Tokens {
         self.peer.as_deref()
     }
 
+    /// The agent token of host `id`, which the control plane presents to that host's agent.
+    pub fn agent_token(&self, id: &str) -> Option<&str> {
+        self.agents
+            .iter()
+            .find(|(_, host)| host.as_str() == id)
+            .map(|(t, _)| t.as_str())
+    }
+
     /// Who presents `token`, if anyone. Comparisons take the same time whatever matches.
     pub fn identify(&self, token: &str) -> Option<Principal> {
         let mut found = None;
@@ -320,6 +328,7 @@ mod tests {
             ),
             (Method::POST, "/v1/hosts/h1/drain", Need::Operator),
             (Method::POST, "/v1/vms", Need::Operator),
+            (Method::GET, "/v1/vms/a/logs", Need::Operator),
             (Method::GET, "/v1/cluster/status", Need::Operator),
         ];
         for (m, p, want) in cases {
@@ -342,6 +351,8 @@ mod tests {
             Some(Principal::Agent("h1".into()))
         );
         assert_eq!(t.identify("peer-token-000000001"), Some(Principal::Peer));
+        assert_eq!(t.agent_token("h1"), Some("agent-token-h1-0001"));
+        assert_eq!(t.agent_token("h2"), None);
         assert_eq!(t.identify("operator-token-000"), None);
         assert_eq!(t.identify(""), None);
         assert!(Principal::Agent("h1".into()).may_act_for_host("h1"));

@@ -1,9 +1,10 @@
-//! The HTTP server of a control node: the client API under `/v1/` ([`api`]), `/metrics`, and
-//! the Raft peer routes under `/raft/` ([`raft_routes`]) on one listener.
+//! The HTTP server of a control node: the client API under `/v1/` ([`api`]; a VM's logs are
+//! forwarded to its agent by [`logs`]), `/metrics`, and the Raft peer routes under `/raft/` ([`raft_routes`]) on one listener.
 
 pub mod api;
 pub mod auth;
 pub mod error;
+pub mod logs;
 pub mod raft_routes;
 pub mod tls;
 

@@ -35,6 +35,7 @@ fn reg(id: &str) -> HostRegistration {
         },
         labels: Default::default(),
         hypervisors: vec![Hypervisor::Process],
+        agent_url: None,
     }
 }
 
@@ -594,6 +595,32 @@ fn command_encoding_is_stable() {
         let back: Command = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(back, cmd);
     }
+    // A registration from before `agent_url` existed decodes, and one with it round-trips.
+    let old_reg = r#"{"type":"register_host","registration":{"id":"h","address":"","capacity":{"vcpus":4,"memory_mib":4096,"disk_gib":10,"kvm":false},"labels":{},"hypervisors":["process"]},"now_ms":1}"#;
+    let reg_cmd = |agent_url: Option<&str>| Command::RegisterHost {
+        registration: HostRegistration {
+            agent_url: agent_url.map(str::to_string),
+            ..reg("h")
+        },
+        now_ms: 1,
+    };
+    assert_eq!(
+        serde_json::to_string(&reg_cmd(None)).ok().as_deref(),
+        Some(old_reg)
+    );
+    let back: Command = serde_json::from_str(old_reg).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(back, reg_cmd(None));
+    let new_reg = old_reg.replace(
+        r#""hypervisors":["process"]}"#,
+        r#""hypervisors":["process"],"agent_url":"http://127.0.0.1:7101"}"#,
+    );
+    let with_url = reg_cmd(Some("http://127.0.0.1:7101"));
+    assert_eq!(
+        serde_json::to_string(&with_url).ok().as_deref(),
+        Some(new_reg.as_str())
+    );
+    let back: Command = serde_json::from_str(&new_reg).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(back, with_url);
     let create = r#"{"type":"create_vm","spec":{"name":"a","vcpus":1,"memory_mib":128,"hypervisor":"process","restart_policy":"always","strategy":"spread"},"now_ms":1}"#;
     assert_eq!(
         serde_json::to_string(&create_cmd()).ok().as_deref(),

@@ -69,13 +69,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for i in 1..=args.hosts {
         let name = format!("host{i}");
         let mut host = SimHost::start_in(&name, &args.dir).await?;
-        let extra = match &args.guest {
-            Some(dir) => {
-                blixard_tests::guest::install_from(dir, &host)?;
-                blixard_tests::guest::agent_config()
-            }
-            None => String::new(),
-        };
+        // The agent's API on a loopback port, so `blixardctl vm logs` reaches this host.
+        let mut extra = String::from("api_listen = \"127.0.0.1:0\"\n");
+        if let Some(dir) = &args.guest {
+            blixard_tests::guest::install_from(dir, &host)?;
+            extra.push_str(&blixard_tests::guest::agent_config());
+        }
         host.spawn_agent(&args.endpoints, &extra)?;
         let env: Vec<String> = host.env().iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("{name}: {}", host.base_dir().display());

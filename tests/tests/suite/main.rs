@@ -7,5 +7,6 @@ mod t10_cluster;
 mod t20_agent;
 mod t30_placement;
 mod t40_qemu;
+mod t50_logs;
 mod t60_packaging;
 mod t70_security;

@@ -54,16 +54,28 @@ async fn create_and_boot(client: &Client, host: &SimHost, spec: &VmSpec) -> anyh
 }
 
 /// A VM created through the API boots the real guest: its marker reaches the host's journal
-/// under the VM's unit, and the API shows it running there.
+/// under the VM's unit and `vm logs` through the control plane, and the API shows it running.
 #[tokio::test]
 async fn t40_qemu_guest_boots_and_its_console_reaches_the_journal() -> anyhow::Result<()> {
-    let (_cluster, host, client) = setup("q1", "").await?;
+    let (_cluster, host, client) = setup("q1", "api_listen = \"127.0.0.1:0\"\n").await?;
     with_logs(&[&host], async {
         let t0 = Instant::now();
         create_and_boot(&client, &host, &guest::spec("boot", "")).await?;
         eprintln!("vm create → marker: {:?}", t0.elapsed());
         wait_state(&client, "boot", VmState::Running, Some("q1")).await?;
         wait_console(&host, "boot", &format!("{} 2", guest::HEARTBEAT)).await?;
+        // The same console through the control plane and the host's agent (`vm logs`).
+        let mut stream = client
+            .vm_logs("boot", Some(200), false, Some(Duration::from_secs(30)))
+            .await?;
+        let mut console = Vec::new();
+        while let Some(line) = stream.next_line().await? {
+            console.push(line.message);
+        }
+        anyhow::ensure!(
+            console.iter().any(|l| l.contains(guest::MARKER)),
+            "vm logs lacks the marker: {console:?}"
+        );
         Ok(())
     })
     .await

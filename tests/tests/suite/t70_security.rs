@@ -18,6 +18,7 @@ fn registration(id: &str) -> HostRegistration {
         },
         labels: Default::default(),
         hypervisors: vec![Hypervisor::Process],
+        agent_url: None,
     }
 }
 
