@@ -321,17 +321,9 @@ impl Config {
                 ));
             }
         }
-        for (k, v) in &self.labels {
-            if k.is_empty()
-                || k.len() > validate::MAX_LABEL_LEN
-                || v.len() > validate::MAX_LABEL_LEN
-            {
-                return Err(invalid(
-                    format!("labels.{k}"),
-                    "keys and values are 1-128 characters",
-                ));
-            }
-        }
+        // The same rules as the control plane's, so a bad label fails here, not at
+        // registration.
+        validate::labels("labels", &self.labels).map_err(|e| invalid(e.field, e.message))?;
         for (field, file) in [("token_file", &self.token_file), ("ca_file", &self.ca_file)] {
             if let Some(f) = file {
                 if !f.is_absolute() {
