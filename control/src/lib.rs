@@ -82,13 +82,17 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 tcp: listener,
                 acceptor,
             };
+            let app = app.into_make_service_with_connect_info::<http::rate_limit::PeerAddr>();
             tokio::spawn(async move { axum::serve(tls, app).with_graceful_shutdown(stopped).await })
         }
-        None => tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stopped)
-                .await
-        }),
+        None => {
+            let app = app.into_make_service_with_connect_info::<http::rate_limit::PeerAddr>();
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            })
+        }
     };
     node.bootstrap().await?;
     let placer = tokio::spawn(leader_loop::run(node.clone(), Default::default()));

@@ -27,7 +27,8 @@ Exit codes:
   3  not found
   4  conflict (already exists, changed meanwhile)
   5  control plane unreachable or without a leader
-  6  --wait timed out";
+  6  --wait timed out
+  7  rate limited: this client sent too many requests; retry after the time given";
 
 #[derive(Parser)]
 #[command(name = "blixardctl", version, about = "Drive a Blixard cluster", after_help = EXIT_CODES)]
@@ -496,6 +497,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<ClientError>() {
         Some(ClientError::Api { status: 404, .. }) => 3,
         Some(ClientError::Api { status: 409, .. }) => 4,
+        Some(ClientError::Api { status: 429, .. }) => 7,
         Some(ClientError::Api { status: 503, .. }) | Some(ClientError::Unreachable(_)) => 5,
         _ if e.downcast_ref::<wait::Timeout>().is_some() => 6,
         _ => 1,

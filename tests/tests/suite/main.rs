@@ -8,3 +8,4 @@ mod t20_agent;
 mod t30_placement;
 mod t60_packaging;
 mod t70_security;
+mod t80_safety;
