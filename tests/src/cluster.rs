@@ -322,6 +322,40 @@ impl Cluster {
         self.spawn(i)
     }
 
+    /// Makes node `i` start with `--join` (no initial membership) from its next start on, as
+    /// a node rebuilt from an empty data directory does.
+    pub fn set_join(&mut self, i: usize, join: bool) {
+        self.nodes[i].join = join;
+    }
+
+    /// Waits for node `i`'s process to exit on its own (e.g. refusing to start) and returns
+    /// its exit status; `None` if it is still running after `deadline` or was not started.
+    pub async fn wait_exit(
+        &mut self,
+        i: usize,
+        deadline: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let status = self.nodes[i].child.as_mut()?.try_wait().ok().flatten();
+            if let Some(s) = status {
+                self.nodes[i].child = None;
+                return Some(s);
+            }
+            if start.elapsed() > deadline {
+                return None;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    /// Node `i`'s whole log.
+    pub fn log_text(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
+    }
+
     pub fn is_running(&self, i: usize) -> bool {
         self.nodes[i].child.is_some()
     }
