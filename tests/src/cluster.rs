@@ -23,6 +23,9 @@ pub struct ClusterOptions {
     pub fault_injection: bool,
     /// More flags for every node, e.g. `--host-ttl-ms 2000`.
     pub extra_args: Vec<String>,
+    /// Data directories of the first nodes (e.g. on file systems the test mounted); the
+    /// others get one in the cluster's temporary directory.
+    pub data_dirs: Vec<PathBuf>,
 }
 
 impl Default for ClusterOptions {
@@ -32,6 +35,7 @@ impl Default for ClusterOptions {
             secure: false,
             fault_injection: false,
             extra_args: vec![],
+            data_dirs: vec![],
         }
     }
 }
@@ -169,7 +173,11 @@ impl Cluster {
                 id,
                 url: format!("{scheme}://127.0.0.1:{port}"),
                 listen: format!("127.0.0.1:{port}"),
-                data_dir: dir.path().join(format!("n{id}")),
+                data_dir: opts
+                    .data_dirs
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| dir.path().join(format!("n{id}"))),
                 log: dir.path().join(format!("n{id}.log")),
                 join: false,
                 child: None,

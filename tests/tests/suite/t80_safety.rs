@@ -366,3 +366,192 @@ async fn t81_corrupted_node_is_rebuilt_from_its_peers() -> anyhow::Result<()> {
     assert!(aside.join("state.db").exists());
     Ok(())
 }
+
+/// A tmpfs mounted on a temporary directory for the length of a test, unmounted on drop.
+struct SmallDisk {
+    path: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(path: std::path::PathBuf, size: &str) -> anyhow::Result<SmallDisk> {
+        std::fs::create_dir_all(&path)?;
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(&path)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "mounting a tmpfs on {} (the test needs root): {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(SmallDisk { path })
+    }
+
+    /// Fills the file system with one file until it says it is full.
+    fn fill(&self) -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.path.join("filler"))?;
+        let block = vec![0u8; 64 * 1024];
+        loop {
+            match f.write_all(&block).and_then(|_| f.sync_data()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn free(&self) -> anyhow::Result<()> {
+        Ok(std::fs::remove_file(self.path.join("filler"))?)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// A create whose outcome is recorded: `Ok(true)` acknowledged, `Ok(false)` refused or
+/// unknown; every call must return (no hang).
+async fn try_create(client: &blixard_api::Client, spec: &VmSpec) -> bool {
+    let started = std::time::Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(60), client.create_vm(spec)).await;
+    assert!(r.is_ok(), "a create hung for {:?}", started.elapsed());
+    matches!(r, Ok(Ok(_)))
+}
+
+/// Writes VMs with a long command line until node `i` exits (its disk is full), at most
+/// `max`; returns the acknowledged names.
+async fn write_until_exit(
+    c: &mut Cluster,
+    i: usize,
+    prefix: &str,
+    max: usize,
+) -> anyhow::Result<Vec<String>> {
+    let client = c.client();
+    let mut acked = Vec::new();
+    for k in 0..max {
+        let name = format!("{prefix}-{k}");
+        let mut s = spec(&name)?;
+        s.cmdline = Some("x".repeat(4000));
+        if try_create(&client, &s).await {
+            acked.push(name);
+        }
+        if k % 10 == 9 {
+            if let Some(status) = c.wait_exit(i, Duration::ZERO).await {
+                assert!(!status.success(), "node {} exited with {status}", i + 1);
+                eprintln!(
+                    "node {} exited ({status}) after {} writes, {} acknowledged",
+                    i + 1,
+                    k + 1,
+                    acked.len()
+                );
+                return Ok(acked);
+            }
+        }
+    }
+    anyhow::bail!(
+        "node {} never failed after {max} large writes:\n{}",
+        i + 1,
+        c.log_tail(i)
+    )
+}
+
+/// Restarts node `i` and waits until it serves every name in `acked`.
+async fn rejoin_and_check(c: &mut Cluster, i: usize, acked: &[String]) -> anyhow::Result<()> {
+    c.restart(i)?;
+    c.wait_converged(DEADLINE).await?;
+    let node = c.node_client(i);
+    wait::until(
+        "the node to serve every acknowledged VM",
+        DEADLINE,
+        || async {
+            let vms = node.list_vms().await.map_err(|e| e.to_string())?;
+            let names: std::collections::BTreeSet<&str> =
+                vms.iter().map(|v| v.spec.name.as_str()).collect();
+            Ok(acked
+                .iter()
+                .all(|n| names.contains(n.as_str()))
+                .then_some(()))
+        },
+    )
+    .await
+}
+
+/// Each node's data directory on its own small tmpfs. The leader's disk fills: its Raft
+/// core stops on the storage error and the process exits non-zero with a clear message;
+/// clients get errors (no hang) and then a new leader. Then a follower's disk fills: it
+/// exits the same way while the others go on. Each is restarted after space is freed,
+/// rejoins and serves every acknowledged VM.
+#[tokio::test]
+async fn t82_full_disk_fails_cleanly_and_loses_nothing() -> anyhow::Result<()> {
+    let base = tempfile::Builder::new()
+        .prefix("blixard-disks-")
+        .tempdir()?;
+    let disks = (1..=3)
+        .map(|i| SmallDisk::mount(base.path().join(format!("n{i}")), "24m"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut c = Cluster::start_with(
+        3,
+        ClusterOptions {
+            data_dirs: disks.iter().map(|d| d.path.join("data")).collect(),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let client = c.client();
+    let mut acked = Vec::new();
+    for k in 0..10 {
+        let name = format!("before-{k}");
+        create(&client, &name).await?;
+        acked.push(name);
+    }
+
+    for role in ["leader", "follower"] {
+        let leader = c.wait_converged(DEADLINE).await?;
+        let full = if role == "leader" {
+            leader
+        } else {
+            (leader + 1) % 3
+        };
+        eprintln!("filling the disk of node {} ({role})", full + 1);
+        disks[full].fill()?;
+        acked.extend(write_until_exit(&mut c, full, role, 2000).await?);
+        let log = c.log_text(full);
+        assert!(
+            log.contains("raft stopped on a fatal error") && log.contains("full"),
+            "node {} says why it stopped:\n{}",
+            full + 1,
+            c.log_tail(full)
+        );
+        // The two others go on.
+        let name = format!("{role}-after");
+        create(&client, &name).await?;
+        acked.push(name);
+        disks[full].free()?;
+        rejoin_and_check(&mut c, full, &acked).await?;
+    }
+    // Every acknowledged VM on every node, none twice.
+    for i in 0..3 {
+        let vms = c.node_client(i).list_vms().await?;
+        let names: std::collections::BTreeSet<&str> =
+            vms.iter().map(|v| v.spec.name.as_str()).collect();
+        assert_eq!(names.len(), vms.len(), "a VM twice on node {}", i + 1);
+        for n in &acked {
+            assert!(names.contains(n.as_str()), "{n} lost on node {}", i + 1);
+        }
+    }
+    drop(c);
+    Ok(())
+}
