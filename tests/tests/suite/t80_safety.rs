@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use blixard_api::{AddMember, Capacity, HostRegistration, Hypervisor, VmSpec};
+use blixard_api::{Capacity, HostRegistration, Hypervisor, VmSpec};
 use blixard_tests::binaries::binary;
 use blixard_tests::cluster::{Cluster, ClusterOptions, AGENT_TOKENS, OPERATOR_TOKEN};
 use blixard_tests::wait;
@@ -308,29 +308,40 @@ async fn t81_corrupted_node_is_rebuilt_from_its_peers() -> anyhow::Result<()> {
         .set_len((len / 2).max(1000) - 7)?;
     expect_refusal(&mut c, victim, "raft-log.db").await?;
 
-    // The procedure of README's "Operations: rebuild a node".
-    let members = client.remove_member(victim_id).await?;
-    assert!(members.iter().all(|m| m.id != victim_id), "{members:?}");
+    // The procedure of README's "Operations: rebuild a node": `blixardctl cluster rebuild`
+    // removes the node and waits for it; meanwhile its data goes aside and it starts with
+    // --join.
+    let url = c.nodes[victim].url.clone();
+    let healthy: Vec<String> = (0..3)
+        .filter(|i| *i != victim)
+        .map(|i| c.nodes[i].url.clone())
+        .collect();
+    let cli = tokio::task::spawn_blocking({
+        let (eps, id, url) = (healthy.join(","), victim_id.to_string(), url.clone());
+        move || {
+            std::process::Command::new(binary("blixardctl"))
+                .env("BLIXARD_ENDPOINTS", eps)
+                .args(["cluster", "rebuild", &id, &url, "--timeout", "120"])
+                .output()
+        }
+    });
+    wait::until("the damaged node to be removed", DEADLINE, || async {
+        let members = client.members().await.map_err(|e| e.to_string())?;
+        Ok(members.iter().all(|m| m.id != victim_id).then_some(()))
+    })
+    .await?;
     let aside = dir.with_extension("damaged");
     std::fs::rename(&dir, &aside)?;
     c.set_join(victim, true);
     c.restart(victim)?;
-    let url = c.nodes[victim].url.clone();
-    wait::until("the fresh node to answer", DEADLINE, || async {
-        Ok(c.node_client(victim)
-            .health()
-            .await
-            .err()
-            .map(|_| ())
-            .or(Some(())))
-    })
-    .await?;
-    let members = client
-        .add_member(&AddMember {
-            id: victim_id,
-            addr: url,
-        })
-        .await?;
+    let out = cli.await??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "blixardctl cluster rebuild: {stderr}");
+    assert!(
+        stderr.contains(&format!("removed node {victim_id}")),
+        "{stderr}"
+    );
+    let members = client.members().await?;
     assert!(
         members
             .iter()
