@@ -359,17 +359,9 @@ impl Config {
                 ));
             }
         }
-        for (k, v) in &self.labels {
-            if k.is_empty()
-                || k.len() > validate::MAX_LABEL_LEN
-                || v.len() > validate::MAX_LABEL_LEN
-            {
-                return Err(invalid(
-                    format!("labels.{k}"),
-                    "keys and values are 1-128 characters",
-                ));
-            }
-        }
+        // The same rules as the control plane's, so a bad label fails here, not at
+        // registration.
+        validate::labels("labels", &self.labels).map_err(|e| invalid(e.field, e.message))?;
         if self.api_tls_cert_file.is_some() != self.api_tls_key_file.is_some() {
             return Err(invalid(
                 "api_tls_cert_file",

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -107,6 +108,13 @@ pub struct Settings {
     /// Let `POST /raft/faults` cut this node off from chosen peers (for fault-injection tests).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub fault_injection: Option<bool>,
+    /// API requests per second each client (token, or address when unauthenticated) may
+    /// make on this node; 0 turns the limit off. Default 10000.
+    #[arg(long)]
+    pub rate_limit_per_sec: Option<u32>,
+    /// Requests a client may make at once above its rate. Default twice the rate.
+    #[arg(long)]
+    pub rate_limit_burst: Option<u32>,
 }
 
 impl Settings {
@@ -147,6 +155,8 @@ impl Settings {
             tls_key_file: over.tls_key_file.or(self.tls_key_file),
             tls_ca_file: over.tls_ca_file.or(self.tls_ca_file),
             fault_injection: over.fault_injection.or(self.fault_injection),
+            rate_limit_per_sec: over.rate_limit_per_sec.or(self.rate_limit_per_sec),
+            rate_limit_burst: over.rate_limit_burst.or(self.rate_limit_burst),
         }
     }
 }
@@ -170,7 +180,20 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// Whether `POST /raft/faults` is served (tests only).
     pub fault_injection: bool,
+    /// Per-client API rate limit; `None` when off.
+    pub rate_limit: Option<RateLimit>,
 }
+
+/// A per-client request rate: `per_sec` sustained, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub per_sec: NonZeroU32,
+    pub burst: NonZeroU32,
+}
+
+/// Default rate limit: far above what the benchmark or an agent fleet sends one node from one
+/// client, so it only stops floods.
+pub const DEFAULT_RATE_LIMIT_PER_SEC: u32 = 10_000;
 
 /// Where the tokens are.
 #[derive(Debug, Clone, PartialEq)]
@@ -325,6 +348,19 @@ impl Config {
         if snapshot_every < 10 {
             return Err(invalid("snapshot_every", "must be at least 10"));
         }
+        let per_sec = s.rate_limit_per_sec.unwrap_or(DEFAULT_RATE_LIMIT_PER_SEC);
+        let rate_limit = match NonZeroU32::new(per_sec) {
+            None => None,
+            Some(per_sec) => {
+                let burst = s
+                    .rate_limit_burst
+                    .unwrap_or_else(|| per_sec.get().saturating_mul(2));
+                let burst = NonZeroU32::new(burst).ok_or_else(|| {
+                    invalid("rate_limit_burst", "must be positive when a rate is set")
+                })?;
+                Some(RateLimit { per_sec, burst })
+            }
+        };
         Ok(Config {
             node_id,
             listen,
@@ -343,6 +379,7 @@ impl Config {
             metrics_open: s.metrics_open.unwrap_or(false),
             tls,
             fault_injection: s.fault_injection.unwrap_or(false),
+            rate_limit,
         })
     }
 }
@@ -450,6 +487,43 @@ mod tests {
         assert_eq!(merged.node_id, Some(1));
         assert_eq!(merged.listen.as_deref(), Some("127.0.0.1:9"));
         assert!(toml::from_str::<Settings>("nod_id = 1").is_err());
+    }
+
+    #[test]
+    fn rate_limits() {
+        let limit = |toml_extra: &str| {
+            let text =
+                format!("node_id = 1\ninitial_cluster = \"1=http://127.0.0.1:7001\"\n{toml_extra}");
+            let file: Settings = toml::from_str(&text).unwrap_or_default();
+            Config::from_settings(file)
+                .map(|c| c.rate_limit.map(|r| (r.per_sec.get(), r.burst.get())))
+        };
+        // (TOML, Some(limit) if accepted, limit as (rate, burst) or None when off)
+        type Case = (&'static str, Option<Option<(u32, u32)>>);
+        let cases: &[Case] = &[
+            (
+                "",
+                Some(Some((
+                    DEFAULT_RATE_LIMIT_PER_SEC,
+                    2 * DEFAULT_RATE_LIMIT_PER_SEC,
+                ))),
+            ),
+            ("rate_limit_per_sec = 5", Some(Some((5, 10)))),
+            (
+                "rate_limit_per_sec = 5\nrate_limit_burst = 7",
+                Some(Some((5, 7))),
+            ),
+            ("rate_limit_per_sec = 0", Some(None)),
+            ("rate_limit_per_sec = 0\nrate_limit_burst = 0", Some(None)),
+            ("rate_limit_per_sec = 5\nrate_limit_burst = 0", None),
+            (
+                "rate_limit_per_sec = 4294967295",
+                Some(Some((u32::MAX, u32::MAX))),
+            ),
+        ];
+        for (extra, want) in cases {
+            assert_eq!(limit(extra).ok(), *want, "{extra}");
+        }
     }
 
     #[test]

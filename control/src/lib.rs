@@ -42,6 +42,25 @@ pub enum RunError {
     Serve(#[source] std::io::Error),
     #[error("signal handler: {0}")]
     Signal(#[source] std::io::Error),
+    #[error(
+        "raft stopped on a fatal error: {0}; exiting so that the service manager restarts \
+         this node (if the disk is full, free space: nothing acknowledged is lost)"
+    )]
+    RaftStopped(String),
+}
+
+/// Resolves when the Raft core has stopped on a fatal error (a storage error such as a full
+/// disk: openraft 0.9 ends its core on any `StorageError`), with that error.
+async fn raft_stopped(node: std::sync::Arc<ControlNode>) -> String {
+    let mut metrics = node.raft.metrics();
+    loop {
+        if let Err(e) = &metrics.borrow_and_update().running_state {
+            return e.to_string();
+        }
+        if metrics.changed().await.is_err() {
+            return "the Raft core is gone".into();
+        }
+    }
 }
 
 fn notify(states: &[NotifyState<'_>]) {
@@ -82,13 +101,17 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 tcp: listener,
                 acceptor,
             };
+            let app = app.into_make_service_with_connect_info::<http::rate_limit::PeerAddr>();
             tokio::spawn(async move { axum::serve(tls, app).with_graceful_shutdown(stopped).await })
         }
-        None => tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stopped)
-                .await
-        }),
+        None => {
+            let app = app.into_make_service_with_connect_info::<http::rate_limit::PeerAddr>();
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            })
+        }
     };
     node.bootstrap().await?;
     let placer = tokio::spawn(leader_loop::run(node.clone(), Default::default()));
@@ -101,9 +124,16 @@ pub async fn run(config: Config) -> Result<(), RunError> {
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(RunError::Signal)?;
+    let mut fatal = None;
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+        e = raft_stopped(node.clone()) => fatal = Some(e),
+    }
+    if let Some(e) = &fatal {
+        // The node can neither append nor apply: stop answering (a client retries another
+        // node) and exit non-zero rather than serve stale reads as a zombie.
+        tracing::error!(error = %e, "raft stopped on a fatal error; exiting");
     }
     tracing::info!("stopping");
     notify(&[NotifyState::Stopping]);
@@ -118,7 +148,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     if let Err(e) = node.raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");
     }
-    Ok(())
+    match fatal {
+        Some(e) => Err(RunError::RaftStopped(e)),
+        None => Ok(()),
+    }
 }
 
 /// Keeps systemd's STATUS= current and pets the watchdog while Raft is alive.

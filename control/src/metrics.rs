@@ -25,6 +25,12 @@ pub struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientKindLabels {
+    /// `operator`, `agent`, `peer` or `address` (unauthenticated callers).
+    pub client: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProposalLabels {
     pub kind: String,
     pub outcome: String,
@@ -40,6 +46,7 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
     pub proposals: Family<ProposalLabels, Counter>,
+    pub rate_limited: Family<ClientKindLabels, Counter>,
     pub term: Gauge,
     pub leader: Gauge,
     pub is_leader: Gauge,
@@ -79,6 +86,12 @@ impl Metrics {
             "Raft proposals by command and outcome",
             proposals.clone(),
         );
+        let rate_limited = Family::<ClientKindLabels, Counter>::default();
+        r.register(
+            "api_rate_limited",
+            "API requests refused with 429 by the per-client rate limit, by kind of client",
+            rate_limited.clone(),
+        );
         let g = |r: &mut Registry, name: &str, help: &str| {
             let g = Gauge::default();
             r.register(name, help, g.clone());
@@ -101,6 +114,7 @@ impl Metrics {
             requests,
             latency,
             proposals,
+            rate_limited,
             term,
             leader,
             is_leader,

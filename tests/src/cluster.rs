@@ -23,6 +23,9 @@ pub struct ClusterOptions {
     pub fault_injection: bool,
     /// More flags for every node, e.g. `--host-ttl-ms 2000`.
     pub extra_args: Vec<String>,
+    /// Data directories of the first nodes (e.g. on file systems the test mounted); the
+    /// others get one in the cluster's temporary directory.
+    pub data_dirs: Vec<PathBuf>,
 }
 
 impl Default for ClusterOptions {
@@ -32,6 +35,7 @@ impl Default for ClusterOptions {
             secure: false,
             fault_injection: false,
             extra_args: vec![],
+            data_dirs: vec![],
         }
     }
 }
@@ -169,7 +173,11 @@ impl Cluster {
                 id,
                 url: format!("{scheme}://127.0.0.1:{port}"),
                 listen: format!("127.0.0.1:{port}"),
-                data_dir: dir.path().join(format!("n{id}")),
+                data_dir: opts
+                    .data_dirs
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| dir.path().join(format!("n{id}"))),
                 log: dir.path().join(format!("n{id}.log")),
                 join: false,
                 child: None,
@@ -320,6 +328,40 @@ impl Cluster {
     pub fn restart(&mut self, i: usize) -> anyhow::Result<()> {
         self.kill(i);
         self.spawn(i)
+    }
+
+    /// Makes node `i` start with `--join` (no initial membership) from its next start on, as
+    /// a node rebuilt from an empty data directory does.
+    pub fn set_join(&mut self, i: usize, join: bool) {
+        self.nodes[i].join = join;
+    }
+
+    /// Waits for node `i`'s process to exit on its own (e.g. refusing to start) and returns
+    /// its exit status; `None` if it is still running after `deadline` or was not started.
+    pub async fn wait_exit(
+        &mut self,
+        i: usize,
+        deadline: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let status = self.nodes[i].child.as_mut()?.try_wait().ok().flatten();
+            if let Some(s) = status {
+                self.nodes[i].child = None;
+                return Some(s);
+            }
+            if start.elapsed() > deadline {
+                return None;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    /// Node `i`'s whole log.
+    pub fn log_text(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
     }
 
     pub fn is_running(&self, i: usize) -> bool {

@@ -501,7 +501,16 @@ impl Client {
         report: &VmStatusReport,
     ) -> Result<Vm, ClientError> {
         let path = format!("/v1/hosts/{}/vms/{}/status", encode(host), encode(vm));
-        self.call(Method::PUT, &path, Some(report), DEFAULT_TIMEOUT)
+        // A reason quotes systemd or the hypervisor: make it acceptable rather than have the
+        // report refused.
+        let report = VmStatusReport {
+            reason: report
+                .reason
+                .as_deref()
+                .map(|r| crate::validate::printable(r, crate::validate::MAX_REASON_LEN)),
+            ..report.clone()
+        };
+        self.call(Method::PUT, &path, Some(&report), DEFAULT_TIMEOUT)
             .await
     }
 }

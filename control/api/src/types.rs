@@ -526,6 +526,7 @@ pub mod codes {
     pub const GONE: &str = "gone";
     pub const UNAUTHENTICATED: &str = "unauthenticated";
     pub const FORBIDDEN: &str = "forbidden";
+    pub const RATE_LIMITED: &str = "rate_limited";
 }
 
 /// The error object of every non-2xx answer: `{"error": {"code": …, "message": …}}`.

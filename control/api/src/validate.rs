@@ -4,10 +4,19 @@
 //! The rules are strict on purpose: a VM name becomes a systemd unit name and a file name, a
 //! path becomes a hypervisor argument, so anything that could smuggle a separator, a control
 //! character or a huge size is refused here, at the edge.
+//!
+//! Free text (label values, paths, the kernel command line, reasons, addresses) reaches logs,
+//! systemd units and terminals, so it must not hold Unicode control or format characters
+//! ([`is_hostile_char`]): a bidi override (U+202E) or a zero-width space would make a log line
+//! or a `blixardctl` table say something other than what is stored.
 
 use std::collections::BTreeMap;
 
-use crate::types::{AddMember, Capacity, HostRegistration, Hypervisor, NicSpec, VmSpec};
+use unicode_general_category::{get_general_category, GeneralCategory};
+
+use crate::types::{
+    AddMember, Capacity, Host, HostRegistration, Hypervisor, NicSpec, Vm, VmSpec, VmStatusReport,
+};
 
 /// Largest VM: 256 vCPUs.
 pub const MAX_VCPUS: u32 = 256;
@@ -26,6 +35,12 @@ pub const MAX_NAME_LEN: usize = 63;
 /// Largest host the control plane accepts in a registration.
 pub const MAX_HOST_VCPUS: u32 = 65_536;
 pub const MAX_HOST_MEMORY_MIB: u64 = 1 << 32;
+/// Longest reason a VM status report or an eviction may carry.
+pub const MAX_REASON_LEN: usize = 1024;
+/// Longest host or member address.
+pub const MAX_ADDRESS_LEN: usize = 256;
+/// Longest idempotency key.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 128;
 
 /// Why an input was refused; the message names the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,6 +55,53 @@ fn err(field: impl Into<String>, message: impl Into<String>) -> ValidationError 
         field: field.into(),
         message: message.into(),
     }
+}
+
+/// Whether `c` may not appear in free text: Unicode control characters (general category Cc:
+/// C0 and C1 controls, DEL), format characters (Cf: bidi embeddings, overrides and isolates
+/// U+202A–U+202E and U+2066–U+2069, zero-width space, joiners and U+FEFF, the soft hyphen, tag
+/// characters…) and the line and paragraph separators (Zl, Zp), which break log lines too.
+pub fn is_hostile_char(c: char) -> bool {
+    matches!(
+        get_general_category(c),
+        GeneralCategory::Control
+            | GeneralCategory::Format
+            | GeneralCategory::LineSeparator
+            | GeneralCategory::ParagraphSeparator
+    )
+}
+
+/// Free text of at most `max` bytes without [hostile characters](is_hostile_char). The error
+/// names the offending code point, never echoes it.
+pub fn free_text(field: &str, value: &str, max: usize) -> Result<(), ValidationError> {
+    if value.len() > max {
+        return Err(err(field, format!("must be at most {max} bytes")));
+    }
+    if let Some(c) = value.chars().find(|c| is_hostile_char(*c)) {
+        return Err(err(
+            field,
+            format!(
+                "must not contain control or format characters (found U+{:04X})",
+                u32::from(c)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `value` made fit for [`free_text`]: each hostile character becomes a space and the text is
+/// cut (on a character boundary) to at most `max` bytes. For text the sender does not choose,
+/// such as an error message from systemd, that must still be reported.
+pub fn printable(value: &str, max: usize) -> String {
+    let mut out = String::with_capacity(value.len().min(max));
+    for c in value.chars() {
+        let c = if is_hostile_char(c) { ' ' } else { c };
+        if out.len() + c.len_utf8() > max {
+            break;
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// A DNS label: 1–63 of `[a-z0-9-]`, starting with a letter, not ending with `-`.
@@ -78,14 +140,9 @@ pub fn image_path(field: &str, value: &str) -> Result<(), ValidationError> {
     if value.is_empty() {
         return Err(err(field, "must not be empty"));
     }
-    if value.len() > MAX_PATH_LEN {
-        return Err(err(
-            field,
-            format!("must be at most {MAX_PATH_LEN} characters"),
-        ));
-    }
-    if value.chars().any(|c| c.is_control() || c == ',') {
-        return Err(err(field, "must not contain control characters or ','"));
+    free_text(field, value, MAX_PATH_LEN)?;
+    if value.contains(',') {
+        return Err(err(field, "must not contain ','"));
     }
     if value.split('/').any(|c| c == "..") {
         return Err(err(field, "must not contain '..'"));
@@ -93,7 +150,8 @@ pub fn image_path(field: &str, value: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
-fn labels(field: &str, map: &BTreeMap<String, String>) -> Result<(), ValidationError> {
+/// Label or constraint keys and values.
+pub fn labels(field: &str, map: &BTreeMap<String, String>) -> Result<(), ValidationError> {
     if map.len() > MAX_LABELS {
         return Err(err(field, format!("at most {MAX_LABELS} labels")));
     }
@@ -108,12 +166,7 @@ fn labels(field: &str, map: &BTreeMap<String, String>) -> Result<(), ValidationE
                 "label keys are 1-128 characters of [A-Za-z0-9-_./]",
             ));
         }
-        if v.len() > MAX_LABEL_LEN || v.chars().any(|c| c.is_control()) {
-            return Err(err(
-                format!("{field}.{k}"),
-                "label values are at most 128 characters, without control characters",
-            ));
-        }
+        free_text(&format!("{field}.{k}"), v, MAX_LABEL_LEN)?;
     }
     Ok(())
 }
@@ -181,15 +234,7 @@ pub fn vm_spec(spec: &VmSpec) -> Result<(), ValidationError> {
         return Err(err("kernel", "a VM needs a kernel or at least one disk"));
     }
     if let Some(c) = &spec.cmdline {
-        if c.len() > MAX_CMDLINE_LEN {
-            return Err(err(
-                "cmdline",
-                format!("must be at most {MAX_CMDLINE_LEN} characters"),
-            ));
-        }
-        if c.chars().any(|ch| ch.is_control()) {
-            return Err(err("cmdline", "must not contain control characters"));
-        }
+        free_text("cmdline", c, MAX_CMDLINE_LEN)?;
     }
     if spec.disks.len() > MAX_DISKS {
         return Err(err("disks", format!("at most {MAX_DISKS} disks")));
@@ -225,14 +270,74 @@ pub fn vm_spec(spec: &VmSpec) -> Result<(), ValidationError> {
 /// Checks a host registration.
 pub fn host_registration(reg: &HostRegistration) -> Result<(), ValidationError> {
     dns_label("id", &reg.id)?;
-    if reg.address.len() > 256 || reg.address.chars().any(|c| c.is_control()) {
-        return Err(err(
-            "address",
-            "must be at most 256 characters without control characters",
-        ));
-    }
+    free_text("address", &reg.address, MAX_ADDRESS_LEN)?;
     capacity(&reg.capacity)?;
+    if let Some(url) = &reg.agent_url {
+        agent_url("agent_url", url)?;
+    }
     labels("labels", &reg.labels)
+}
+
+/// Checks the URL of an agent's API: `http://` or `https://` then a host and port, no user,
+/// path, query or fragment (control nodes append the path themselves).
+pub fn agent_url(field: &str, url: &str) -> Result<(), ValidationError> {
+    free_text(field, url, MAX_ADDRESS_LEN)?;
+    let authority = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| err(field, "must start with http:// or https://"))?;
+    if authority.is_empty()
+        || authority
+            .chars()
+            .any(|c| c.is_whitespace() || matches!(c, '/' | '?' | '#' | '@' | '\\'))
+    {
+        return Err(err(field, "must be scheme://host:port and nothing more"));
+    }
+    Ok(())
+}
+
+/// Checks an agent's report of a VM's state.
+pub fn status_report(report: &VmStatusReport) -> Result<(), ValidationError> {
+    if let Some(r) = &report.reason {
+        free_text("reason", r, MAX_REASON_LEN)?;
+    }
+    Ok(())
+}
+
+/// Checks an idempotency key: 1-128 characters of free text.
+pub fn idempotency_key(key: &str) -> Result<(), ValidationError> {
+    if key.is_empty() {
+        return Err(err("Idempotency-Key", "must not be empty"));
+    }
+    free_text("Idempotency-Key", key, MAX_IDEMPOTENCY_KEY_LEN)
+}
+
+/// Checks a host record of a restored snapshot.
+pub fn host_record(host: &Host) -> Result<(), ValidationError> {
+    dns_label("hosts[].id", &host.id)?;
+    free_text("hosts[].address", &host.address, MAX_ADDRESS_LEN)?;
+    if let Some(url) = &host.agent_url {
+        agent_url("hosts[].agent_url", url)?;
+    }
+    labels("hosts[].labels", &host.labels)
+}
+
+/// Checks a VM record of a restored snapshot: its spec and every free-text field.
+pub fn vm_record(vm: &Vm) -> Result<(), ValidationError> {
+    vm_spec(&vm.spec)?;
+    if let Some(r) = &vm.reason {
+        free_text("vms[].reason", r, MAX_REASON_LEN)?;
+    }
+    if let Some(h) = &vm.host {
+        dns_label("vms[].host", h)?;
+    }
+    if let Some(e) = &vm.evicting {
+        free_text("vms[].evicting.reason", &e.reason, MAX_REASON_LEN)?;
+    }
+    if let Some(k) = &vm.idempotency_key {
+        idempotency_key(k)?;
+    }
+    Ok(())
 }
 
 fn capacity(c: &Capacity) -> Result<(), ValidationError> {
@@ -256,8 +361,12 @@ pub fn add_member(m: &AddMember) -> Result<(), ValidationError> {
     if m.id == 0 {
         return Err(err("id", "must be a positive integer"));
     }
-    if !(m.addr.starts_with("http://") || m.addr.starts_with("https://")) || m.addr.len() > 256 {
+    if !(m.addr.starts_with("http://") || m.addr.starts_with("https://")) {
         return Err(err("addr", "must be an http:// or https:// URL"));
+    }
+    free_text("addr", &m.addr, MAX_ADDRESS_LEN)?;
+    if m.addr.chars().any(char::is_whitespace) {
+        return Err(err("addr", "must not contain whitespace"));
     }
     Ok(())
 }
@@ -387,6 +496,193 @@ mod tests {
             mutate(&mut s);
             assert_eq!(vm_spec(&s).is_ok(), ok, "{what}: {:?}", vm_spec(&s));
         }
+    }
+
+    /// Strings that must be refused in every free-text field, and why.
+    const HOSTILE: &[(&str, &str)] = &[
+        ("nul", "a\u{0}b"),
+        ("newline (forged log line)", "ok\nlevel=ERROR forged"),
+        ("carriage return", "a\rb"),
+        ("escape (terminal control)", "\u{1b}[2J"),
+        ("delete", "a\u{7f}"),
+        ("C1 control", "a\u{85}b"),
+        ("right-to-left override", "evil\u{202e}gpj.exe"),
+        ("left-to-right embedding", "\u{202a}x"),
+        ("right-to-left isolate", "\u{2067}x\u{2069}"),
+        ("zero-width space", "we\u{200b}b"),
+        ("zero-width joiner", "a\u{200d}b"),
+        ("left-to-right mark", "a\u{200e}"),
+        ("word joiner", "a\u{2060}b"),
+        ("byte order mark", "\u{feff}a"),
+        ("soft hyphen", "a\u{ad}b"),
+        ("arabic letter mark", "a\u{61c}"),
+        ("tag character", "a\u{e0041}"),
+        ("line separator", "a\u{2028}b"),
+        ("paragraph separator", "a\u{2029}b"),
+    ];
+
+    /// Text that stays allowed: ordinary Unicode letters, symbols, spaces and emoji.
+    const BENIGN: &[&str] = &[
+        "plain",
+        "zone a/b",
+        "Zürich",
+        "東京",
+        "ok 👍",
+        "x=1 y=2",
+        "🏳️‍",
+    ];
+
+    #[test]
+    fn hostile_characters() {
+        for (what, text) in HOSTILE {
+            let c = text.chars().find(|c| is_hostile_char(*c));
+            assert!(c.is_some(), "{what}: not seen as hostile");
+            let e = free_text("f", text, 100).expect_err(what);
+            assert!(e.message.contains("U+"), "{what}: {e}");
+            // The message names the code point and never echoes the character itself.
+            assert!(!e.to_string().chars().any(is_hostile_char), "{what}: {e}");
+            let cleaned = printable(text, 100);
+            assert!(free_text("f", &cleaned, 100).is_ok(), "{what}: {cleaned:?}");
+        }
+        // The ZWJ inside an emoji sequence is a format character too: refused. Everything
+        // else in BENIGN is fine.
+        for text in BENIGN {
+            let ok = !text.contains('\u{200d}');
+            assert_eq!(free_text("f", text, 100).is_ok(), ok, "{text:?}");
+        }
+        assert!(free_text("f", "abc", 2).is_err());
+        assert_eq!(printable("aé\nb", 3), "aé");
+        assert_eq!(printable("a\u{202e}b", 100), "a b");
+    }
+
+    #[test]
+    fn hostile_text_in_every_field() {
+        type Put = fn(&str) -> Result<(), ValidationError>;
+        let cases: Vec<(&str, Put)> = vec![
+            ("kernel", |t| with_spec(|s, t| s.kernel = Some(t.into()), t)),
+            ("initrd", |t| with_spec(|s, t| s.initrd = Some(t.into()), t)),
+            ("cmdline", |t| {
+                with_spec(|s, t| s.cmdline = Some(t.into()), t)
+            }),
+            ("disk path", |t| {
+                with_spec(
+                    |s, t| {
+                        s.disks = vec![DiskSpec {
+                            path: t.into(),
+                            read_only: false,
+                            format: Default::default(),
+                        }]
+                    },
+                    t,
+                )
+            }),
+            ("constraint value", |t| {
+                with_spec(
+                    |s, t| {
+                        s.constraints.insert("zone".into(), t.into());
+                    },
+                    t,
+                )
+            }),
+            ("constraint key", |t| {
+                with_spec(
+                    |s, t| {
+                        s.constraints.insert(t.into(), "a".into());
+                    },
+                    t,
+                )
+            }),
+            ("anti-affinity group", |t| {
+                with_spec(|s, t| s.anti_affinity = Some(t.into()), t)
+            }),
+            ("name", |t| with_spec(|s, t| s.name = t.into(), t)),
+            ("bridge", |t| {
+                with_spec(
+                    |s, t| {
+                        s.nics = vec![NicSpec {
+                            bridge: t.into(),
+                            mac: None,
+                        }]
+                    },
+                    t,
+                )
+            }),
+            ("host id", |t| host_registration(&registration(t, "a", "v"))),
+            ("host address", |t| {
+                host_registration(&registration("h1", t, "v"))
+            }),
+            ("host label value", |t| {
+                host_registration(&registration("h1", "a", t))
+            }),
+            ("status reason", |t| {
+                status_report(&VmStatusReport {
+                    state: crate::types::VmState::Failed,
+                    reason: Some(t.into()),
+                    generation: 1,
+                })
+            }),
+            ("idempotency key", idempotency_key),
+            ("member address", |t| {
+                add_member(&AddMember {
+                    id: 2,
+                    addr: format!("http://{t}"),
+                })
+            }),
+        ];
+        for (field, put) in &cases {
+            assert!(put("ok").is_ok(), "{field}: ok refused");
+            for (what, text) in HOSTILE {
+                assert!(put(text).is_err(), "{field}: {what} accepted");
+            }
+        }
+        assert!(host_registration(&registration("h1", "a", "v")).is_ok());
+    }
+
+    fn with_spec(f: fn(&mut VmSpec, &str), t: &str) -> Result<(), ValidationError> {
+        let mut s = spec();
+        f(&mut s, t);
+        vm_spec(&s)
+    }
+
+    fn registration(id: &str, address: &str, label: &str) -> HostRegistration {
+        HostRegistration {
+            id: id.into(),
+            address: address.into(),
+            capacity: Capacity {
+                vcpus: 1,
+                memory_mib: 1024,
+                disk_gib: 1,
+                kvm: false,
+            },
+            labels: BTreeMap::from([("zone".to_string(), label.to_string())]),
+            hypervisors: vec![],
+            agent_url: None,
+        }
+    }
+
+    #[test]
+    fn agent_urls() {
+        let cases: &[(&str, bool)] = &[
+            ("http://127.0.0.1:7101", true),
+            ("https://h1.example:7101", true),
+            ("http://[::1]:7101", true),
+            ("ftp://h1:7101", false),
+            ("http://", false),
+            ("http://h1:7101/x", false),
+            ("http://user@h1:7101", false),
+            ("http://h1:7101?x=1", false),
+            ("http://h1 :7101", false),
+            ("http://h1\u{202e}:7101", false),
+        ];
+        for (url, ok) in cases {
+            assert_eq!(agent_url("agent_url", url).is_ok(), *ok, "{url}");
+        }
+        let mut reg = registration("h1", "10.0.0.1", "a");
+        reg.agent_url = Some("http://h1:7101/evil".into());
+        assert_eq!(
+            host_registration(&reg).map_err(|e| e.field),
+            Err("agent_url".into())
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod wait;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use blixard_api::{
@@ -27,7 +28,8 @@ Exit codes:
   3  not found
   4  conflict (already exists, changed meanwhile)
   5  control plane unreachable or without a leader (or, for vm logs, the VM's host)
-  6  --wait timed out";
+  6  --wait timed out
+  7  rate limited: this client sent too many requests; retry after the time given";
 
 #[derive(Parser)]
 #[command(name = "blixardctl", version, about = "Drive a Blixard cluster", after_help = EXIT_CODES)]
@@ -91,6 +93,15 @@ enum ClusterCmd {
     Add { id: u64, url: String },
     /// Remove a control node.
     Remove { id: u64 },
+    /// Rebuild a member whose data is lost or damaged: remove it, wait for the node to answer
+    /// at URL (start it with an empty data directory and --join meanwhile), add it back.
+    Rebuild {
+        id: u64,
+        url: String,
+        /// How long to wait for the fresh node, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
     /// Save or restore the cluster's hosts and VMs.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
@@ -382,6 +393,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     print_members(out, &client.add_member(&m).await?)
                 }
                 ClusterCmd::Remove { id } => print_members(out, &client.remove_member(id).await?),
+                ClusterCmd::Rebuild { id, url, timeout } => {
+                    let m = AddMember { id, addr: url };
+                    validate::add_member(&m)?;
+                    // Removed first: a voter restarted empty would count towards a quorum
+                    // with entries and votes it no longer has.
+                    if client.members().await?.iter().any(|x| x.id == id) {
+                        client.remove_member(id).await?;
+                        eprintln!("removed node {id}");
+                    }
+                    eprintln!(
+                        "waiting for node {id} at {}: start it with an empty data directory \
+                         and --join",
+                        m.addr
+                    );
+                    let fresh = Client::with_ca(&[m.addr.as_str()], cli.ca_file.as_deref())?;
+                    let deadline = std::time::Instant::now() + Duration::from_secs(timeout);
+                    // Any HTTP answer will do: a node waiting to be added has no leader (503).
+                    while let Err(ClientError::Unreachable(e)) = fresh.health().await {
+                        if std::time::Instant::now() > deadline {
+                            anyhow::bail!(
+                                "node {id} did not answer at {} within {timeout} s: {e}",
+                                m.addr
+                            );
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    print_members(out, &client.add_member(&m).await?)
+                }
                 ClusterCmd::Snapshot(SnapshotCmd::Save { file }) => {
                     let snap = client.save_snapshot().await?;
                     let text = serde_json::to_string_pretty(&snap)?;
@@ -582,6 +621,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<ClientError>() {
         Some(ClientError::Api { status: 404, .. }) => 3,
         Some(ClientError::Api { status: 409, .. }) => 4,
+        Some(ClientError::Api { status: 429, .. }) => 7,
         Some(ClientError::Api {
             status: 502 | 503, ..
         })

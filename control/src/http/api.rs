@@ -194,11 +194,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let k = v
         .to_str()
         .map_err(|_| ApiError::invalid("Idempotency-Key: must be ASCII"))?;
-    if k.is_empty() || k.len() > 128 || k.chars().any(|c| c.is_control()) {
-        return Err(ApiError::invalid(
-            "Idempotency-Key: 1-128 printable characters",
-        ));
-    }
+    validate::idempotency_key(k)?;
     Ok(Some(k.to_string()))
 }
 
@@ -435,10 +431,10 @@ async fn restore_snapshot(
     ApiJson(snap): ApiJson<StateSnapshot>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     for h in &snap.hosts {
-        validate::dns_label("hosts[].id", &h.id)?;
+        validate::host_record(h)?;
     }
     for v in &snap.vms {
-        validate::vm_spec(&v.spec)?;
+        validate::vm_record(v)?;
     }
     let cmd = Command::RestoreState {
         hosts: snap.hosts,
@@ -556,11 +552,7 @@ async fn report_status(
 ) -> Result<Json<Vm>, ApiError> {
     validate::dns_label("id", &id)?;
     validate::dns_label("name", &name)?;
-    if let Some(r) = &report.reason {
-        if r.len() > 1024 {
-            return Err(ApiError::invalid("reason: must be at most 1024 characters"));
-        }
-    }
+    validate::status_report(&report)?;
     let cmd = Command::ReportVmStatus {
         host: id,
         name,

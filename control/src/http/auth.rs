@@ -167,20 +167,26 @@ impl Tokens {
 
     /// Who presents `token`, if anyone. Comparisons take the same time whatever matches.
     pub fn identify(&self, token: &str) -> Option<Principal> {
+        self.identify_client(token).map(|(p, _)| p)
+    }
+
+    /// Who presents `token`, and which of the operator tokens it is (0 for other principals):
+    /// each operator token is its own client for rate limiting.
+    pub fn identify_client(&self, token: &str) -> Option<(Principal, usize)> {
         let mut found = None;
-        for t in &self.operators {
+        for (i, t) in self.operators.iter().enumerate() {
             if constant_time_eq(t, token) {
-                found = Some(Principal::Operator);
+                found = Some((Principal::Operator, i));
             }
         }
         for (t, host) in &self.agents {
             if constant_time_eq(t, token) {
-                found = Some(Principal::Agent(host.clone()));
+                found = Some((Principal::Agent(host.clone()), 0));
             }
         }
         if let Some(p) = &self.peer {
             if constant_time_eq(p, token) {
-                found = Some(Principal::Peer);
+                found = Some((Principal::Peer, 0));
             }
         }
         found
@@ -241,6 +247,15 @@ fn refuse(status: StatusCode, message: &str) -> Response {
     r
 }
 
+/// The bearer token a request presents, if any.
+pub fn bearer(req: &Request) -> Option<&str> {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
 /// Checks the caller against the route and puts its [`Principal`] into the request.
 pub async fn require(
     State(node): State<Arc<ControlNode>>,
@@ -256,12 +271,7 @@ pub async fn require(
     if need == Need::Nothing {
         return next.run(req).await;
     }
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+    let presented = bearer(&req);
     let Some(principal) = presented.and_then(|t| tokens.identify(t)) else {
         tracing::warn!(%path, method = %req.method(), "refused: missing or unknown token");
         return refuse(StatusCode::UNAUTHORIZED, "a valid bearer token is required");

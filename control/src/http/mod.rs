@@ -6,6 +6,7 @@ pub mod auth;
 pub mod error;
 pub mod logs;
 pub mod raft_routes;
+pub mod rate_limit;
 pub mod tls;
 
 use std::sync::Arc;
@@ -21,13 +22,26 @@ use crate::node::ControlNode;
 
 /// The whole router of a node.
 pub fn router(node: Arc<ControlNode>) -> Router {
-    Router::new()
+    let routes = Router::new()
         .merge(api::routes())
         .merge(raft_routes::routes())
         .layer(axum::middleware::from_fn_with_state(
             node.clone(),
             auth::require,
-        ))
+        ));
+    // Outside authentication, so that callers without a valid token are limited too;
+    // inside `record`, so that refusals show in the request counts.
+    let routes = match node.config.rate_limit {
+        Some(limit) => routes.layer(axum::middleware::from_fn_with_state(
+            Arc::new(rate_limit::RateLimitState {
+                node: node.clone(),
+                limiter: rate_limit::ClientLimiter::new(limit),
+            }),
+            rate_limit::limit,
+        )),
+        None => routes,
+    };
+    routes
         .layer(axum::middleware::from_fn_with_state(node.clone(), record))
         .with_state(node)
 }

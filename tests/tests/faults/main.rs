@@ -1,6 +1,6 @@
 //! Fault injection: a 3-node cluster of real `blixard-control` processes under concurrent
 //! creates, updates, deletes and reads from several clients, while a nemesis kill -9s and
-//! restarts nodes and partitions them (the transport's fault switches, `--fault-injection`).
+//! restarts nodes and partitions them, both ways or one way only (the transport's fault switches, `--fault-injection`).
 //! Every operation is recorded with its invocation and completion; afterwards the history
 //! must be linearizable for each VM key, and every acknowledged create that no delete could
 //! have removed must still exist, exactly once, on every node.
@@ -229,6 +229,8 @@ async fn leader(c: &Cluster) -> Option<usize> {
 struct Tally {
     kills: usize,
     partitions: usize,
+    /// Partitions in one direction only (counted in `partitions` too).
+    asymmetric: usize,
     leader_faults: usize,
     quorum_losses: usize,
     leader_changes: usize,
@@ -325,6 +327,27 @@ async fn faults_history_is_linearizable_under_kills_and_partitions() -> anyhow::
                 for i in [target, other] {
                     wait_answers(&c, i).await?;
                     sh.up[i].store(true, Ordering::SeqCst);
+                }
+            }
+            // One-way: traffic from one side fails, the other way works (a request and its
+            // answer are one exchange, so "A reaches B" means A's RPCs to B succeed).
+            8..10 => {
+                tally.partitions += 1;
+                tally.asymmetric += 1;
+                let me = ids[target];
+                let others: Vec<u64> = ids.iter().copied().filter(|i| *i != me).collect();
+                if rng.below(2) == 0 {
+                    // It cannot reach anyone; everyone reaches it.
+                    c.set_isolated(target, &others).await?;
+                } else {
+                    // It reaches everyone; nobody reaches it.
+                    for i in (0..NODES).filter(|i| *i != target) {
+                        c.set_isolated(i, &[me]).await?;
+                    }
+                }
+                tokio::time::sleep(hold).await;
+                for i in 0..NODES {
+                    c.set_isolated(i, &[]).await?;
                 }
             }
             // Cut one node off from the others, both ways, then heal.
@@ -442,7 +465,7 @@ async fn faults_history_is_linearizable_under_kills_and_partitions() -> anyhow::
     let count = |f: &dyn Fn(&Op) -> bool| history.iter().filter(|o| f(o)).count();
     eprintln!(
         "fault run done: seed {seed}, {rounds} rounds in {:.1?} ({} kills, {} of them quorum losses; \
-         {} partitions; {} faults aimed at the leader, {} leader changes)\n\
+         {} partitions, {} of them one-way; {} faults aimed at the leader, {} leader changes)\n\
          operations: {} ({} creates, {} updates, {} deletes, {} reads) over {} keys; \
          {} ok, {} not found, {} already exists, {} failed (503), {} unknown\n\
          checker: {:.1?}, {} keys linearizable, {} inconclusive, {} violations, {} unexpected answers",
@@ -450,6 +473,7 @@ async fn faults_history_is_linearizable_under_kills_and_partitions() -> anyhow::
         tally.kills,
         tally.quorum_losses,
         tally.partitions,
+        tally.asymmetric,
         tally.leader_faults,
         tally.leader_changes,
         history.len(),

@@ -10,3 +10,4 @@ mod t40_qemu;
 mod t50_logs;
 mod t60_packaging;
 mod t70_security;
+mod t80_safety;
