@@ -133,7 +133,7 @@ pub async fn run(o: &Opts, summary: &mut Vec<String>) -> anyhow::Result<Value> {
         "failover ({} kills, {}): writes back after p50 {p50:.0} ms, p99 {p99:.0} ms, max {:.0} ms",
         gaps.len(),
         if o.extra_control_flags.is_empty() {
-            "default timeouts: heartbeat 100 ms, election 500-1000 ms".to_string()
+            "default timeouts: heartbeat 50 ms, election 250-500 ms".to_string()
         } else {
             o.extra_control_flags.join(" ")
         },

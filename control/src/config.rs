@@ -69,13 +69,14 @@ pub struct Settings {
     /// Take a snapshot and compact the log every this many entries.
     #[arg(long)]
     pub snapshot_every: Option<u64>,
-    /// Raft heartbeat interval in milliseconds.
+    /// Raft heartbeat interval in milliseconds (default 50).
     #[arg(long)]
     pub heartbeat_ms: Option<u64>,
-    /// Raft election timeout range (min) in milliseconds.
+    /// Raft election timeout range (min) in milliseconds (default 250).
     #[arg(long)]
     pub election_timeout_min_ms: Option<u64>,
-    /// Raft election timeout range (max) in milliseconds.
+    /// Raft election timeout range (max) in milliseconds (default 500; it is also
+    /// openraft's leader lease, so it bounds how fast a dead leader is replaced).
     #[arg(long)]
     pub election_timeout_max_ms: Option<u64>,
     /// A host whose last heartbeat is older than this is down, and its VMs are moved.
@@ -284,9 +285,9 @@ impl Config {
                 ));
             }
         }
-        let heartbeat_ms = s.heartbeat_ms.unwrap_or(100);
-        let election_timeout_min_ms = s.election_timeout_min_ms.unwrap_or(500);
-        let election_timeout_max_ms = s.election_timeout_max_ms.unwrap_or(1000);
+        let heartbeat_ms = s.heartbeat_ms.unwrap_or(50);
+        let election_timeout_min_ms = s.election_timeout_min_ms.unwrap_or(250);
+        let election_timeout_max_ms = s.election_timeout_max_ms.unwrap_or(500);
         if heartbeat_ms == 0 || election_timeout_min_ms < 2 * heartbeat_ms {
             return Err(invalid(
                 "election_timeout_min_ms",

@@ -15,6 +15,10 @@ use crate::node::{now_ms, ControlNode};
 use crate::scheduler::{self, Overcommit};
 use crate::state_machine::{ClusterState, Command, VmRef};
 
+/// The most pending VMs one placement round decides: a round reads the state under its lock
+/// (applies wait meanwhile) and costs this many × hosts checks; the rest go in the next rounds.
+const PLACE_PER_ROUND: usize = 1_000;
+
 /// Hosts (up or draining) whose last heartbeat is older than `ttl_ms` at `now`.
 pub fn expired_hosts(s: &ClusterState, now: u64, ttl_ms: u64) -> Vec<String> {
     s.hosts
@@ -89,7 +93,7 @@ async fn place(node: &ControlNode, overcommit: Overcommit) {
         if scheduler::pending(s).is_empty() {
             return (vec![], vec![]);
         }
-        let (p, mut u) = scheduler::schedule(s, overcommit);
+        let (p, mut u) = scheduler::schedule_oldest(s, overcommit, PLACE_PER_ROUND);
         // Only write a pending reason when it changed.
         u.retain(|u| {
             s.vms

@@ -14,6 +14,7 @@ use blixard_api::{AddMember, ClusterStatus, Member};
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -26,6 +27,16 @@ use crate::store::StoreError;
 
 /// How long an operation waits for a leader before giving up with `NoLeader`.
 const LEADER_WAIT: Duration = Duration::from_secs(5);
+
+/// The most proposals one log entry carries.
+const MAX_BATCH: usize = 256;
+
+/// How many batches may be in Raft at once; while they are, new proposals queue up and go
+/// into the next batch.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+/// A proposal waiting for the batcher, and where its outcome goes.
+type QueuedProposal = (Command, oneshot::Sender<ForwardReply>);
 
 /// Errors of node operations.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +138,73 @@ pub struct ControlNode {
     /// Client for calls to hosts' agents (a VM's logs): no default credentials, each call
     /// carries that host's agent token.
     pub agent_http: reqwest::Client,
+    /// Proposals for [`propose_batched`], which gathers them into log entries.
+    proposals: mpsc::Sender<QueuedProposal>,
+}
+
+/// Gathers the proposals queued on `rx` into log entries: takes whatever is waiting (at
+/// most [`MAX_BATCH`], without waiting for more), proposes it as one entry, and hands each
+/// caller its own response. Up to [`BATCHES_IN_FLIGHT`] entries are in Raft at a time, so a
+/// lone proposal goes out at once and a crowd shares one fsync and one replication round.
+async fn propose_batched(
+    raft: Raft,
+    metrics: Arc<Metrics>,
+    mut rx: mpsc::Receiver<QueuedProposal>,
+) {
+    let in_flight = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+    loop {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = rx.recv().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let (raft, metrics) = (raft.clone(), metrics.clone());
+        tokio::spawn(async move {
+            write_batch(&raft, &metrics, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Proposes `batch` as one entry (a lone command as itself) and answers every caller.
+async fn write_batch(raft: &Raft, metrics: &Metrics, batch: Vec<QueuedProposal>) {
+    let (cmds, replies): (Vec<Command>, Vec<oneshot::Sender<ForwardReply>>) =
+        batch.into_iter().unzip();
+    let kinds: Vec<&'static str> = cmds.iter().map(Command::kind).collect();
+    let entry = match <[Command; 1]>::try_from(cmds) {
+        Ok([cmd]) => cmd,
+        Err(commands) => Command::Batch { commands },
+    };
+    let answers: Vec<(ForwardReply, &str)> = match raft.client_write(entry).await {
+        Ok(r) => match r.data {
+            Response::Batch(rs) if rs.len() == replies.len() => rs
+                .into_iter()
+                .map(|r| (ForwardReply::Response(r), "ok"))
+                .collect(),
+            r if replies.len() == 1 => vec![(ForwardReply::Response(r), "ok")],
+            r => {
+                let e = format!("a batch of {} got the response {r:?}", replies.len());
+                vec![(ForwardReply::Error(e), "error"); replies.len()]
+            }
+        },
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+            vec![(ForwardReply::NotLeader, "not_leader"); replies.len()]
+        }
+        Err(e) => vec![(ForwardReply::Error(e.to_string()), "error"); replies.len()],
+    };
+    for ((reply, (answer, outcome)), kind) in replies.into_iter().zip(answers).zip(kinds) {
+        metrics.proposal(kind, outcome);
+        // The caller may have gone away (its request timed out); nothing to do then.
+        let _ = reply.send(answer);
+    }
 }
 
 impl ControlNode {
@@ -174,15 +252,19 @@ impl ControlNode {
         let raft = Raft::new(config.node_id, raft_config, network, log, state.clone())
             .await
             .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let metrics = Arc::new(Metrics::new());
+        let (proposals, queued) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(propose_batched(raft.clone(), metrics.clone(), queued));
         Ok(Arc::new(ControlNode {
             id: config.node_id,
             config,
             raft,
             state,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             tokens,
             http,
             agent_http,
+            proposals,
         }))
     }
 
@@ -351,23 +433,17 @@ impl ControlNode {
     pub async fn handle_forward(&self, req: Forward) -> ForwardReply {
         match req {
             Forward::Propose(mut cmd) => {
-                cmd.stamp(now_ms());
-                let cmd = *cmd;
-                let kind = cmd.kind();
-                match self.raft.client_write(cmd).await {
-                    Ok(r) => {
-                        self.metrics.proposal(kind, "ok");
-                        ForwardReply::Response(r.data)
-                    }
-                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
-                        self.metrics.proposal(kind, "not_leader");
-                        ForwardReply::NotLeader
-                    }
-                    Err(e) => {
-                        self.metrics.proposal(kind, "error");
-                        ForwardReply::Error(e.to_string())
-                    }
+                if matches!(*cmd, Command::Batch { .. }) {
+                    return ForwardReply::Error("batches are formed by the leader".into());
                 }
+                cmd.stamp(now_ms());
+                let (tx, rx) = oneshot::channel();
+                if self.proposals.send((*cmd, tx)).await.is_err() {
+                    return ForwardReply::Error("the proposal queue is closed".into());
+                }
+                rx.await.unwrap_or_else(|_| {
+                    ForwardReply::Error("the proposal was dropped unanswered".into())
+                })
             }
             Forward::ReadIndex => match self.raft.ensure_linearizable().await {
                 Ok(log_id) => ForwardReply::ReadIndex(log_id.map(|l| l.index).unwrap_or(0)),

@@ -72,38 +72,58 @@ impl Reject {
     }
 }
 
-fn check(host: &Host, load: &Load, spec: &VmSpec, oc: Overcommit) -> Result<f64, Reject> {
-    if host.status != HostStatus::Up {
-        return Err(Reject::NotUp);
+/// A host as the scheduler sees it: its capacities times the overcommit ratios, computed
+/// once per pass, and the load placed on it so far.
+struct Slot<'a> {
+    host: &'a Host,
+    cpu_cap: u64,
+    mem_cap: u64,
+    load: Load,
+}
+
+impl<'a> Slot<'a> {
+    fn new(host: &'a Host, oc: Overcommit) -> Self {
+        Slot {
+            host,
+            cpu_cap: (f64::from(host.capacity.vcpus) * oc.cpu).floor() as u64,
+            mem_cap: (host.capacity.memory_mib as f64 * oc.memory).floor() as u64,
+            load: Load::default(),
+        }
     }
-    if !host.hypervisors.is_empty() && !host.hypervisors.contains(&spec.hypervisor) {
-        return Err(Reject::Hypervisor);
+
+    /// Whether `spec` fits here, and if so the fraction of memory left free after it; the
+    /// first rule it breaks otherwise.
+    fn check(&self, spec: &VmSpec) -> Result<f64, Reject> {
+        let (host, load) = (self.host, &self.load);
+        if host.status != HostStatus::Up {
+            return Err(Reject::NotUp);
+        }
+        if !host.hypervisors.is_empty() && !host.hypervisors.contains(&spec.hypervisor) {
+            return Err(Reject::Hypervisor);
+        }
+        if !spec
+            .constraints
+            .iter()
+            .all(|(k, v)| host.labels.get(k) == Some(v))
+        {
+            return Err(Reject::Labels);
+        }
+        if spec
+            .anti_affinity
+            .as_ref()
+            .is_some_and(|g| load.groups.contains(g))
+        {
+            return Err(Reject::AntiAffinity);
+        }
+        if load.vcpus + u64::from(spec.vcpus) > self.cpu_cap {
+            return Err(Reject::Cpu);
+        }
+        let mem_after = load.memory_mib + spec.memory_mib;
+        if mem_after > self.mem_cap {
+            return Err(Reject::Memory);
+        }
+        Ok((self.mem_cap - mem_after) as f64 / self.mem_cap.max(1) as f64)
     }
-    if !spec
-        .constraints
-        .iter()
-        .all(|(k, v)| host.labels.get(k) == Some(v))
-    {
-        return Err(Reject::Labels);
-    }
-    if spec
-        .anti_affinity
-        .as_ref()
-        .is_some_and(|g| load.groups.contains(g))
-    {
-        return Err(Reject::AntiAffinity);
-    }
-    let cpu_cap = (f64::from(host.capacity.vcpus) * oc.cpu).floor() as u64;
-    if load.vcpus + u64::from(spec.vcpus) > cpu_cap {
-        return Err(Reject::Cpu);
-    }
-    let mem_cap = (host.capacity.memory_mib as f64 * oc.memory).floor() as u64;
-    let mem_after = load.memory_mib + spec.memory_mib;
-    if mem_after > mem_cap {
-        return Err(Reject::Memory);
-    }
-    // Fraction of memory left free after placing the VM.
-    Ok((mem_cap - mem_after) as f64 / mem_cap.max(1) as f64)
 }
 
 /// VMs that want to run and have no host, oldest first.
@@ -121,47 +141,57 @@ pub fn pending(state: &ClusterState) -> Vec<&Vm> {
 
 /// Places every pending VM it can. Returns placements and, for the rest, the reason.
 pub fn schedule(state: &ClusterState, oc: Overcommit) -> (Vec<Placement>, Vec<Unplaced>) {
-    let mut load: BTreeMap<&str, Load> = state
-        .hosts
-        .keys()
-        .map(|h| (h.as_str(), Load::default()))
+    schedule_oldest(state, oc, usize::MAX)
+}
+
+/// Like [`schedule`], for only the `max` oldest pending VMs: the same placements for them as a
+/// full pass would give (a VM's placement depends only on the VMs before it), in a time
+/// bounded by `max` × hosts, so the leader holds the state for a short while per round.
+pub fn schedule_oldest(
+    state: &ClusterState,
+    oc: Overcommit,
+    max: usize,
+) -> (Vec<Placement>, Vec<Unplaced>) {
+    // Hosts in id order (ties go to the first), as a vector: the inner loop below runs
+    // VMs × hosts times and must not look anything up by name.
+    let mut slots: Vec<Slot> = state.hosts.values().map(|h| Slot::new(h, oc)).collect();
+    let index: BTreeMap<&str, usize> = slots
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.host.id.as_str(), i))
         .collect();
     for vm in state.vms.values() {
-        if let Some(l) = vm.host.as_deref().and_then(|h| load.get_mut(h)) {
-            l.add(&vm.spec);
+        if let Some(&i) = vm.host.as_deref().and_then(|h| index.get(h)) {
+            slots[i].load.add(&vm.spec);
         }
     }
     let mut placements = Vec::new();
     let mut unplaced = Vec::new();
-    for vm in pending(state) {
-        let mut best: Option<(f64, &str)> = None;
+    for vm in pending(state).into_iter().take(max) {
+        let mut best: Option<(f64, usize)> = None;
         let mut rejects: BTreeMap<Reject, usize> = BTreeMap::new();
-        for host in state.hosts.values() {
-            let Some(l) = load.get(host.id.as_str()) else {
-                continue;
-            };
-            match check(host, l, &vm.spec, oc) {
+        for (i, slot) in slots.iter().enumerate() {
+            match slot.check(&vm.spec) {
                 Ok(free) => {
                     let score = match vm.spec.strategy {
                         PlacementStrategy::Spread => free,
                         PlacementStrategy::Binpack => -free,
                     };
-                    // Strictly greater: on a tie the first host id (BTreeMap order) wins.
+                    // Strictly greater: on a tie the first host id wins.
                     if best.is_none_or(|(s, _)| score > s) {
-                        best = Some((score, host.id.as_str()));
+                        best = Some((score, i));
                     }
                 }
                 Err(r) => *rejects.entry(r).or_default() += 1,
             }
         }
         match best {
-            Some((_, host)) => {
-                if let Some(l) = load.get_mut(host) {
-                    l.add(&vm.spec);
-                }
+            Some((_, i)) => {
+                let slot = &mut slots[i];
+                slot.load.add(&vm.spec);
                 placements.push(Placement {
                     vm: vm.spec.name.clone(),
-                    host: host.to_string(),
+                    host: slot.host.id.clone(),
                     generation: vm.generation,
                 });
             }
@@ -542,6 +572,21 @@ mod properties {
                 prop_assert!(*used <= cap.memory_mib);
                 prop_assert!(cpu[h] <= u64::from(cap.vcpus) * 4);
             }
+        }
+
+        /// A round over the `max` oldest pending VMs decides them exactly as a full pass does,
+        /// and leaves the rest alone.
+        #[test]
+        fn a_partial_round_agrees_with_the_full_pass(s in cluster(), max in 0usize..12) {
+            let oc = Overcommit::default();
+            let first: BTreeSet<String> =
+                pending(&s).iter().take(max).map(|v| v.spec.name.clone()).collect();
+            let (placements, unplaced) = schedule(&s, oc);
+            let want = (
+                placements.into_iter().filter(|p| first.contains(&p.vm)).collect::<Vec<_>>(),
+                unplaced.into_iter().filter(|u| first.contains(&u.vm)).collect::<Vec<_>>(),
+            );
+            prop_assert_eq!(schedule_oldest(&s, oc, max), want);
         }
     }
 }

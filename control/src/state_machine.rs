@@ -118,6 +118,13 @@ pub enum Command {
         vms: Vec<Vm>,
         now_ms: u64,
     },
+    /// Several proposals in one log entry, applied in order as if each were its own entry
+    /// at this index; each gets its own response (see [`Response::Batch`]). The leader
+    /// gathers concurrent proposals into one so that one fsync and one replication round
+    /// carry all of them. A batch never holds a batch.
+    Batch {
+        commands: Vec<Command>,
+    },
 }
 
 impl Command {
@@ -136,6 +143,7 @@ impl Command {
             | Command::DrainHost { now_ms, .. }
             | Command::Unassign { now_ms, .. }
             | Command::RestoreState { now_ms, .. } => *now_ms = now,
+            Command::Batch { commands } => commands.iter_mut().for_each(|c| c.stamp(now)),
         }
     }
 
@@ -154,6 +162,7 @@ impl Command {
             Command::DrainHost { .. } => "drain_host",
             Command::Unassign { .. } => "unassign",
             Command::RestoreState { .. } => "restore_state",
+            Command::Batch { .. } => "batch",
         }
     }
 }
@@ -187,6 +196,8 @@ pub enum Response {
     /// A create that repeated an earlier one's idempotency key: the VM it made.
     Existing(Box<Vm>),
     Count(usize),
+    /// The responses to a [`Command::Batch`], one per command, in order.
+    Batch(Vec<Response>),
 }
 
 /// Keys whose rows changed, for the store to write.
@@ -825,6 +836,23 @@ impl Apply<'_> {
 /// Applies one committed command at log `index`.
 pub fn apply(state: &mut ClusterState, index: u64, cmd: &Command) -> (Response, Touched) {
     let now = match cmd {
+        Command::Batch { commands } => {
+            let mut touched = Touched::default();
+            let responses = commands
+                .iter()
+                .map(|c| match c {
+                    Command::Batch { .. } => Response::Error(ApplyError::Conflict(
+                        "a batch cannot hold another batch".into(),
+                    )),
+                    c => {
+                        let (r, t) = apply(state, index, c);
+                        touched.merge(t);
+                        r
+                    }
+                })
+                .collect();
+            return (Response::Batch(responses), touched);
+        }
         Command::CreateVm { now_ms, .. }
         | Command::DeleteVm { now_ms, .. }
         | Command::SetDesired { now_ms, .. }
@@ -882,6 +910,7 @@ pub fn apply(state: &mut ClusterState, index: u64, cmd: &Command) -> (Response, 
         } => a.drain(host, *deadline_ms),
         Command::Unassign { vms, reason, .. } => a.unassign_many(vms, reason),
         Command::RestoreState { hosts, vms, .. } => a.restore(hosts, vms),
+        Command::Batch { .. } => Response::None,
     };
     (resp, a.touched)
 }

@@ -589,6 +589,15 @@ fn command_encoding_is_stable() {
             },
             r#"{"type":"unassign","vms":[{"vm":"a","generation":2}],"reason":"r","now_ms":4}"#,
         ),
+        (
+            Command::Batch {
+                commands: vec![Command::Heartbeat {
+                    host: "h".into(),
+                    now_ms: 2,
+                }],
+            },
+            r#"{"type":"batch","commands":[{"type":"heartbeat","host":"h","now_ms":2}]}"#,
+        ),
     ];
     for (cmd, json) in cases {
         assert_eq!(serde_json::to_string(&cmd).ok().as_deref(), Some(json));
@@ -639,4 +648,104 @@ pub(crate) fn running_vm(name: &str, host: &str) -> Vm {
     vm.spec.name = name.into();
     vm.host = Some(host.into());
     vm
+}
+
+/// A batch applied at index `i` gives the same state, the same responses in order and the
+/// same touched rows as its commands applied one by one at `i`, including commands that see
+/// each other's effects (an idempotent repeat, a delete of a VM created just before).
+#[test]
+fn a_batch_applies_like_its_commands_in_order() {
+    let mut keyed = create("k");
+    if let Command::CreateVm {
+        idempotency_key, ..
+    } = &mut keyed
+    {
+        *idempotency_key = Some("key-1".into());
+    }
+    let cases: Vec<(&str, ClusterState, Vec<Command>)> = vec![
+        ("empty", ClusterState::default(), vec![]),
+        (
+            "create then place then report",
+            ClusterState::default(),
+            vec![
+                Command::RegisterHost {
+                    registration: reg("h1"),
+                    now_ms: 1,
+                },
+                create("a"),
+                place("a", "h1", 1),
+                report("h1", "a", VmState::Running, 2, 4),
+            ],
+        ),
+        (
+            "idempotent repeat and a duplicate",
+            ClusterState::default(),
+            vec![keyed.clone(), keyed, create("b"), create("b")],
+        ),
+        (
+            "create then delete",
+            ClusterState::default(),
+            vec![
+                create("c"),
+                Command::DeleteVm {
+                    name: "c".into(),
+                    now_ms: 3,
+                    expected_generation: None,
+                },
+            ],
+        ),
+        (
+            "stop a running vm and refuse an unknown one",
+            running(),
+            vec![
+                desired("a", DesiredState::Stopped),
+                desired("nope", DesiredState::Stopped),
+            ],
+        ),
+    ];
+    for (name, start, cmds) in cases {
+        let index = 50;
+        let mut one_by_one = start.clone();
+        let mut touched = Touched::default();
+        let mut responses = Vec::new();
+        for c in &cmds {
+            let (r, t) = apply(&mut one_by_one, index, c);
+            touched.merge(t);
+            responses.push(r);
+        }
+        let mut batched = start;
+        let (r, t) = apply(
+            &mut batched,
+            index,
+            &Command::Batch {
+                commands: cmds.clone(),
+            },
+        );
+        assert_eq!(r, Response::Batch(responses), "{name}: responses");
+        assert_eq!(t, touched, "{name}: touched");
+        assert_eq!(batched, one_by_one, "{name}: state");
+        assert_eq!(batched.events, one_by_one.events, "{name}: events");
+    }
+}
+
+#[test]
+fn a_batch_inside_a_batch_is_refused_alone() {
+    let mut s = ClusterState::default();
+    let inner = Command::Batch {
+        commands: vec![create("x")],
+    };
+    let (r, _) = apply(
+        &mut s,
+        1,
+        &Command::Batch {
+            commands: vec![inner, create("y")],
+        },
+    );
+    let Response::Batch(rs) = r else {
+        panic!("not a batch response: {r:?}");
+    };
+    assert!(matches!(rs[0], Response::Error(ApplyError::Conflict(_))));
+    assert!(matches!(rs[1], Response::Vm(_)));
+    assert!(!s.vms.contains_key("x"));
+    assert!(s.vms.contains_key("y"));
 }

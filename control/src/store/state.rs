@@ -5,6 +5,12 @@
 //! applied batch is one transaction holding the changed rows, the applied log id and the
 //! membership together, so after a crash the file is exactly the state at some applied index.
 //! Nothing but [`crate::state_machine::apply`], run from here on committed entries, changes it.
+//!
+//! Applies commit with `synchronous=NORMAL` (WAL): a killed process loses nothing, and a
+//! power loss can lose only the last applies, which Raft applies again from the log (the
+//! state is a pure function of it). Snapshots are written with `synchronous=FULL`, which
+//! makes every earlier apply durable too, before openraft may purge the log behind them: so
+//! the log is never purged past what the synced state covers (ARCHITECTURE.md, invariants).
 
 use std::io::Cursor;
 use std::path::Path;
@@ -30,6 +36,23 @@ const MIGRATIONS: &[&str] = &["
     CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
     CREATE TABLE snapshot (id INTEGER PRIMARY KEY CHECK (id = 1), meta BLOB NOT NULL, data BLOB NOT NULL);
 "];
+
+/// Durability of applies: recoverable from the log, so no fsync of their own.
+const SYNC_APPLY: &str = "PRAGMA synchronous=NORMAL";
+/// Durability of snapshots: synced, with every apply before them, before the log is purged.
+const SYNC_SNAPSHOT: &str = "PRAGMA synchronous=FULL";
+
+/// Runs `f` with `synchronous=FULL`, so its commit is on disk (and with it, the WAL frames of
+/// every earlier commit) when it returns; then goes back to `NORMAL`.
+fn synced<R>(
+    conn: &mut Connection,
+    f: impl FnOnce(&mut Connection) -> Result<R, StorageError<NodeId>>,
+) -> Result<R, StorageError<NodeId>> {
+    conn.execute_batch(SYNC_SNAPSHOT).map_err(write_err)?;
+    let r = f(conn);
+    conn.execute_batch(SYNC_APPLY).map_err(write_err)?;
+    r
+}
 
 struct Applied {
     cluster: ClusterState,
@@ -77,6 +100,7 @@ impl StateStore {
             path: p.clone(),
             source,
         };
+        conn.execute_batch(SYNC_APPLY).map_err(sql)?;
         let mut cluster = ClusterState::default();
         {
             let mut stmt = conn.prepare("SELECT body FROM vms").map_err(sql)?;
@@ -236,12 +260,14 @@ impl RaftSnapshotBuilder<TypeConfig> for StateStore {
         };
         let meta_b = serde_json::to_vec(&meta).map_err(write_err)?;
         {
-            let conn = self.conn()?;
-            conn.execute(
-                "INSERT OR REPLACE INTO snapshot (id, meta, data) VALUES (1, ?1, ?2)",
-                params![meta_b, data],
-            )
-            .map_err(write_err)?;
+            let mut conn = self.conn()?;
+            synced(&mut conn, |conn| {
+                conn.execute(
+                    "INSERT OR REPLACE INTO snapshot (id, meta, data) VALUES (1, ?1, ?2)",
+                    params![meta_b, data],
+                )
+                .map_err(write_err)
+            })?;
         }
         Ok(Snapshot {
             meta,
@@ -324,6 +350,7 @@ impl RaftStateMachine<TypeConfig> for StateStore {
         let meta_b = serde_json::to_vec(meta).map_err(write_err)?;
         {
             let mut conn = self.conn()?;
+            conn.execute_batch(SYNC_SNAPSHOT).map_err(write_err)?;
             let tx = conn.transaction().map_err(write_err)?;
             tx.execute_batch("DELETE FROM vms; DELETE FROM hosts;")
                 .map_err(write_err)?;
@@ -340,6 +367,7 @@ impl RaftStateMachine<TypeConfig> for StateStore {
             )
             .map_err(write_err)?;
             tx.commit().map_err(write_err)?;
+            conn.execute_batch(SYNC_APPLY).map_err(write_err)?;
             let mut g = self
                 .shared
                 .applied
