@@ -39,7 +39,7 @@ pub enum AgentApiError {
         source: std::io::Error,
     },
     #[error("cannot load the agent API's certificate")]
-    Tls(#[from] crate::api_tls::ApiTlsError),
+    Tls(#[from] blixard_api::tls_server::ServerTlsError),
 }
 
 /// What the handlers share.
@@ -78,7 +78,7 @@ pub async fn bind(
     tls: Option<(&std::path::Path, &std::path::Path)>,
 ) -> Result<Bound, AgentApiError> {
     let tls = match tls {
-        Some((cert, key)) => Some(crate::api_tls::acceptor(cert, key)?),
+        Some((cert, key)) => Some(blixard_api::tls_server::acceptor(cert, key)?),
         None => None,
     };
     let listener = tokio::net::TcpListener::bind(addr)
@@ -105,7 +105,7 @@ pub async fn bind(
 pub async fn serve(bound: Bound, state: ApiState) {
     let result = match bound.tls {
         Some(acceptor) => {
-            let listener = crate::api_tls::TlsListener {
+            let listener = blixard_api::tls_server::TlsListener {
                 tcp: bound.listener,
                 acceptor,
             };

@@ -17,13 +17,12 @@
 //! - [`last_run_log`]: the last run's messages of a VM unit, from `journalctl`;
 //! - [`journal`]: `journalctl` arguments for a VM and the parser of its JSON, as plain data;
 //! - [`agent_api`]: the agent's HTTP API (a VM's logs from the journal, for the control plane),
-//!   over HTTPS with [`api_tls`];
+//!   over HTTPS with `blixard_api::tls_server`;
 //! - [`daemon`]: the loops that tie them to the control plane ([`run`]);
 //! - [`qmp`]: the graceful stop of a QEMU VM (`blixard-agent qmp-powerdown`);
 //! - [`notify`] and [`logging`]: sd-notify and journald/stderr logging.
 
 pub mod agent_api;
-pub mod api_tls;
 pub mod capacity;
 pub mod command;
 pub mod config;

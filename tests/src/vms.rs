@@ -3,13 +3,31 @@
 
 use std::time::Duration;
 
-use blixard_api::{Client, Host, Vm, VmSpec, VmState};
+use blixard_api::{Capacity, Client, Host, HostRegistration, Hypervisor, Vm, VmSpec, VmState};
 
 use crate::host::SimHost;
 use crate::wait;
 
 /// How long a test waits for the cluster and agents to act on a loaded 2-core machine.
 pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A registration of host `id` with 2 vCPUs, 2 GiB and the `process` hypervisor, as an agent
+/// would send it (for tests that act as an agent themselves).
+pub fn process_host(id: &str) -> HostRegistration {
+    HostRegistration {
+        id: id.into(),
+        address: String::new(),
+        capacity: Capacity {
+            vcpus: 2,
+            memory_mib: 2048,
+            disk_gib: 10,
+            kvm: false,
+        },
+        labels: Default::default(),
+        hypervisors: vec![Hypervisor::Process],
+        agent_url: None,
+    }
+}
 
 /// A spec for a `process` VM from JSON, so fields the API adds later need no change here.
 pub fn process_spec(name: &str, memory_mib: u64) -> VmSpec {

@@ -2,10 +2,13 @@
 //! and a typed client over them.
 //!
 //! It is shared by the control plane, the agent and the CLI, and depends on none of openraft,
-//! SQLite or axum, so the agent and the CLI stay small.
+//! SQLite or axum (axum only with the `server` feature, for [`tls_server`]), so the CLI stays
+//! small.
 
 pub mod client;
 pub mod tls;
+#[cfg(feature = "server")]
+pub mod tls_server;
 pub mod types;
 pub mod validate;
 

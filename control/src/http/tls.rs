@@ -1,84 +1,13 @@
-//! Serving HTTPS: an axum [`Listener`] that completes a rustls handshake on every accepted
-//! connection. A handshake that fails or stalls is dropped without holding up the listener
-//! for long.
+//! Serving HTTPS for a control node: the certificate and key of its configuration, through
+//! the shared rustls acceptor and axum listener of [`blixard_api::tls_server`].
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
-
-use axum::serve::Listener;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
+
+pub use blixard_api::tls_server::{ServerTlsError, TlsListener};
 
 use crate::config::TlsFiles;
 
-/// Errors loading the server's certificate.
-#[derive(Debug, thiserror::Error)]
-pub enum ServerTlsError {
-    #[error("{path}: {message}")]
-    Pem { path: String, message: String },
-    #[error("tls: {0}")]
-    Rustls(#[from] rustls::Error),
-}
-
-fn pem_err(path: &Path, e: impl std::fmt::Display) -> ServerTlsError {
-    ServerTlsError::Pem {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    }
-}
-
 /// The rustls acceptor for `files`.
 pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, ServerTlsError> {
-    blixard_api::tls::install_provider();
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-        .map_err(|e| pem_err(&files.cert, e))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| pem_err(&files.cert, e))?;
-    if certs.is_empty() {
-        return Err(pem_err(&files.cert, "holds no certificate"));
-    }
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| pem_err(&files.key, e))?;
-    let config = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
-}
-
-/// A TCP listener that hands axum TLS streams.
-pub struct TlsListener {
-    pub tcp: TcpListener,
-    pub acceptor: TlsAcceptor,
-}
-
-impl Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let (stream, addr) = match self.tcp.accept().await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            match tokio::time::timeout(Duration::from_secs(5), self.acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => return (tls, addr),
-                Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.tcp.local_addr()
-    }
+    blixard_api::tls_server::acceptor(&files.cert, &files.key)
 }

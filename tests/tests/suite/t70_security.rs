@@ -2,25 +2,9 @@
 
 use std::time::Duration;
 
-use blixard_api::{Capacity, HostRegistration, Hypervisor};
 use blixard_tests::cluster::{Cluster, ClusterOptions, AGENT_TOKENS, OPERATOR_TOKEN, PEER_TOKEN};
+use blixard_tests::vms::process_host;
 use blixard_tests::wait;
-
-fn registration(id: &str) -> HostRegistration {
-    HostRegistration {
-        id: id.into(),
-        address: String::new(),
-        capacity: Capacity {
-            vcpus: 2,
-            memory_mib: 2048,
-            disk_gib: 10,
-            kvm: false,
-        },
-        labels: Default::default(),
-        hypervisors: vec![Hypervisor::Process],
-        agent_url: None,
-    }
-}
 
 fn spec_json(name: &str) -> serde_json::Value {
     serde_json::json!({"name": name, "vcpus": 1, "memory_mib": 64, "hypervisor": "process"})
@@ -73,19 +57,19 @@ async fn t70_tokens_are_required_and_scoped_over_tls() -> anyhow::Result<()> {
     // An agent token acts for its own host only.
     let (h1, t1) = AGENT_TOKENS[0];
     let agent = c.client_with(&eps, Some(t1));
-    agent.register_host(&registration(h1)).await?;
+    agent.register_host(&process_host(h1)).await?;
     agent.heartbeat(h1).await?;
     agent.assignments(h1, None, Duration::from_secs(1)).await?;
     let other = AGENT_TOKENS[1].0;
     assert_eq!(
         agent
-            .register_host(&registration(other))
+            .register_host(&process_host(other))
             .await
             .err()
             .and_then(|e| e.status()),
         Some(403)
     );
-    op.register_host(&registration(other)).await?;
+    op.register_host(&process_host(other)).await?;
     assert_eq!(
         agent.heartbeat(other).await.err().and_then(|e| e.status()),
         Some(403)

@@ -5,26 +5,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use blixard_api::{Capacity, HostRegistration, Hypervisor, VmSpec};
+use blixard_api::VmSpec;
 use blixard_tests::binaries::binary;
 use blixard_tests::cluster::{Cluster, ClusterOptions, AGENT_TOKENS, OPERATOR_TOKEN};
+use blixard_tests::vms::process_host;
 use blixard_tests::wait;
-
-fn registration(id: &str) -> HostRegistration {
-    HostRegistration {
-        id: id.into(),
-        address: String::new(),
-        capacity: Capacity {
-            vcpus: 2,
-            memory_mib: 2048,
-            disk_gib: 10,
-            kvm: false,
-        },
-        labels: Default::default(),
-        hypervisors: vec![Hypervisor::Process],
-        agent_url: None,
-    }
-}
 
 /// Sends `n` requests at once from `client`; returns (succeeded, refused with 429).
 async fn burst(client: &blixard_api::Client, n: usize) -> (usize, usize) {
@@ -106,7 +91,7 @@ async fn t80_rate_limit_is_per_client() -> anyhow::Result<()> {
     // neither is the (exempt) health probe.
     let (h1, t1) = AGENT_TOKENS[0];
     let agent = c.client_with(&node0, Some(t1));
-    agent.register_host(&registration(h1)).await?;
+    agent.register_host(&process_host(h1)).await?;
     agent.heartbeat(h1).await?;
     for _ in 0..30 {
         c.client_with(&node0, None).health().await?;

@@ -1,7 +1,8 @@
-//! HTTPS for the agent API: the certificate and key from the configuration, and an axum
-//! [`Listener`] that completes a rustls handshake on every accepted connection (the same
-//! shape as the control node's `http/tls.rs`; the API crate cannot hold it, as it stays free
-//! of axum). A handshake that fails or stalls is dropped without holding the listener long.
+//! Serving HTTPS (feature `server`, used by the control nodes and the agent's API): the
+//! rustls acceptor for a PEM certificate chain and key, and an axum [`Listener`] that
+//! completes a rustls handshake on every accepted connection. A handshake that fails or
+//! stalls is dropped without holding up the listener for long. Clients (the CLI) build
+//! without this feature and so without axum.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -15,25 +16,27 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-/// Errors loading the API's certificate.
+use crate::tls::install_provider;
+
+/// Errors loading a server's certificate.
 #[derive(Debug, thiserror::Error)]
-pub enum ApiTlsError {
+pub enum ServerTlsError {
     #[error("{path}: {message}")]
     Pem { path: String, message: String },
     #[error("tls: {0}")]
     Rustls(#[from] rustls::Error),
 }
 
-fn pem_err(path: &Path, e: impl std::fmt::Display) -> ApiTlsError {
-    ApiTlsError::Pem {
+fn pem_err(path: &Path, e: impl std::fmt::Display) -> ServerTlsError {
+    ServerTlsError::Pem {
         path: path.display().to_string(),
         message: e.to_string(),
     }
 }
 
 /// The rustls acceptor for a PEM certificate chain and key.
-pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, ApiTlsError> {
-    blixard_api::tls::install_provider();
+pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, ServerTlsError> {
+    install_provider();
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .map_err(|e| pem_err(cert, e))?
         .collect::<Result<_, _>>()
@@ -63,7 +66,7 @@ impl Listener for TlsListener {
             let (stream, addr) = match self.tcp.accept().await {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!(error = %e, "agent API: accept failed");
+                    tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -71,8 +74,8 @@ impl Listener for TlsListener {
             let _ = stream.set_nodelay(true);
             match tokio::time::timeout(Duration::from_secs(5), self.acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => return (tls, addr),
-                Ok(Err(e)) => tracing::debug!(%addr, error = %e, "agent API: TLS handshake failed"),
-                Err(_) => tracing::debug!(%addr, "agent API: TLS handshake timed out"),
+                Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
             }
         }
     }
