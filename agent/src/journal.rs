@@ -70,7 +70,7 @@ pub fn journalctl_args(
 
 /// One field value of journalctl's JSON output: a string, an array of bytes (a value that is
 /// not UTF-8), or null (a value journalctl would not print).
-fn field_text(v: &Value) -> Option<String> {
+pub fn field_text(v: &Value) -> Option<String> {
     match v {
         Value::String(s) => Some(s.clone()),
         Value::Array(items) if items.iter().all(Value::is_u64) => {

@@ -38,18 +38,8 @@ pub fn last_run(json: &str) -> Vec<String> {
                 .and_then(|x| x.as_str())
                 .unwrap_or("")
                 .to_string();
-            let msg = match v.get("MESSAGE")? {
-                serde_json::Value::String(s) => s.clone(),
-                // journalctl prints non-UTF-8 messages as arrays of bytes.
-                serde_json::Value::Array(bytes) => {
-                    let b: Vec<u8> = bytes
-                        .iter()
-                        .filter_map(|x| x.as_u64().and_then(|n| u8::try_from(n).ok()))
-                        .collect();
-                    String::from_utf8_lossy(&b).into_owned()
-                }
-                _ => return None,
-            };
+            // A string, or bytes for a message that is not UTF-8.
+            let msg = v.get("MESSAGE").and_then(crate::journal::field_text)?;
             Some((id, msg))
         })
         .collect();

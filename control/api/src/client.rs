@@ -216,18 +216,7 @@ impl Client {
                     message: e.to_string(),
                 });
             }
-            let err = match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(b) => ClientError::Api {
-                    status: status.as_u16(),
-                    code: b.error.code,
-                    message: b.error.message,
-                },
-                Err(_) => ClientError::Api {
-                    status: status.as_u16(),
-                    code: codes::INTERNAL.into(),
-                    message: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
-                },
-            };
+            let err = api_error(status, &bytes);
             if status == StatusCode::SERVICE_UNAVAILABLE {
                 last_err = Some(err);
                 continue;
@@ -305,18 +294,7 @@ impl Client {
                 });
             }
             let bytes = resp.bytes().await.unwrap_or_default();
-            let err = match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(b) => ClientError::Api {
-                    status: status.as_u16(),
-                    code: b.error.code,
-                    message: b.error.message,
-                },
-                Err(_) => ClientError::Api {
-                    status: status.as_u16(),
-                    code: codes::INTERNAL.into(),
-                    message: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
-                },
-            };
+            let err = api_error(status, &bytes);
             // As for every read, a node without a leader passes the request on.
             if status == StatusCode::SERVICE_UNAVAILABLE {
                 last_err = Some(err);
@@ -526,6 +504,23 @@ pub struct LogStream {
 
 /// Longest NDJSON line accepted from the server.
 const MAX_LOG_LINE_BYTES: usize = 1 << 20;
+
+/// The error an endpoint answered with: its `{"error":{code,message}}` body, or the start of
+/// whatever else it sent.
+fn api_error(status: StatusCode, bytes: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(bytes) {
+        Ok(b) => ClientError::Api {
+            status: status.as_u16(),
+            code: b.error.code,
+            message: b.error.message,
+        },
+        Err(_) => ClientError::Api {
+            status: status.as_u16(),
+            code: codes::INTERNAL.into(),
+            message: String::from_utf8_lossy(bytes).chars().take(200).collect(),
+        },
+    }
+}
 
 impl LogStream {
     /// The next line, or `None` at the end of the stream (without `follow`: after the last
