@@ -165,7 +165,10 @@ impl BlixardCluster {
             .arg("--initial-cluster")
             .arg(&self.initial)
             .args(&self.extra)
-            .env("BLIXARD_LOG", "warn")
+            .env(
+                "BLIXARD_LOG",
+                std::env::var("BLIXARD_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -261,6 +264,13 @@ impl Drop for BlixardCluster {
     fn drop(&mut self) {
         for i in 0..self.nodes.len() {
             self.kill(i);
+        }
+        if std::env::var_os("BLIXARD_BENCH_LOG").is_some() {
+            for n in &self.nodes {
+                let to = std::env::temp_dir().join(format!("blixard-bench-n{}.log", n.id));
+                let _ = std::fs::copy(&n.log, &to);
+                eprintln!("  node {} log kept in {}", n.id, to.display());
+            }
         }
     }
 }

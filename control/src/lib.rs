@@ -4,9 +4,10 @@
 //!
 //! Layout: pure cores ([`state_machine`], [`scheduler`]) with no IO; [`store`] (the only
 //! SQLite user), [`network`] (Raft RPC client), [`node`] (the Raft runtime), [`http`] (axum
-//! routes) and [`leader_loop`] around them; [`run`] wires them together for the binary.
+//! routes), [`leader_loop`] and [`election_trigger`] around them; [`run`] wires them together for the binary.
 
 pub mod config;
+pub mod election_trigger;
 pub mod faults;
 pub mod http;
 pub mod leader_loop;
@@ -115,6 +116,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     };
     node.bootstrap().await?;
     let placer = tokio::spawn(leader_loop::run(node.clone(), Default::default()));
+    let elections = tokio::spawn(election_trigger::run(node.clone()));
     tracing::info!(node_id = node.id, %listen, "serving");
     notify(&[
         NotifyState::Ready,
@@ -139,6 +141,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     notify(&[NotifyState::Stopping]);
     status.abort();
     placer.abort();
+    elections.abort();
     let _ = stop_tx.send(true);
     match tokio::time::timeout(Duration::from_secs(5), server).await {
         Ok(Ok(Err(e))) => return Err(RunError::Serve(e)),

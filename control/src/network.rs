@@ -4,6 +4,7 @@
 //! transport failure is reported to openraft as `Unreachable`, which makes it back off;
 //! a `RaftError` from the peer is passed through as a remote error.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{
@@ -17,18 +18,21 @@ use openraft::raft::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::election_trigger::VoteNews;
 use crate::raft_types::{Node, NodeId, TypeConfig};
 
 /// Creates one [`PeerClient`] per peer, sharing one HTTP connection pool.
 #[derive(Clone)]
 pub struct HttpNetwork {
     http: reqwest::Client,
+    news: Arc<VoteNews>,
 }
 
 impl HttpNetwork {
-    /// Uses `http` (built by the node with the peer token and TLS roots) for every peer.
-    pub fn from_client(http: reqwest::Client) -> Self {
-        HttpNetwork { http }
+    /// Uses `http` (built by the node with the peer token and TLS roots) for every peer, and
+    /// tells `news` why vote requests were refused.
+    pub fn from_client(http: reqwest::Client, news: Arc<VoteNews>) -> Self {
+        HttpNetwork { http, news }
     }
 }
 
@@ -38,6 +42,7 @@ impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
     async fn new_client(&mut self, target: NodeId, node: &Node) -> Self::Network {
         PeerClient {
             http: self.http.clone(),
+            news: self.news.clone(),
             target,
             addr: node.addr.trim_end_matches('/').to_string(),
         }
@@ -47,6 +52,7 @@ impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
 /// RPC client to one peer.
 pub struct PeerClient {
     http: reqwest::Client,
+    news: Arc<VoteNews>,
     target: NodeId,
     addr: String,
 }
@@ -123,6 +129,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        self.post("vote", &rpc, option.hard_ttl()).await
+        let resp = self.post("vote", &rpc, option.hard_ttl()).await;
+        if let Ok(r) = &resp {
+            self.news.record(&rpc, r);
+        }
+        resp
     }
 }

@@ -140,6 +140,11 @@ pub struct ControlNode {
     pub agent_http: reqwest::Client,
     /// Proposals for [`propose_batched`], which gathers them into log entries.
     proposals: mpsc::Sender<QueuedProposal>,
+    /// When a leader's AppendEntries or snapshot last reached this node (or the node
+    /// opened): what [`crate::election_trigger`] measures silence from.
+    leader_contact: std::sync::Mutex<std::time::Instant>,
+    /// Why this node's vote requests were refused, for [`crate::election_trigger`].
+    pub vote_news: Arc<crate::election_trigger::VoteNews>,
 }
 
 /// Gathers the proposals queued on `rx` into log entries: takes whatever is waiting (at
@@ -248,7 +253,8 @@ impl ControlNode {
         };
         let http = peer_client(tokens.as_ref().and_then(|t| t.peer_token()), &config)?;
         let agent_http = agent_client(&config)?;
-        let network = HttpNetwork::from_client(http.clone());
+        let vote_news = Arc::new(crate::election_trigger::VoteNews::default());
+        let network = HttpNetwork::from_client(http.clone(), vote_news.clone());
         let raft = Raft::new(config.node_id, raft_config, network, log, state.clone())
             .await
             .map_err(|e| NodeError::Raft(e.to_string()))?;
@@ -265,6 +271,8 @@ impl ControlNode {
             http,
             agent_http,
             proposals,
+            leader_contact: std::sync::Mutex::new(std::time::Instant::now()),
+            vote_news,
         }))
     }
 
@@ -297,6 +305,21 @@ impl ControlNode {
             Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
             Err(e) => Err(NodeError::Raft(e.to_string())),
         }
+    }
+
+    /// Records that a leader's AppendEntries or snapshot was accepted just now.
+    pub fn heard_from_leader(&self) {
+        if let Ok(mut t) = self.leader_contact.lock() {
+            *t = std::time::Instant::now();
+        }
+    }
+
+    /// When a leader was last heard from (see [`Self::heard_from_leader`]).
+    pub fn last_leader_contact(&self) -> std::time::Instant {
+        self.leader_contact
+            .lock()
+            .map(|t| *t)
+            .unwrap_or_else(|p| *p.into_inner())
     }
 
     /// The leader's id, if one is known.

@@ -37,7 +37,16 @@ async fn append(
     State(node): State<Arc<ControlNode>>,
     Json(req): Json<AppendEntriesRequest<TypeConfig>>,
 ) -> Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
-    Json(node.raft.append_entries(req).await)
+    let res = node.raft.append_entries(req).await;
+    if matches!(
+        res,
+        Ok(AppendEntriesResponse::Success
+            | AppendEntriesResponse::PartialSuccess(_)
+            | AppendEntriesResponse::Conflict)
+    ) {
+        node.heard_from_leader();
+    }
+    Json(res)
 }
 
 async fn vote(
@@ -51,7 +60,11 @@ async fn snapshot(
     State(node): State<Arc<ControlNode>>,
     Json(req): Json<InstallSnapshotRequest<TypeConfig>>,
 ) -> Json<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>> {
-    Json(node.raft.install_snapshot(req).await)
+    let res = node.raft.install_snapshot(req).await;
+    if res.is_ok() {
+        node.heard_from_leader();
+    }
+    Json(res)
 }
 
 async fn forward(
