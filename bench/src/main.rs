@@ -10,6 +10,8 @@
 //! Build with `bench/setup.sh` (etcd, then `cargo build --release` of this and the daemons);
 //! run `target/release/blixard-bench` as root (the agent figures need cgroups and namespaces).
 //! Every load is bounded in count and time and sends only to 127.0.0.1.
+//! `BLIXARD_BENCH_LOG=<filter>` runs the control nodes at that log level and keeps their logs
+//! in `/tmp/blixard-bench-n<id>.log` (to see, e.g., the election rounds of a failover).
 
 mod agent;
 mod failover;

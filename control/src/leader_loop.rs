@@ -51,6 +51,8 @@ pub async fn run(node: Arc<ControlNode>, overcommit: Overcommit) {
     // When this node became leader: hosts are only declared down after a full TTL of our own
     // leadership, so a cluster that had no leader for a while does not fail every host.
     let mut leading_since: Option<Instant> = None;
+    // Where the last placement round stopped among the pending VMs.
+    let mut cursor = scheduler::Cursor::default();
     loop {
         // Wake on every applied change, or at least every 500 ms for time-based duties.
         let _ = tokio::time::timeout(Duration::from_millis(500), applied.changed()).await;
@@ -84,16 +86,18 @@ pub async fn run(node: Arc<ControlNode>, overcommit: Overcommit) {
                 tracing::warn!(error = %e, "unassigning overdue evictions failed");
             }
         }
-        place(&node, overcommit).await;
+        place(&node, overcommit, &mut cursor).await;
     }
 }
 
-async fn place(node: &ControlNode, overcommit: Overcommit) {
+async fn place(node: &ControlNode, overcommit: Overcommit, cursor: &mut scheduler::Cursor) {
     let (placements, unplaced) = node.state.read(|s| {
-        if scheduler::pending(s).is_empty() {
+        if !scheduler::any_pending(s) {
+            *cursor = scheduler::Cursor::default();
             return (vec![], vec![]);
         }
-        let (p, mut u) = scheduler::schedule_oldest(s, overcommit, PLACE_PER_ROUND);
+        let (p, mut u, next) = scheduler::schedule_window(s, overcommit, cursor, PLACE_PER_ROUND);
+        *cursor = next;
         // Only write a pending reason when it changed.
         u.retain(|u| {
             s.vms

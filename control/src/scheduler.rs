@@ -128,14 +128,47 @@ impl<'a> Slot<'a> {
 
 /// VMs that want to run and have no host, oldest first.
 pub fn pending(state: &ClusterState) -> Vec<&Vm> {
-    let mut v: Vec<&Vm> = state
-        .vms
-        .values()
-        .filter(|vm| {
-            vm.host.is_none() && vm.desired == DesiredState::Running && vm.state == VmState::Pending
-        })
-        .collect();
-    v.sort_by(|a, b| (a.created_ms, &a.spec.name).cmp(&(b.created_ms, &b.spec.name)));
+    let mut v: Vec<&Vm> = state.vms.values().filter(|vm| is_pending(vm)).collect();
+    v.sort_by(|a, b| order_key(a).cmp(&order_key(b)));
+    v
+}
+
+/// Waits for a host: unplaced, meant to run, and not ended.
+fn is_pending(vm: &Vm) -> bool {
+    vm.host.is_none() && vm.desired == DesiredState::Running && vm.state == VmState::Pending
+}
+
+/// Whether any VM waits for a host (no allocation, stops at the first).
+pub fn any_pending(state: &ClusterState) -> bool {
+    state.vms.values().any(is_pending)
+}
+
+/// The order pending VMs are placed in: oldest first, then by name.
+fn order_key(vm: &Vm) -> (u64, &str) {
+    (vm.created_ms, vm.spec.name.as_str())
+}
+
+/// Where a round stopped: the order key of the last VM it considered, so the next round goes
+/// on after it and VMs that no host fits cannot starve younger ones behind them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Cursor(Option<(u64, String)>);
+
+/// The next `max` pending VMs in placement order after `after`, wrapping around to the oldest;
+/// in O(pending + max·log max), not a sort of everything pending.
+fn pending_window<'a>(state: &'a ClusterState, after: &Cursor, max: usize) -> Vec<&'a Vm> {
+    let all: Vec<&Vm> = state.vms.values().filter(|vm| is_pending(vm)).collect();
+    // VMs after the cursor come first, then the wrapped ones from the oldest.
+    let key = |vm: &&'a Vm| {
+        let k = order_key(vm);
+        let wrapped = after.0.as_ref().is_some_and(|(c, n)| k <= (*c, n.as_str()));
+        (wrapped, k)
+    };
+    let mut v = all;
+    if v.len() > max {
+        v.select_nth_unstable_by(max, |a, b| key(a).cmp(&key(b)));
+        v.truncate(max);
+    }
+    v.sort_by(|a, b| key(a).cmp(&key(b)));
     v
 }
 
@@ -152,6 +185,19 @@ pub fn schedule_oldest(
     oc: Overcommit,
     max: usize,
 ) -> (Vec<Placement>, Vec<Unplaced>) {
+    let (p, u, _) = schedule_window(state, oc, &Cursor::default(), max);
+    (p, u)
+}
+
+/// One leader round: like [`schedule_oldest`] for the `max` pending VMs after `after` (see
+/// [`Cursor`]), with the cursor for the next round (back to the oldest once a round has seen
+/// every pending VM).
+pub fn schedule_window(
+    state: &ClusterState,
+    oc: Overcommit,
+    after: &Cursor,
+    max: usize,
+) -> (Vec<Placement>, Vec<Unplaced>, Cursor) {
     // Hosts in id order (ties go to the first), as a vector: the inner loop below runs
     // VMs × hosts times and must not look anything up by name.
     let mut slots: Vec<Slot> = state.hosts.values().map(|h| Slot::new(h, oc)).collect();
@@ -167,7 +213,14 @@ pub fn schedule_oldest(
     }
     let mut placements = Vec::new();
     let mut unplaced = Vec::new();
-    for vm in pending(state).into_iter().take(max) {
+    let window = pending_window(state, after, max);
+    let next = match window.last() {
+        Some(last) if window.len() == max => {
+            Cursor(Some((last.created_ms, last.spec.name.clone())))
+        }
+        _ => Cursor::default(),
+    };
+    for vm in window {
         let mut best: Option<(f64, usize)> = None;
         let mut rejects: BTreeMap<Reject, usize> = BTreeMap::new();
         for (i, slot) in slots.iter().enumerate() {
@@ -212,7 +265,7 @@ pub fn schedule_oldest(
             }
         }
     }
-    (placements, unplaced)
+    (placements, unplaced, next)
 }
 
 fn host_word(n: usize) -> &'static str {
@@ -298,6 +351,44 @@ mod tests {
         v.iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect()
+    }
+
+    /// VMs that no host fits cannot starve younger ones: the next round goes on after them.
+    #[test]
+    fn rounds_move_past_vms_no_host_fits() {
+        let mut s = state(
+            vec![host("h1", 4, 1024)],
+            vec![
+                vm("big1", 1, 4096, 1),
+                vm("big2", 1, 4096, 2),
+                vm("big3", 1, 4096, 3),
+                vm("small", 1, 512, 4),
+            ],
+        );
+        let oc = Overcommit::default();
+        let (p, u, c) = schedule_window(&s, oc, &Cursor::default(), 2);
+        assert!(p.is_empty());
+        assert_eq!(
+            u.iter().map(|u| u.vm.as_str()).collect::<Vec<_>>(),
+            ["big1", "big2"]
+        );
+        let (p, u, c) = schedule_window(&s, oc, &c, 2);
+        assert_eq!(placed(&p), pairs(&[("small", "h1")]));
+        assert_eq!(u.len(), 1);
+        // Once `small` is placed, the next round wraps around to the oldest.
+        if let Some(v) = s.vms.get_mut("small") {
+            v.host = Some("h1".into());
+        }
+        let (_, u, c) = schedule_window(&s, oc, &c, 2);
+        assert_eq!(
+            u.iter().map(|u| u.vm.as_str()).collect::<Vec<_>>(),
+            ["big1", "big2"]
+        );
+        assert_eq!(c, Cursor(Some((2, "big2".into()))));
+        // Fewer pending than a window: everything is seen and the cursor resets.
+        let (_, u, c) = schedule_window(&s, oc, &c, 5);
+        assert_eq!(u.len(), 3);
+        assert_eq!(c, Cursor::default());
     }
 
     #[test]
@@ -587,6 +678,25 @@ mod properties {
                 unplaced.into_iter().filter(|u| first.contains(&u.vm)).collect::<Vec<_>>(),
             );
             prop_assert_eq!(schedule_oldest(&s, oc, max), want);
+        }
+
+        /// Successive rounds (nothing applied between them) see every pending VM within
+        /// ceil(pending / max) rounds; a round that reaches the youngest fills up from the
+        /// oldest.
+        #[test]
+        fn rounds_cover_every_pending_vm(s in cluster(), max in 1usize..6) {
+            let oc = Overcommit::default();
+            let all: BTreeSet<String> = pending(&s).iter().map(|v| v.spec.name.clone()).collect();
+            let mut seen = BTreeSet::new();
+            let mut cursor = Cursor::default();
+            for _ in 0..all.len().div_ceil(max) {
+                let (p, u, next) = schedule_window(&s, oc, &cursor, max);
+                prop_assert_eq!(p.len() + u.len(), max.min(all.len()));
+                seen.extend(p.into_iter().map(|p| p.vm));
+                seen.extend(u.into_iter().map(|u| u.vm));
+                cursor = next;
+            }
+            prop_assert_eq!(seen, all);
         }
     }
 }

@@ -43,7 +43,13 @@ fn console(host: &SimHost, vm: &str) -> String {
 async fn wait_console(host: &SimHost, vm: &str, text: &str) -> anyhow::Result<()> {
     wait::until(&format!("{text:?} on {vm}'s console"), BOOT, || async {
         let c = console(host, vm);
-        Ok(c.contains(text).then_some(()))
+        if c.contains(text) {
+            return Ok(Some(()));
+        }
+        // On a timeout, the error shows where the console got to.
+        let tail: Vec<&str> = c.lines().rev().take(15).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        Err(format!("console ends with:\n{}", tail.join("\n")))
     })
     .await
 }
