@@ -253,6 +253,17 @@ in
               default = 2000;
               description = "How often the agent reports to the control plane.";
             };
+            fence_after_ms = mkOption {
+              type = types.nullOr types.ints.positive;
+              default = null;
+              description = ''
+                Self-fencing, off when null: after this long without an answer from the control
+                plane the agent stops every VM on the host, and starts the ones still assigned
+                to it once the control plane answers again. Set it below the control plane's
+                host_ttl_ms minus the VMs' graceful stop time, so a VM has stopped here before
+                it is placed elsewhere. At least twice heartbeat_interval_ms.
+              '';
+            };
             token_file = mkOption {
               type = types.nullOr types.str;
               default =

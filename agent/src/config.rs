@@ -97,6 +97,13 @@ pub struct Config {
     pub labels: BTreeMap<String, String>,
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_interval_ms: u64,
+    /// Self-fencing, off unless set: after this long without any answer from the control
+    /// plane, the agent stops every VM it runs (they may be moved to other hosts meanwhile)
+    /// and starts the ones still assigned here once the control plane answers again. Set it
+    /// below the control plane's `host_ttl_ms` minus the VMs' graceful stop time, so a VM
+    /// has stopped here before it is placed elsewhere.
+    #[serde(default)]
+    pub fence_after_ms: Option<u64>,
     /// The argv that runs a VM of hypervisor `process` (absolute path first); when absent,
     /// this host does not offer that hypervisor.
     #[serde(default)]
@@ -212,6 +219,7 @@ impl Default for Config {
             systemd_bus: SystemdBus::default(),
             labels: BTreeMap::new(),
             heartbeat_interval_ms: default_heartbeat_ms(),
+            fence_after_ms: None,
             process_command: None,
             hypervisors: BTreeMap::new(),
             qemu_machine: crate::hypervisor::QemuMachine::default(),
@@ -330,6 +338,14 @@ impl Config {
                 "must be between 100 and 600000",
             ));
         }
+        if let Some(f) = self.fence_after_ms {
+            if f < 2 * self.heartbeat_interval_ms || f > 86_400_000 {
+                return Err(invalid(
+                    "fence_after_ms",
+                    "must be at least twice heartbeat_interval_ms and at most 86400000",
+                ));
+            }
+        }
         if let Some(cmd) = &self.process_command {
             match cmd.first() {
                 None => return Err(invalid("process_command", "must not be empty")),
@@ -439,6 +455,11 @@ impl Config {
     pub fn heartbeat_interval(&self) -> Duration {
         Duration::from_millis(self.heartbeat_interval_ms)
     }
+
+    /// See [`Config::fence_after_ms`].
+    pub fn fence_after(&self) -> Option<Duration> {
+        self.fence_after_ms.map(Duration::from_millis)
+    }
 }
 
 /// The hypervisor a `hypervisors` table key names (`process` is configured by
@@ -539,6 +560,7 @@ mod tests {
             ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\napi_listen = \"127.0.0.1:0\"\napi_tls_cert_file = \"/c.pem\"", "api_tls_cert_file"),
             ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\napi_tls_cert_file = \"/c.pem\"\napi_tls_key_file = \"/k.pem\"", "api_tls_cert_file"),
             ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\napi_listen = \"127.0.0.1:0\"\napi_tls_cert_file = \"c.pem\"\napi_tls_key_file = \"/k.pem\"", "api_tls_cert_file"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\nfence_after_ms = 3000", "fence_after_ms"),
         ];
         for (text, field) in cases {
             let c = parse(text).expect("parses");

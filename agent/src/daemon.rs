@@ -194,6 +194,8 @@ where
         host_record: None,
         link_ok: false,
         link_error: None,
+        last_contact: tokio::time::Instant::now(),
+        fenced: false,
         reported: BTreeMap::new(),
         ended: BTreeMap::new(),
         unexplained: BTreeMap::new(),
@@ -375,6 +377,11 @@ struct Agent<S> {
     host_record: Option<Host>,
     link_ok: bool,
     link_error: Option<String>,
+    /// When the control plane last answered (or this agent started).
+    last_contact: tokio::time::Instant,
+    /// Self-fenced (`fence_after_ms`): no answer for too long, so every VM is stopped until
+    /// the control plane answers again.
+    fenced: bool,
     /// Reports the control plane accepted.
     reported: BTreeMap<String, VmStatusReport>,
     /// Units that ended on their own.
@@ -408,6 +415,10 @@ impl<S: SystemdClient> Agent<S> {
         let mut last_status = self.status_line();
         loop {
             let mut pass = false;
+            let fence_at = match (self.config.fence_after(), self.fenced) {
+                (Some(after), false) => Some(self.last_contact + after),
+                _ => None,
+            };
             tokio::select! {
                 _ = &mut shutdown => {
                     notify::stopping();
@@ -437,6 +448,15 @@ impl<S: SystemdClient> Agent<S> {
                     retry_at = None;
                     pass = true;
                 }
+                _ = sleep_until(fence_at), if fence_at.is_some() => {
+                    tracing::warn!(
+                        host = %self.host,
+                        silent_ms = self.last_contact.elapsed().as_millis() as u64,
+                        "no answer from the control plane for fence_after_ms; fencing: stopping every VM on this host"
+                    );
+                    self.fenced = true;
+                    pass = true;
+                }
             }
             if pass {
                 let again = self.pass().await;
@@ -458,6 +478,13 @@ impl<S: SystemdClient> Agent<S> {
         link_tx: &mpsc::Sender<LinkEvent>,
         reregister: &Arc<Notify>,
     ) -> bool {
+        if !matches!(ev, LinkEvent::Unreachable(_)) {
+            self.last_contact = tokio::time::Instant::now();
+            if self.fenced {
+                tracing::warn!(host = %self.host, "the control plane answers again; ending the fence");
+                self.fenced = false;
+            }
+        }
         match ev {
             LinkEvent::Registered(h) => {
                 self.link_ok = true;
@@ -708,9 +735,22 @@ impl<S: SystemdClient> Agent<S> {
         self.observed_running = observed.iter().filter(|u| u.active.is_up()).count();
         let ending = self.record_ends(&observed);
         self.explain_ends().await;
-        let Some(assignments) = self.assignments.clone() else {
+        let assignments = match (self.assignments.clone(), self.fenced) {
+            (Some(a), _) => a,
+            // Fenced: everything is to stop, whatever was assigned.
+            (None, true) => Assignments {
+                host: self.host.clone(),
+                index: 0,
+                vms: Vec::new(),
+            },
             // The desired state is unknown: touch nothing.
-            return false;
+            (None, false) => return false,
+        };
+        let fenced_desired = Vec::new();
+        let desired = if self.fenced {
+            &fenced_desired
+        } else {
+            &assignments.vms
         };
         let assigned: BTreeSet<&str> = assignments
             .vms
@@ -725,7 +765,7 @@ impl<S: SystemdClient> Agent<S> {
         });
         self.reported.retain(|vm, _| assigned.contains(vm.as_str()));
         let actions = reconcile(&Input {
-            desired: &assignments.vms,
+            desired,
             observed: &observed,
             ended: &self.ended,
             reported: &self.reported,
@@ -853,7 +893,11 @@ impl<S: SystemdClient> Agent<S> {
             (_, false, None) => "control plane: unreachable".to_string(),
         };
         let n = self.observed_running;
-        format!("{n} VM{} running, {link}", if n == 1 { "" } else { "s" })
+        let fenced = if self.fenced { "fenced, " } else { "" };
+        format!(
+            "{fenced}{n} VM{} running, {link}",
+            if n == 1 { "" } else { "s" }
+        )
     }
 }
 

@@ -720,6 +720,50 @@ async fn t26_control_plane_outage_leaves_vms_running() -> anyhow::Result<()> {
     .await
 }
 
+/// With `fence_after_ms` set, an agent that hears nothing from the control plane for that
+/// long stops its VMs (they may be placed elsewhere meanwhile, and must not run twice); once
+/// the control plane answers again, the VMs still assigned to the host start again.
+#[tokio::test]
+async fn t26_fenced_agent_stops_its_vms_and_starts_them_when_the_link_returns() -> anyhow::Result<()>
+{
+    let mut cluster = Cluster::start(1).await?;
+    let client = cluster.client();
+    let mut host = SimHost::start("h1").await?;
+    host.spawn_agent(&cluster.endpoints(), "fence_after_ms = 1500\n")?;
+    let sd = Systemd::connect_address(&host.bus_address()).await?;
+    let unit = unit_name("fenced");
+    let pid = with_logs(&[&host], async {
+        wait_registered(&client, "h1", 1).await?;
+        create_vm(&client, &spec("fenced")).await?;
+        wait_vm_state(&client, "fenced", VmState::Running, Some("h1")).await?;
+        wait_active(&sd, &unit).await
+    })
+    .await?;
+
+    cluster.kill(0);
+    with_logs(&[&host], async {
+        wait_gone(&sd, &unit).await?;
+        anyhow::ensure!(
+            host.agent_log().contains("fencing: stopping every VM"),
+            "the agent did not say it fenced"
+        );
+        Ok(())
+    })
+    .await?;
+
+    cluster.restart(0)?;
+    with_logs(&[&host], async {
+        let again = wait_active(&sd, &unit).await?;
+        anyhow::ensure!(again != pid, "the same process {pid}: it was never stopped");
+        wait_vm_state(&client, "fenced", VmState::Running, Some("h1")).await?;
+        anyhow::ensure!(host.agent_log().contains("ending the fence"));
+        Ok(())
+    })
+    .await?;
+    anyhow::ensure!(host.agent_exit().is_none(), "the agent exited");
+    Ok(())
+}
+
 /// Without a bus the agent exits non-zero with one clear line, and no panic.
 #[tokio::test]
 async fn t27_agent_without_a_bus_fails_clearly() -> anyhow::Result<()> {
