@@ -34,9 +34,16 @@ async fn setup(name: &str, extra: &str) -> anyhow::Result<(Cluster, SimHost, Cli
     Ok((cluster, host, client))
 }
 
-/// The console (and unit) lines of `vm` in `host`'s journal.
+/// The lines `vm`'s unit wrote (guest console, QEMU, `qmp-powerdown`) in `host`'s journal.
+///
+/// Read by the unit's syslog identifier (`blixard-vm-NAME`, which systemd puts in the header
+/// of the unit's output streams) rather than by `-u`: journald attributes a line to a unit by
+/// the writer's cgroup, which it cannot find once the writer has exited, and `qmp-powerdown`
+/// (the unit's ExecStop) exits right after its last line; CI lost that line under `-u`.
 fn console(host: &SimHost, vm: &str) -> String {
-    host.journal(&["-u", &unit_name(vm)]).unwrap_or_default()
+    let unit = unit_name(vm);
+    let id = unit.trim_end_matches(".service");
+    host.journal(&["-t", id]).unwrap_or_default()
 }
 
 /// Waits until `vm`'s console shows a line containing `text`.
