@@ -735,23 +735,19 @@ impl<S: SystemdClient> Agent<S> {
         self.observed_running = observed.iter().filter(|u| u.active.is_up()).count();
         let ending = self.record_ends(&observed);
         self.explain_ends().await;
-        let assignments = match (self.assignments.clone(), self.fenced) {
-            (Some(a), _) => a,
+        let assignments = match self.assignments.clone() {
+            Some(a) => a,
             // Fenced: everything is to stop, whatever was assigned.
-            (None, true) => Assignments {
+            None if self.fenced => Assignments {
                 host: self.host.clone(),
                 index: 0,
                 vms: Vec::new(),
             },
             // The desired state is unknown: touch nothing.
-            (None, false) => return false,
+            None => return false,
         };
-        let fenced_desired = Vec::new();
-        let desired = if self.fenced {
-            &fenced_desired
-        } else {
-            &assignments.vms
-        };
+        // Fenced: nothing is desired here until the control plane answers again.
+        let desired: &[_] = if self.fenced { &[] } else { &assignments.vms };
         let assigned: BTreeSet<&str> = assignments
             .vms
             .iter()

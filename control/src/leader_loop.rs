@@ -129,26 +129,12 @@ async fn place(node: &ControlNode, overcommit: Overcommit, cursor: &mut schedule
 #[cfg(test)]
 mod tests {
     use super::*;
-    use blixard_api::{Capacity, Eviction, Host};
+    use blixard_api::{Eviction, Host};
 
     fn host(id: &str, status: HostStatus, hb: u64) -> Host {
         Host {
-            id: id.into(),
-            address: String::new(),
-            capacity: Capacity {
-                vcpus: 1,
-                memory_mib: 1,
-                disk_gib: 1,
-                kvm: false,
-            },
-            labels: Default::default(),
-            hypervisors: vec![],
-            status,
             last_heartbeat_ms: hb,
-            registered_ms: 0,
-            drain_deadline_ms: None,
-            epoch: 1,
-            agent_url: None,
+            ..crate::state_machine::tests_support::host_record(id, status)
         }
     }
 

@@ -2,7 +2,7 @@
 //! with its own data directory, killed with SIGKILL and restarted on demand.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -288,6 +288,23 @@ impl Cluster {
         self.opts.secure.then(|| self.dir.path().join("ca.pem"))
     }
 
+    /// `n` nodes with TLS and tokens ([`ClusterOptions::secure`]), and the CA file that
+    /// agents and clients trust.
+    pub async fn start_secure(n: usize) -> anyhow::Result<(Cluster, PathBuf)> {
+        let c = Cluster::start_with(
+            n,
+            ClusterOptions {
+                secure: true,
+                ..ClusterOptions::default()
+            },
+        )
+        .await?;
+        let ca = c
+            .ca_file()
+            .ok_or_else(|| anyhow::anyhow!("a secure cluster has a CA"))?;
+        Ok((c, ca))
+    }
+
     /// A client over `endpoints` with this cluster's CA and the given token.
     pub fn client_with(&self, endpoints: &[String], token: Option<&str>) -> Client {
         Client::with_ca(endpoints, self.ca_file().as_deref())
@@ -426,4 +443,15 @@ impl Drop for Cluster {
             self.kill(i);
         }
     }
+}
+
+/// Writes `host`'s agent token (one of [`AGENT_TOKENS`]) to `path`, as an agent's
+/// `token_file` reads it, and returns it.
+pub fn write_agent_token(host: &str, path: &Path) -> anyhow::Result<&'static str> {
+    let (_, token) = AGENT_TOKENS
+        .iter()
+        .find(|(h, _)| *h == host)
+        .ok_or_else(|| anyhow::anyhow!("no agent token for {host}"))?;
+    std::fs::write(path, format!("{token}\n"))?;
+    Ok(token)
 }

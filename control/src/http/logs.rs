@@ -171,29 +171,15 @@ pub async fn vm_logs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state_machine::tests::running_vm;
+    use crate::state_machine::tests::{host_record, running_vm};
 
     #[test]
     fn target_table() {
         let mut s = ClusterState::default();
         let vm = running_vm("web", "h1");
         let host = |status, url: Option<&str>| blixard_api::Host {
-            id: "h1".into(),
-            address: String::new(),
-            capacity: blixard_api::Capacity {
-                vcpus: 1,
-                memory_mib: 1,
-                disk_gib: 1,
-                kvm: false,
-            },
-            labels: Default::default(),
-            hypervisors: vec![],
-            status,
-            last_heartbeat_ms: 0,
-            registered_ms: 0,
-            drain_deadline_ms: None,
-            epoch: 1,
             agent_url: url.map(str::to_string),
+            ..host_record("h1", status)
         };
         let url = Some("http://127.0.0.1:9");
         // (vm host: None = no vm, Some(None) = unplaced), host record, outcome

@@ -641,6 +641,28 @@ fn create_cmd() -> Command {
     create("a")
 }
 
+/// A registered host record with 1 vCPU, 1 MiB and 1 GiB, for other modules' tests.
+pub(crate) fn host_record(id: &str, status: blixard_api::HostStatus) -> blixard_api::Host {
+    blixard_api::Host {
+        id: id.into(),
+        address: String::new(),
+        capacity: blixard_api::Capacity {
+            vcpus: 1,
+            memory_mib: 1,
+            disk_gib: 1,
+            kvm: false,
+        },
+        labels: Default::default(),
+        hypervisors: vec![],
+        status,
+        last_heartbeat_ms: 0,
+        registered_ms: 0,
+        drain_deadline_ms: None,
+        epoch: 1,
+        agent_url: None,
+    }
+}
+
 /// A VM running on `host` at generation 2, for other modules' tests.
 pub(crate) fn running_vm(name: &str, host: &str) -> Vm {
     let mut s = running();

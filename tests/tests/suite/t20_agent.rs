@@ -1007,26 +1007,11 @@ async fn t29_restart_policy_restarts_through_the_agent() -> anyhow::Result<()> {
 /// its host's agent token, and runs its VMs as anywhere else.
 #[tokio::test]
 async fn t29_agent_on_a_secure_cluster() -> anyhow::Result<()> {
-    use blixard_tests::cluster::{ClusterOptions, AGENT_TOKENS};
-    let cluster = Cluster::start_with(
-        3,
-        ClusterOptions {
-            secure: true,
-            ..ClusterOptions::default()
-        },
-    )
-    .await?;
+    let (cluster, ca) = Cluster::start_secure(3).await?;
     let client = cluster.client();
-    let ca = cluster
-        .ca_file()
-        .ok_or_else(|| anyhow::anyhow!("a secure cluster has a CA"))?;
     let mut host = SimHost::start("h1").await?;
     let token = host.base_dir().join("agent-token");
-    let (_, value) = AGENT_TOKENS
-        .iter()
-        .find(|(h, _)| *h == "h1")
-        .ok_or_else(|| anyhow::anyhow!("no agent token for h1"))?;
-    std::fs::write(&token, format!("{value}\n"))?;
+    blixard_tests::cluster::write_agent_token("h1", &token)?;
     assert!(cluster
         .endpoints()
         .iter()

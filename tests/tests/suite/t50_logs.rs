@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use blixard_api::{LogLine, LogSource, VmState};
-use blixard_tests::cluster::{Cluster, ClusterOptions, AGENT_TOKENS, OPERATOR_TOKEN};
+use blixard_tests::cluster::{write_agent_token, Cluster, OPERATOR_TOKEN};
 use blixard_tests::host::SimHost;
 use blixard_tests::vms::{self, with_logs, DEADLINE};
 use blixard_tests::{binaries::binary, wait};
@@ -63,25 +63,11 @@ fn text(o: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn t50_vm_logs_from_every_control_node() -> anyhow::Result<()> {
-    let cluster = Cluster::start_with(
-        3,
-        ClusterOptions {
-            secure: true,
-            ..ClusterOptions::default()
-        },
-    )
-    .await?;
+    let (cluster, ca) = Cluster::start_secure(3).await?;
     let client = cluster.client();
-    let ca = cluster
-        .ca_file()
-        .ok_or_else(|| anyhow::anyhow!("a secure cluster has a CA"))?;
     let mut host = SimHost::start("h1").await?;
     let base = host.base_dir().to_path_buf();
-    let (_, agent_token) = AGENT_TOKENS
-        .iter()
-        .find(|(h, _)| *h == "h1")
-        .ok_or_else(|| anyhow::anyhow!("no agent token for h1"))?;
-    std::fs::write(base.join("agent-token"), format!("{agent_token}\n"))?;
+    let agent_token = write_agent_token("h1", &base.join("agent-token"))?;
     let token_file = base.join("operator-token");
     std::fs::write(&token_file, format!("{OPERATOR_TOKEN}\n"))?;
     let script = base.join("ticker.sh");
