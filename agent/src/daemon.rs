@@ -635,8 +635,11 @@ impl<S: SystemdClient> Agent<S> {
                 }
             }
             let t = self.tracks.remove(&vm).unwrap_or_default();
-            if t.stop_requested {
-                tracing::info!(vm = %vm, host = %self.host, "VM stopped");
+            // While fenced every end is the fence's own stop, even one whose signals come after
+            // its track was closed (they open a fresh track without `stop_requested`): it must
+            // not be reported as the VM's exit, or the VM would not start again after the fence.
+            if t.stop_requested || self.fenced {
+                tracing::info!(vm = %vm, host = %self.host, fenced = self.fenced, "VM stopped");
                 continue;
             }
             let (state, reason) = match (&t.result, &t.failed_job) {
