@@ -532,6 +532,7 @@ impl Apply<'_> {
                 drain_deadline_ms: old.drain_deadline_ms,
                 epoch: old.epoch + 1,
                 agent_url: r.agent_url.clone(),
+                fence: r.fence,
             },
             None => Host {
                 id: r.id.clone(),
@@ -545,6 +546,7 @@ impl Apply<'_> {
                 drain_deadline_ms: None,
                 epoch: 1,
                 agent_url: r.agent_url.clone(),
+                fence: r.fence,
             },
         };
         self.s.hosts.insert(r.id.clone(), host.clone());
@@ -596,11 +598,17 @@ impl Apply<'_> {
             )));
         }
         let ended = matches!(report.state, VmState::Stopped | VmState::Failed);
-        // A report about an older generation says nothing about what the host runs now.
-        if report.generation != 0 && report.generation < vm.generation && !ended {
+        // A report about an older generation says nothing about what the host runs now: in
+        // particular, the stop of an older incarnation never completes an eviction.
+        if report.generation != 0 && report.generation < vm.generation {
             return Response::Vm(Box::new(vm.clone()));
         }
         if ended && vm.evicting.is_some() {
+            // Generation 0 (an agent that does not say which incarnation ended) is unknown:
+            // only a stop of the current generation confirms the VM is gone from the host.
+            if report.generation == 0 {
+                return Response::Vm(Box::new(vm.clone()));
+            }
             self.unassign(name, "moved off its host", false);
             return self
                 .s
@@ -609,9 +617,6 @@ impl Apply<'_> {
                 .cloned()
                 .map(|v| Response::Vm(Box::new(v)))
                 .unwrap_or_default();
-        }
-        if report.generation != 0 && report.generation < vm.generation {
-            return Response::Vm(Box::new(vm.clone()));
         }
         if vm.state == report.state && vm.reason == report.reason {
             return Response::Vm(Box::new(vm.clone()));

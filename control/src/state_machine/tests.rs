@@ -5,6 +5,7 @@ use blixard_api::{Capacity, Hypervisor, PlacementStrategy};
 
 pub(crate) fn spec(name: &str) -> VmSpec {
     VmSpec {
+        on_host_loss: None,
         name: name.into(),
         vcpus: 1,
         memory_mib: 128,
@@ -25,6 +26,7 @@ pub(crate) fn spec(name: &str) -> VmSpec {
 
 fn reg(id: &str) -> HostRegistration {
     HostRegistration {
+        fence: None,
         id: id.into(),
         address: String::new(),
         capacity: Capacity {
@@ -644,6 +646,7 @@ fn create_cmd() -> Command {
 /// A registered host record with 1 vCPU, 1 MiB and 1 GiB, for other modules' tests.
 pub(crate) fn host_record(id: &str, status: blixard_api::HostStatus) -> blixard_api::Host {
     blixard_api::Host {
+        fence: None,
         id: id.into(),
         address: String::new(),
         capacity: blixard_api::Capacity {
@@ -770,4 +773,33 @@ fn a_batch_inside_a_batch_is_refused_alone() {
     assert!(matches!(rs[1], Response::Vm(_)));
     assert!(!s.vms.contains_key("x"));
     assert!(s.vms.contains_key("y"));
+}
+
+/// A stop of an older incarnation (or of an unknown one, generation 0) never completes an
+/// eviction: only the host's confirmation that the current generation stopped does.
+#[test]
+fn only_a_stop_of_the_current_generation_completes_an_eviction() {
+    for (generation, completes) in [(2, false), (0, false), (3, true)] {
+        let mut s = running();
+        run(
+            &mut s,
+            &[Command::DrainHost {
+                host: "h1".into(),
+                deadline_ms: 1_000,
+                now_ms: 10,
+            }],
+        );
+        assert_eq!(s.vms["a"].generation, 3);
+        run(&mut s, &[report("h1", "a", VmState::Stopped, generation, 11)]);
+        let vm = &s.vms["a"];
+        if completes {
+            assert_eq!((vm.host.as_deref(), vm.state), (None, VmState::Pending));
+        } else {
+            assert_eq!(
+                (vm.host.as_deref(), vm.state, vm.evicting.is_some()),
+                (Some("h1"), VmState::Stopping, true),
+                "a stop at generation {generation} must not free the VM"
+            );
+        }
+    }
 }
