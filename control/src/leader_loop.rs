@@ -1,41 +1,34 @@
 //! Work only the leader does: placing pending VMs, declaring hosts whose heartbeats stopped
-//! `down` (which moves their VMs), and taking evicted VMs off their hosts once the eviction
-//! deadline passed. The loop runs on every node and acts only while this node leads, so a
-//! new leader picks up where the old one stopped.
+//! `down` (which moves their VMs), and proposing evictions past their deadline (a VM on a host
+//! that may still run it stays there, saying why, until the host confirms the stop). The loop
+//! runs on every node and acts only while this node leads, so a new leader picks up where the
+//! old one stopped.
 //!
-//! The decisions are pure functions of the state and the time ([`expired_hosts`],
+//! The decisions are pure functions of the state and the time (`liveness::Leases::expired`,
 //! [`overdue_evictions`], `scheduler::schedule`); this module only proposes them.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use blixard_api::HostStatus;
 
 use crate::node::{now_ms, ControlNode};
 use crate::scheduler::{self, Overcommit};
-use crate::state_machine::{ClusterState, Command, VmRef};
+use crate::state_machine::{overdue_wait_reason, ClusterState, Command, VmRef};
 
 /// The most pending VMs one placement round decides: a round reads the state under its lock
 /// (applies wait meanwhile) and costs this many × hosts checks; the rest go in the next rounds.
 const PLACE_PER_ROUND: usize = 1_000;
 
-/// Hosts (up or draining) whose last heartbeat is older than `ttl_ms` at `now`.
-pub fn expired_hosts(s: &ClusterState, now: u64, ttl_ms: u64) -> Vec<String> {
-    s.hosts
-        .values()
-        .filter(|h| {
-            h.status != HostStatus::Down && now.saturating_sub(h.last_heartbeat_ms) > ttl_ms
-        })
-        .map(|h| h.id.clone())
-        .collect()
-}
-
-/// Evicted VMs whose deadline has passed at `now`.
+/// Evicted VMs whose deadline has passed at `now`, except those already saying why they stay
+/// on their host (see [`overdue_wait_reason`]): proposed once, not every round.
 pub fn overdue_evictions(s: &ClusterState, now: u64) -> Vec<VmRef> {
     s.vms
         .values()
         .filter(|vm| {
-            vm.host.is_some() && vm.evicting.as_ref().is_some_and(|e| e.deadline_ms <= now)
+            vm.host.is_some()
+                && vm.evicting.as_ref().is_some_and(|e| e.deadline_ms <= now)
+                && overdue_wait_reason(s, vm).is_none_or(|w| vm.reason.as_deref() != Some(&w))
         })
         .map(|vm| VmRef {
             vm: vm.spec.name.clone(),
@@ -46,41 +39,63 @@ pub fn overdue_evictions(s: &ClusterState, now: u64) -> Vec<VmRef> {
 
 /// Runs the leader's duties until the task is aborted.
 pub async fn run(node: Arc<ControlNode>, overcommit: Overcommit) {
-    let ttl = node.config.host_ttl_ms;
     let mut applied = node.state.subscribe();
-    // When this node became leader: hosts are only declared down after a full TTL of our own
-    // leadership, so a cluster that had no leader for a while does not fail every host.
-    let mut leading_since: Option<Instant> = None;
     // Where the last placement round stopped among the pending VMs.
     let mut cursor = scheduler::Cursor::default();
+    // When the next host's lease runs out on this leader (its clock), if nothing renews it.
+    let mut next_expiry: Option<u64> = None;
     loop {
-        // Wake on every applied change, or at least every 500 ms for time-based duties.
-        let _ = tokio::time::timeout(Duration::from_millis(500), applied.changed()).await;
-        if node.leader() != Some(node.id) {
-            leading_since = None;
+        // Wake on every applied change, when the next lease runs out, or at least every
+        // 500 ms for the other time-based duties.
+        let mut wait = Duration::from_millis(500);
+        if let Some(at) = next_expiry {
+            wait = wait.min(Duration::from_millis(at.saturating_sub(node.clock_ms())));
+        }
+        let _ = tokio::time::timeout(wait, applied.changed()).await;
+        let metrics = node.raft.metrics().borrow().clone();
+        if metrics.current_leader != Some(node.id) {
+            node.with_leases(|l| l.step_down());
+            next_expiry = None;
             continue;
         }
-        let since = *leading_since.get_or_insert_with(Instant::now);
-        let now = now_ms();
-        if since.elapsed() > Duration::from_millis(ttl) {
-            for host in node.state.read(|s| expired_hosts(s, now, ttl)) {
-                tracing::warn!(host = %host, "heartbeats stopped; declaring the host down");
-                let cmd = Command::SetHostStatus {
-                    host,
-                    status: HostStatus::Down,
-                    now_ms: 0,
-                };
-                if let Err(e) = node.propose(cmd).await {
-                    tracing::warn!(error = %e, "marking a host down failed");
-                }
+        let clock = node.clock_ms();
+        // A new term starts every host's silence now: a full TTL before anything is down.
+        if node.with_leases(|l| l.lead(metrics.current_term, clock)) {
+            tracing::info!(
+                term = metrics.current_term,
+                "leading: every host gets a full lease before it can be declared down"
+            );
+        }
+        let (expired, next) = node.state.read(|s| {
+            node.with_leases(|l| {
+                l.retain(|h| s.hosts.contains_key(h));
+                (
+                    l.expired(s.hosts.values(), clock, now_ms(), &node.liveness),
+                    l.next_expiry(s.hosts.values(), clock, &node.liveness),
+                )
+            })
+        });
+        next_expiry = next;
+        for host in expired {
+            let silent = node.with_leases(|l| l.silent_ms(&host, clock));
+            tracing::warn!(host = %host, silent_ms = ?silent, "lease expired; declaring the host down");
+            let cmd = Command::SetHostStatus {
+                host,
+                status: HostStatus::Down,
+                now_ms: 0,
+            };
+            if let Err(e) = node.propose(cmd).await {
+                tracing::warn!(error = %e, "marking a host down failed");
             }
         }
+        let now = now_ms();
         let overdue = node.state.read(|s| overdue_evictions(s, now));
         if !overdue.is_empty() {
             let cmd = Command::Unassign {
                 vms: overdue,
                 reason: "eviction deadline passed".into(),
                 now_ms: 0,
+                keep_on_live_host: Some(true),
             };
             if let Err(e) = node.propose(cmd).await {
                 tracing::warn!(error = %e, "unassigning overdue evictions failed");
@@ -115,6 +130,7 @@ async fn place(node: &ControlNode, overcommit: Overcommit, cursor: &mut schedule
             placements,
             unplaced,
             now_ms: 0,
+            overcommit: Some(overcommit),
         })
         .await
     {
@@ -139,24 +155,6 @@ mod tests {
     }
 
     #[test]
-    fn hosts_expire_after_the_ttl() {
-        let mut s = ClusterState::default();
-        for h in [
-            host("fresh", HostStatus::Up, 9_000),
-            host("stale", HostStatus::Up, 1_000),
-            host("draining-stale", HostStatus::Draining, 1_000),
-            host("already-down", HostStatus::Down, 0),
-        ] {
-            s.hosts.insert(h.id.clone(), h);
-        }
-        assert_eq!(
-            expired_hosts(&s, 10_000, 6_000),
-            vec!["draining-stale", "stale"]
-        );
-        assert!(expired_hosts(&s, 7_000, 6_000).is_empty());
-    }
-
-    #[test]
     fn evictions_are_overdue_after_their_deadline() {
         let mut s = ClusterState::default();
         let mut vm = crate::state_machine::tests_support::running_vm("a", "h1");
@@ -165,13 +163,27 @@ mod tests {
             deadline_ms: 100,
         });
         s.vms.insert("a".into(), vm);
+        s.hosts
+            .insert("h1".into(), host("h1", HostStatus::Draining, 0));
         assert!(overdue_evictions(&s, 99).is_empty());
+        let overdue = overdue_evictions(&s, 100);
         assert_eq!(
-            overdue_evictions(&s, 100),
+            overdue,
             vec![VmRef {
                 vm: "a".into(),
                 generation: 2
             }]
         );
+        // Applied, it keeps the VM on its live host with the reason, and is not proposed again.
+        let cmd = Command::Unassign {
+            vms: overdue,
+            reason: "eviction deadline passed".into(),
+            now_ms: 100,
+            keep_on_live_host: Some(true),
+        };
+        let (r, _) = crate::state_machine::apply(&mut s, 1, &cmd);
+        assert_eq!(r, crate::state_machine::Response::Count(0));
+        assert_eq!(s.vms["a"].host.as_deref(), Some("h1"));
+        assert!(overdue_evictions(&s, 200).is_empty());
     }
 }

@@ -125,6 +125,7 @@ mod tests {
     fn create_update_delete_unchanged_with_placements() {
         let mut s = ClusterState::default();
         let reg = HostRegistration {
+            fence: None,
             id: "h1".into(),
             address: String::new(),
             capacity: Capacity {
@@ -176,6 +177,7 @@ mod tests {
                 placements,
                 unplaced: vec![],
                 now_ms: 2,
+                overcommit: Some(Overcommit::default()),
             },
         );
         let req = PlanRequest {

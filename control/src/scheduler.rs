@@ -8,38 +8,46 @@
 //! - no two VMs of one anti-affinity group share a host;
 //! - among the hosts that fit, `spread` picks the one with the most free memory, `binpack`
 //!   the one with the least; ties break on the host id, so equal input gives equal output.
+//!
+//! The rules themselves are one function, [`fit`], which the state machine also runs when it
+//! applies a `Place` (a placement decided on a lagging state may no longer fit at its index).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use blixard_api::{DesiredState, Host, HostStatus, PlacementStrategy, Vm, VmSpec, VmState};
+use serde::{Deserialize, Serialize};
 
 use crate::state_machine::{ClusterState, Placement, Unplaced};
 
-/// How far a host's resources may be promised beyond what it has.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// How far a host's resources may be promised beyond what it has, in thousandths (4000 = 4×).
+/// Integers, not floats: the leader carries them in every `Place` it proposes, and each node
+/// re-checks the placements with them, so every node must compute the same limits bit for bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Overcommit {
-    pub cpu: f64,
-    pub memory: f64,
+    pub cpu_permille: u64,
+    pub memory_permille: u64,
 }
 
 impl Default for Overcommit {
     fn default() -> Self {
         Overcommit {
-            cpu: 4.0,
-            memory: 1.0,
+            cpu_permille: 4_000,
+            memory_permille: 1_000,
         }
     }
 }
 
-#[derive(Debug, Clone, Default)]
-struct Load {
-    vcpus: u64,
-    memory_mib: u64,
-    groups: BTreeSet<String>,
+/// What the VMs assigned to a host reserve (every assigned VM holds its reservation, running
+/// or not), and the anti-affinity groups among them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Load {
+    pub vcpus: u64,
+    pub memory_mib: u64,
+    pub groups: BTreeSet<String>,
 }
 
 impl Load {
-    fn add(&mut self, spec: &VmSpec) {
+    pub fn add(&mut self, spec: &VmSpec) {
         self.vcpus += u64::from(spec.vcpus);
         self.memory_mib += spec.memory_mib;
         if let Some(g) = &spec.anti_affinity {
@@ -48,9 +56,80 @@ impl Load {
     }
 }
 
+/// The load on each host that `wanted` accepts, in one pass over the VMs.
+pub fn host_loads(state: &ClusterState, wanted: impl Fn(&str) -> bool) -> BTreeMap<String, Load> {
+    let mut out: BTreeMap<String, Load> = BTreeMap::new();
+    for vm in state.vms.values() {
+        if let Some(h) = vm.host.as_deref().filter(|h| wanted(h)) {
+            match out.get_mut(h) {
+                Some(l) => l.add(&vm.spec),
+                None => {
+                    let mut l = Load::default();
+                    l.add(&vm.spec);
+                    out.insert(h.to_string(), l);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A host's vCPUs and memory times the overcommit ratios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub vcpus: u64,
+    pub memory_mib: u64,
+}
+
+impl Limits {
+    pub fn of(host: &Host, oc: Overcommit) -> Self {
+        let scale = |v: u64, permille: u64| {
+            u64::try_from(u128::from(v) * u128::from(permille) / 1000).unwrap_or(u64::MAX)
+        };
+        Limits {
+            vcpus: scale(u64::from(host.capacity.vcpus), oc.cpu_permille),
+            memory_mib: scale(host.capacity.memory_mib, oc.memory_permille),
+        }
+    }
+}
+
+/// The placement rule: whether `spec` fits on `host` (its `limits`, with `load` already on
+/// it), and if so the fraction of memory left free after it; the first rule it breaks
+/// otherwise. Used by the scheduler to choose and by the state machine to re-check.
+pub fn fit(host: &Host, limits: Limits, load: &Load, spec: &VmSpec) -> Result<f64, Reject> {
+    if host.status != HostStatus::Up {
+        return Err(Reject::NotUp);
+    }
+    if !host.hypervisors.is_empty() && !host.hypervisors.contains(&spec.hypervisor) {
+        return Err(Reject::Hypervisor);
+    }
+    if !spec
+        .constraints
+        .iter()
+        .all(|(k, v)| host.labels.get(k) == Some(v))
+    {
+        return Err(Reject::Labels);
+    }
+    if spec
+        .anti_affinity
+        .as_ref()
+        .is_some_and(|g| load.groups.contains(g))
+    {
+        return Err(Reject::AntiAffinity);
+    }
+    if load.vcpus + u64::from(spec.vcpus) > limits.vcpus {
+        return Err(Reject::Cpu);
+    }
+    let mem_after = load.memory_mib + spec.memory_mib;
+    if mem_after > limits.memory_mib {
+        return Err(Reject::Memory);
+    }
+    Ok((limits.memory_mib - mem_after) as f64 / limits.memory_mib.max(1) as f64)
+}
+
 /// Why one host was rejected for one VM; counted into the pending reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Reject {
+pub enum Reject {
     NotUp,
     Hypervisor,
     Labels,
@@ -70,14 +149,25 @@ impl Reject {
             Reject::Memory => "short of memory",
         }
     }
+
+    /// The broken rule, said of one host.
+    pub fn why(self) -> &'static str {
+        match self {
+            Reject::NotUp => "host not up",
+            Reject::Hypervisor => "host lacks the hypervisor",
+            Reject::Labels => "host lacks required labels",
+            Reject::AntiAffinity => "its anti-affinity group is already there",
+            Reject::Cpu => "not enough vCPUs",
+            Reject::Memory => "not enough memory",
+        }
+    }
 }
 
-/// A host as the scheduler sees it: its capacities times the overcommit ratios, computed
-/// once per pass, and the load placed on it so far.
+/// A host as the scheduler sees it: its limits, computed once per pass, and the load placed
+/// on it so far.
 struct Slot<'a> {
     host: &'a Host,
-    cpu_cap: u64,
-    mem_cap: u64,
+    limits: Limits,
     load: Load,
 }
 
@@ -85,44 +175,13 @@ impl<'a> Slot<'a> {
     fn new(host: &'a Host, oc: Overcommit) -> Self {
         Slot {
             host,
-            cpu_cap: (f64::from(host.capacity.vcpus) * oc.cpu).floor() as u64,
-            mem_cap: (host.capacity.memory_mib as f64 * oc.memory).floor() as u64,
+            limits: Limits::of(host, oc),
             load: Load::default(),
         }
     }
 
-    /// Whether `spec` fits here, and if so the fraction of memory left free after it; the
-    /// first rule it breaks otherwise.
     fn check(&self, spec: &VmSpec) -> Result<f64, Reject> {
-        let (host, load) = (self.host, &self.load);
-        if host.status != HostStatus::Up {
-            return Err(Reject::NotUp);
-        }
-        if !host.hypervisors.is_empty() && !host.hypervisors.contains(&spec.hypervisor) {
-            return Err(Reject::Hypervisor);
-        }
-        if !spec
-            .constraints
-            .iter()
-            .all(|(k, v)| host.labels.get(k) == Some(v))
-        {
-            return Err(Reject::Labels);
-        }
-        if spec
-            .anti_affinity
-            .as_ref()
-            .is_some_and(|g| load.groups.contains(g))
-        {
-            return Err(Reject::AntiAffinity);
-        }
-        if load.vcpus + u64::from(spec.vcpus) > self.cpu_cap {
-            return Err(Reject::Cpu);
-        }
-        let mem_after = load.memory_mib + spec.memory_mib;
-        if mem_after > self.mem_cap {
-            return Err(Reject::Memory);
-        }
-        Ok((self.mem_cap - mem_after) as f64 / self.mem_cap.max(1) as f64)
+        fit(self.host, self.limits, &self.load, spec)
     }
 }
 
@@ -283,6 +342,7 @@ mod tests {
 
     fn host(id: &str, vcpus: u32, mem: u64) -> Host {
         Host {
+            fence: None,
             id: id.into(),
             address: String::new(),
             capacity: Capacity {
@@ -305,6 +365,7 @@ mod tests {
     fn vm(name: &str, vcpus: u32, mem: u64, created: u64) -> Vm {
         Vm {
             spec: VmSpec {
+                on_host_loss: None,
                 name: name.into(),
                 vcpus,
                 memory_mib: mem,
@@ -522,6 +583,21 @@ mod tests {
     }
 
     #[test]
+    fn limits_are_capacity_times_the_ratios_rounded_down() {
+        let oc = Overcommit {
+            cpu_permille: 1_500,
+            memory_permille: 1_100,
+        };
+        assert_eq!(
+            Limits::of(&host("h1", 3, 1_001), oc),
+            Limits {
+                vcpus: 4,
+                memory_mib: 1_101
+            }
+        );
+    }
+
+    #[test]
     fn existing_assignments_count() {
         let mut a = vm("a", 1, 600, 1);
         a.host = Some("h1".into());
@@ -542,6 +618,7 @@ mod properties {
 
     fn host(i: usize, vcpus: u32, mem: u64, status: u8, zone: u8) -> Host {
         Host {
+            fence: None,
             id: format!("h{i}"),
             address: String::new(),
             capacity: Capacity {
@@ -575,6 +652,7 @@ mod properties {
     ) -> Vm {
         Vm {
             spec: VmSpec {
+                on_host_loss: None,
                 name: format!("v{i}"),
                 vcpus,
                 memory_mib: mem,
@@ -663,6 +741,23 @@ mod properties {
                 prop_assert!(*used <= cap.memory_mib);
                 prop_assert!(cpu[h] <= u64::from(cap.vcpus) * 4);
             }
+            // The state machine re-checks them with the same rule, so it accepts every one.
+            let n = placements.len();
+            let mut applied = s.clone();
+            let (r, _) = crate::state_machine::apply(
+                &mut applied,
+                1,
+                &crate::state_machine::Command::Place {
+                    placements,
+                    unplaced,
+                    now_ms: 1,
+                    overcommit: Some(oc),
+                },
+            );
+            prop_assert_eq!(
+                r,
+                crate::state_machine::Response::Placed { placed: n, unplaced: pending(&s).len() - n }
+            );
         }
 
         /// A round over the `max` oldest pending VMs decides them exactly as a full pass does,

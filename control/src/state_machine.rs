@@ -17,10 +17,12 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use blixard_api::{
-    DesiredState, Event, EventKind, Eviction, Host, HostRegistration, HostStatus, RestartPolicy,
-    Vm, VmSpec, VmState, VmStatusReport,
+    DesiredState, Event, EventKind, Eviction, Host, HostRegistration, HostStatus, OnHostLoss,
+    RestartPolicy, Vm, VmSpec, VmState, VmStatusReport,
 };
 use serde::{Deserialize, Serialize};
+
+use crate::scheduler::{self, Overcommit};
 
 /// How many events each node keeps for `GET /v1/events`.
 pub const EVENT_LOG_CAP: usize = 20_000;
@@ -90,6 +92,13 @@ pub enum Command {
         placements: Vec<Placement>,
         unplaced: Vec<Unplaced>,
         now_ms: u64,
+        /// The leader's overcommit ratios. With them, every placement is checked again at this
+        /// index by the scheduler's own rule ([`scheduler::fit`]: host up, hypervisor, labels,
+        /// anti-affinity, capacity, counting the placements before it in this command), and
+        /// one that no longer fits leaves its VM pending with the reason. Absent from older
+        /// entries, which apply as they did when written (only the host's status is checked).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        overcommit: Option<Overcommit>,
     },
     SetHostStatus {
         host: String,
@@ -106,11 +115,17 @@ pub enum Command {
         deadline_ms: u64,
         now_ms: u64,
     },
-    /// Takes VMs off their hosts now (an eviction past its deadline).
+    /// An eviction past its deadline. With `keep_on_live_host` (every leader since the
+    /// field exists), a VM whose host is not down, or that is `on_host_loss = stay`, stays
+    /// assigned and only its reason says that it waits for the host to confirm the stop (see
+    /// [`overdue_wait_reason`]); the others are taken off their hosts now. Older entries
+    /// (without the field) take every VM off, as they did when they were written.
     Unassign {
         vms: Vec<VmRef>,
         reason: String,
         now_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        keep_on_live_host: Option<bool>,
     },
     /// Replaces every host and VM (disaster recovery from `cluster snapshot save`).
     RestoreState {
@@ -265,6 +280,34 @@ impl ClusterState {
             self.host_rev.insert(h.to_string(), index);
         }
     }
+}
+
+/// Why an evicted VM past its deadline stays on its host, or `None` if it is to be taken off
+/// it: a VM is never taken off a host that may still run it without the host confirming the
+/// stop. That is every host not declared down, and a down host for a VM that is
+/// `on_host_loss = stay` (only `DeclareHostGone` frees those). A VM whose host is unknown is
+/// taken off.
+pub fn overdue_wait_reason(s: &ClusterState, vm: &Vm) -> Option<String> {
+    let host = s.hosts.get(vm.host.as_deref()?)?;
+    if host.status != HostStatus::Down {
+        let why = vm
+            .evicting
+            .as_ref()
+            .map(|e| e.reason.as_str())
+            .unwrap_or("evicted");
+        return Some(format!(
+            "{why}; deadline passed, waiting for {} to confirm the VM stopped",
+            host.id
+        ));
+    }
+    (vm.spec.on_host_loss() == OnHostLoss::Stay).then(|| stay_reason(&host.id))
+}
+
+/// The reason of a `stay` VM whose host was declared down.
+fn stay_reason(host: &str) -> String {
+    format!(
+        "host {host} lost; on_host_loss=stay: waiting for the host to come back or to be declared gone"
+    )
 }
 
 fn set_state(vm: &mut Vm, state: VmState, reason: Option<String>, now_ms: u64) {
@@ -665,24 +708,62 @@ impl Apply<'_> {
         Response::Vm(Box::new(vm))
     }
 
-    fn place(&mut self, placements: &[Placement], unplaced: &[Unplaced]) -> Response {
+    fn place(
+        &mut self,
+        placements: &[Placement],
+        unplaced: &[Unplaced],
+        overcommit: Option<Overcommit>,
+    ) -> Response {
+        // With the ratios, the load on every host named here: one pass over the VMs for the
+        // whole command, then updated as its placements are accepted.
+        let mut loads = overcommit.map(|_| {
+            let named: BTreeSet<&str> = placements.iter().map(|p| p.host.as_str()).collect();
+            scheduler::host_loads(self.s, |h| named.contains(h))
+        });
         let mut placed = 0;
+        let mut refused = 0;
         for p in placements {
-            let host_ok = self
-                .s
-                .hosts
-                .get(&p.host)
-                .is_some_and(|h| h.status == HostStatus::Up);
+            let Some(vm) = self.s.vms.get(&p.vm) else {
+                continue;
+            };
+            if vm.generation != p.generation || vm.host.is_some() || vm.state != VmState::Pending {
+                continue;
+            }
+            let host = self.s.hosts.get(&p.host);
+            match (overcommit, loads.as_mut()) {
+                (Some(oc), Some(loads)) => {
+                    let verdict = match host {
+                        None => Err("host not registered".to_string()),
+                        Some(h) => {
+                            let load = loads.entry(p.host.clone()).or_default();
+                            match scheduler::fit(h, scheduler::Limits::of(h, oc), load, &vm.spec) {
+                                Ok(_) => {
+                                    load.add(&vm.spec);
+                                    Ok(())
+                                }
+                                Err(scheduler::Reject::NotUp) => {
+                                    Err(format!("host is {}", h.status.as_str()))
+                                }
+                                Err(r) => Err(r.why().to_string()),
+                            }
+                        }
+                    };
+                    if let Err(why) = verdict {
+                        let reason = format!("placement on {} no longer fits: {why}", p.host);
+                        self.set_reason(&p.vm, reason, EventKind::VmPending);
+                        refused += 1;
+                        continue;
+                    }
+                }
+                _ => {
+                    if !host.is_some_and(|h| h.status == HostStatus::Up) {
+                        continue;
+                    }
+                }
+            }
             let Some(vm) = self.s.vms.get_mut(&p.vm) else {
                 continue;
             };
-            if !host_ok
-                || vm.generation != p.generation
-                || vm.host.is_some()
-                || vm.state != VmState::Pending
-            {
-                continue;
-            }
             vm.host = Some(p.host.clone());
             vm.generation += 1;
             let next = if vm.desired == DesiredState::Running {
@@ -720,7 +801,7 @@ impl Apply<'_> {
         }
         Response::Placed {
             placed,
-            unplaced: not_placed,
+            unplaced: not_placed + refused,
         }
     }
 
@@ -799,20 +880,44 @@ impl Apply<'_> {
         Response::Host(Box::new(h))
     }
 
-    fn unassign_many(&mut self, vms: &[VmRef], reason: &str) -> Response {
+    /// Takes the VMs still at the given generations off their hosts; with
+    /// `keep_on_live_host`, those whose host may still run them only get the reason why they
+    /// wait (once: an unchanged reason is not written again). Counts the VMs taken off.
+    fn unassign_many(&mut self, vms: &[VmRef], reason: &str, keep_on_live_host: bool) -> Response {
         let mut n = 0;
         for r in vms {
-            let current = self
-                .s
-                .vms
-                .get(&r.vm)
-                .is_some_and(|v| v.generation == r.generation && v.host.is_some());
-            if current {
-                self.unassign(&r.vm, reason, false);
-                n += 1;
+            let Some(vm) = self.s.vms.get(&r.vm) else {
+                continue;
+            };
+            if vm.generation != r.generation || vm.host.is_none() {
+                continue;
+            }
+            let wait = keep_on_live_host
+                .then(|| overdue_wait_reason(self.s, vm))
+                .flatten();
+            match wait {
+                Some(why) => self.set_reason(&r.vm, why, EventKind::VmState),
+                None => {
+                    self.unassign(&r.vm, reason, false);
+                    n += 1;
+                }
             }
         }
         Response::Count(n)
+    }
+
+    /// Sets a VM's reason (its state unchanged), if it differs.
+    fn set_reason(&mut self, name: &str, reason: String, kind: EventKind) {
+        let Some(vm) = self.s.vms.get_mut(name) else {
+            return;
+        };
+        if vm.reason.as_deref() == Some(reason.as_str()) {
+            return;
+        }
+        vm.reason = Some(reason);
+        let vm = vm.clone();
+        self.touch_vm(name);
+        self.event(kind, Some(&vm), None, vm.reason.clone());
     }
 
     fn restore(&mut self, hosts: &[Host], vms: &[Vm]) -> Response {
@@ -902,8 +1007,9 @@ pub fn apply(state: &mut ClusterState, index: u64, cmd: &Command) -> (Response, 
         Command::Place {
             placements,
             unplaced,
+            overcommit,
             ..
-        } => a.place(placements, unplaced),
+        } => a.place(placements, unplaced, *overcommit),
         Command::SetHostStatus { host, status, .. } => a.set_host_status(host, *status),
         Command::UpdateVm {
             spec,
@@ -913,7 +1019,12 @@ pub fn apply(state: &mut ClusterState, index: u64, cmd: &Command) -> (Response, 
         Command::DrainHost {
             host, deadline_ms, ..
         } => a.drain(host, *deadline_ms),
-        Command::Unassign { vms, reason, .. } => a.unassign_many(vms, reason),
+        Command::Unassign {
+            vms,
+            reason,
+            keep_on_live_host,
+            ..
+        } => a.unassign_many(vms, reason, keep_on_live_host.unwrap_or(false)),
         Command::RestoreState { hosts, vms, .. } => a.restore(hosts, vms),
         Command::Batch { .. } => Response::None,
     };

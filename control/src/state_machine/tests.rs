@@ -58,6 +58,7 @@ fn place(vm: &str, host: &str, generation: u64) -> Command {
         }],
         unplaced: vec![],
         now_ms: 3,
+        overcommit: Some(Overcommit::default()),
     }
 }
 
@@ -252,6 +253,7 @@ fn stale_or_bad_placements_are_dropped() {
             ],
             unplaced: vec![],
             now_ms: 4,
+            overcommit: None,
         },
     );
     assert_eq!(
@@ -461,6 +463,7 @@ fn unassign_after_deadline_only_at_the_same_generation() {
             }],
             reason: "late".into(),
             now_ms: 11,
+            keep_on_live_host: None,
         }],
     );
     assert_eq!(r[0], Response::Count(0));
@@ -473,10 +476,92 @@ fn unassign_after_deadline_only_at_the_same_generation() {
             }],
             reason: "drain deadline passed".into(),
             now_ms: 11,
+            keep_on_live_host: None,
         }],
     );
+    // An entry from before `keep_on_live_host` applies as it always did: the VM is taken off.
     assert_eq!(r[0], Response::Count(1));
     assert_eq!(s.vms["a"].host, None);
+}
+
+fn overdue(vm: &str, generation: u64, now_ms: u64) -> Command {
+    Command::Unassign {
+        vms: vec![VmRef {
+            vm: vm.into(),
+            generation,
+        }],
+        reason: "eviction deadline passed".into(),
+        now_ms,
+        keep_on_live_host: Some(true),
+    }
+}
+
+/// Past its deadline, an evicted VM on a host that is not down stays assigned (the host has
+/// not confirmed the stop) and says why, once; when the host is declared down it is freed.
+#[test]
+fn an_overdue_eviction_never_takes_a_vm_off_a_live_host() {
+    let drain = Command::DrainHost {
+        host: "h1".into(),
+        deadline_ms: 1_000,
+        now_ms: 10,
+    };
+    let mut update = spec("a");
+    update.memory_mib = 256;
+    let update = Command::UpdateVm {
+        spec: update,
+        expected_generation: None,
+        now_ms: 10,
+    };
+    let cases = [
+        (
+            "drain",
+            drain,
+            "host h1 draining; deadline passed, waiting for h1 to confirm the VM stopped",
+        ),
+        (
+            "update",
+            update,
+            "spec updated; deadline passed, waiting for h1 to confirm the VM stopped",
+        ),
+    ];
+    for (name, evict, want) in cases {
+        let mut s = running();
+        run(&mut s, &[evict]);
+        let r = run(&mut s, &[overdue("a", 3, 2_000)]);
+        assert_eq!(r[0], Response::Count(0), "{name}");
+        let vm = &s.vms["a"];
+        assert_eq!(
+            (vm.host.as_deref(), vm.state, vm.reason.as_deref()),
+            (Some("h1"), VmState::Stopping, Some(want)),
+            "{name}"
+        );
+        assert!(vm.evicting.is_some(), "{name}");
+        // The same again writes nothing.
+        let (_, touched) = apply(&mut s, 100, &overdue("a", 3, 2_500));
+        assert_eq!(touched, Touched::default(), "{name}");
+        // The host's confirmation still completes the eviction.
+        let mut confirmed = s.clone();
+        run(
+            &mut confirmed,
+            &[report("h1", "a", VmState::Stopped, 3, 3_000)],
+        );
+        assert_eq!(confirmed.vms["a"].host, None, "{name}");
+        // A host declared down frees it too.
+        run(
+            &mut s,
+            &[Command::SetHostStatus {
+                host: "h1".into(),
+                status: HostStatus::Down,
+                now_ms: 3_000,
+            }],
+        );
+        let vm = &s.vms["a"];
+        assert_eq!(
+            (vm.host.as_deref(), vm.state),
+            (None, VmState::Pending),
+            "{name}"
+        );
+    }
 }
 
 #[test]
@@ -569,8 +654,21 @@ fn command_encoding_is_stable() {
                     reason: "r".into(),
                 }],
                 now_ms: 4,
+                overcommit: None,
             },
             r#"{"type":"place","placements":[{"vm":"a","host":"h","generation":1}],"unplaced":[{"vm":"b","reason":"r"}],"now_ms":4}"#,
+        ),
+        (
+            Command::Place {
+                placements: vec![],
+                unplaced: vec![],
+                now_ms: 4,
+                overcommit: Some(Overcommit {
+                    cpu_permille: 4000,
+                    memory_permille: 1500,
+                }),
+            },
+            r#"{"type":"place","placements":[],"unplaced":[],"now_ms":4,"overcommit":{"cpu_permille":4000,"memory_permille":1500}}"#,
         ),
         (
             Command::DrainHost {
@@ -588,8 +686,18 @@ fn command_encoding_is_stable() {
                 }],
                 reason: "r".into(),
                 now_ms: 4,
+                keep_on_live_host: None,
             },
             r#"{"type":"unassign","vms":[{"vm":"a","generation":2}],"reason":"r","now_ms":4}"#,
+        ),
+        (
+            Command::Unassign {
+                vms: vec![],
+                reason: "r".into(),
+                now_ms: 4,
+                keep_on_live_host: Some(true),
+            },
+            r#"{"type":"unassign","vms":[],"reason":"r","now_ms":4,"keep_on_live_host":true}"#,
         ),
         (
             Command::Batch {
@@ -790,7 +898,10 @@ fn only_a_stop_of_the_current_generation_completes_an_eviction() {
             }],
         );
         assert_eq!(s.vms["a"].generation, 3);
-        run(&mut s, &[report("h1", "a", VmState::Stopped, generation, 11)]);
+        run(
+            &mut s,
+            &[report("h1", "a", VmState::Stopped, generation, 11)],
+        );
         let vm = &s.vms["a"];
         if completes {
             assert_eq!((vm.host.as_deref(), vm.state), (None, VmState::Pending));
@@ -800,6 +911,284 @@ fn only_a_stop_of_the_current_generation_completes_an_eviction() {
                 (Some("h1"), VmState::Stopping, true),
                 "a stop at generation {generation} must not free the VM"
             );
+        }
+    }
+}
+
+fn vm_spec(name: &str, memory_mib: u64, f: impl FnOnce(&mut VmSpec)) -> VmSpec {
+    let mut s = spec(name);
+    s.memory_mib = memory_mib;
+    f(&mut s);
+    s
+}
+
+/// Every placement is checked again where it is applied, by the scheduler's rule, against
+/// the state at that index and the placements before it in the same command; one that no
+/// longer fits leaves its VM pending with the reason. A `Place` without the ratios (written
+/// before they were carried) applies as it always did.
+#[test]
+fn placements_are_checked_again_when_applied() {
+    struct Case {
+        name: &'static str,
+        /// Applied after `h1` (4 vCPUs, 4096 MiB, process) registered and the VMs were created.
+        between: Vec<Command>,
+        vms: Vec<VmSpec>,
+        place: Vec<(&'static str, &'static str)>,
+        overcommit: Option<Overcommit>,
+        /// (vm, host, the start of its reason)
+        want: Vec<(&'static str, Option<&'static str>, Option<&'static str>)>,
+    }
+    let oc = Some(Overcommit::default());
+    let small = |h: &str, mem: u64| Command::RegisterHost {
+        registration: HostRegistration {
+            capacity: Capacity {
+                vcpus: 4,
+                memory_mib: mem,
+                disk_gib: 10,
+                kvm: false,
+            },
+            ..reg(h)
+        },
+        now_ms: 2,
+    };
+    let drain = Command::DrainHost {
+        host: "h1".into(),
+        deadline_ms: 100,
+        now_ms: 2,
+    };
+    let down = Command::SetHostStatus {
+        host: "h1".into(),
+        status: HostStatus::Down,
+        now_ms: 2,
+    };
+    let db = |n: &str| vm_spec(n, 128, |s| s.anti_affinity = Some("db".into()));
+    let cases = vec![
+        Case {
+            name: "fits",
+            between: vec![],
+            vms: vec![spec("a")],
+            place: vec![("a", "h1")],
+            overcommit: oc,
+            want: vec![("a", Some("h1"), None)],
+        },
+        Case {
+            name: "host draining since the decision",
+            between: vec![drain.clone()],
+            vms: vec![spec("a")],
+            place: vec![("a", "h1")],
+            overcommit: oc,
+            want: vec![(
+                "a",
+                None,
+                Some("placement on h1 no longer fits: host is draining"),
+            )],
+        },
+        Case {
+            name: "host down since the decision",
+            between: vec![down.clone()],
+            vms: vec![spec("a")],
+            place: vec![("a", "h1")],
+            overcommit: oc,
+            want: vec![(
+                "a",
+                None,
+                Some("placement on h1 no longer fits: host is down"),
+            )],
+        },
+        Case {
+            name: "unknown host",
+            between: vec![],
+            vms: vec![spec("a")],
+            place: vec![("a", "h9")],
+            overcommit: oc,
+            want: vec![(
+                "a",
+                None,
+                Some("placement on h9 no longer fits: host not registered"),
+            )],
+        },
+        Case {
+            name: "capacity shrunk by a registration since the decision",
+            between: vec![small("h1", 100)],
+            vms: vec![spec("a")],
+            place: vec![("a", "h1")],
+            overcommit: oc,
+            want: vec![(
+                "a",
+                None,
+                Some("placement on h1 no longer fits: not enough memory"),
+            )],
+        },
+        Case {
+            name: "two placements in one command overcommit the host",
+            between: vec![small("h1", 200)],
+            vms: vec![spec("a"), spec("b")],
+            place: vec![("a", "h1"), ("b", "h1")],
+            overcommit: oc,
+            want: vec![
+                ("a", Some("h1"), None),
+                (
+                    "b",
+                    None,
+                    Some("placement on h1 no longer fits: not enough memory"),
+                ),
+            ],
+        },
+        Case {
+            name: "vCPUs under the overcommit ratio",
+            between: vec![],
+            vms: vec![
+                vm_spec("a", 1, |s| s.vcpus = 12),
+                vm_spec("b", 1, |s| s.vcpus = 4),
+                vm_spec("c", 1, |s| s.vcpus = 1),
+            ],
+            place: vec![("a", "h1"), ("b", "h1"), ("c", "h1")],
+            overcommit: oc,
+            want: vec![
+                ("a", Some("h1"), None),
+                ("b", Some("h1"), None),
+                (
+                    "c",
+                    None,
+                    Some("placement on h1 no longer fits: not enough vCPUs"),
+                ),
+            ],
+        },
+        Case {
+            name: "anti-affinity within one command",
+            between: vec![],
+            vms: vec![db("a"), db("b")],
+            place: vec![("a", "h1"), ("b", "h1")],
+            overcommit: oc,
+            want: vec![
+                ("a", Some("h1"), None),
+                (
+                    "b",
+                    None,
+                    Some(
+                        "placement on h1 no longer fits: its anti-affinity group is already there",
+                    ),
+                ),
+            ],
+        },
+        Case {
+            name: "a refused placement does not count against the host",
+            between: vec![small("h1", 200)],
+            vms: vec![vm_spec("big", 300, |_| {}), spec("a")],
+            place: vec![("big", "h1"), ("a", "h1")],
+            overcommit: oc,
+            want: vec![
+                (
+                    "big",
+                    None,
+                    Some("placement on h1 no longer fits: not enough memory"),
+                ),
+                ("a", Some("h1"), None),
+            ],
+        },
+        Case {
+            name: "label constraint",
+            between: vec![],
+            vms: vec![vm_spec("a", 128, |s| {
+                s.constraints.insert("zone".into(), "a".into());
+            })],
+            place: vec![("a", "h1")],
+            overcommit: oc,
+            want: vec![(
+                "a",
+                None,
+                Some("placement on h1 no longer fits: host lacks required labels"),
+            )],
+        },
+        Case {
+            name: "hypervisor",
+            between: vec![],
+            vms: vec![vm_spec("a", 128, |s| s.hypervisor = Hypervisor::Qemu)],
+            place: vec![("a", "h1")],
+            overcommit: oc,
+            want: vec![(
+                "a",
+                None,
+                Some("placement on h1 no longer fits: host lacks the hypervisor"),
+            )],
+        },
+        Case {
+            name: "old entry: no capacity re-check",
+            between: vec![small("h1", 200)],
+            vms: vec![spec("a"), spec("b"), db("c"), db("d")],
+            place: vec![("a", "h1"), ("b", "h1"), ("c", "h1"), ("d", "h1")],
+            overcommit: None,
+            want: vec![
+                ("a", Some("h1"), None),
+                ("b", Some("h1"), None),
+                ("c", Some("h1"), None),
+                ("d", Some("h1"), None),
+            ],
+        },
+        Case {
+            name: "old entry: a draining host is skipped silently",
+            between: vec![drain],
+            vms: vec![spec("a")],
+            place: vec![("a", "h1")],
+            overcommit: None,
+            want: vec![("a", None, Some("waiting for placement"))],
+        },
+    ];
+    for c in cases {
+        let mut s = ClusterState::default();
+        let mut cmds = vec![Command::RegisterHost {
+            registration: reg("h1"),
+            now_ms: 1,
+        }];
+        cmds.extend(c.vms.iter().map(|spec| Command::CreateVm {
+            spec: spec.clone(),
+            now_ms: 1,
+            idempotency_key: None,
+        }));
+        cmds.extend(c.between);
+        run(&mut s, &cmds);
+        let placements = c
+            .place
+            .iter()
+            .map(|(vm, host)| Placement {
+                vm: vm.to_string(),
+                host: host.to_string(),
+                generation: 1,
+            })
+            .collect::<Vec<_>>();
+        let n = placements.len();
+        let r = run(
+            &mut s,
+            &[Command::Place {
+                placements,
+                unplaced: vec![],
+                now_ms: 3,
+                overcommit: c.overcommit,
+            }],
+        );
+        let placed = c.want.iter().filter(|w| w.1.is_some()).count();
+        if c.overcommit.is_some() {
+            assert_eq!(
+                r[0],
+                Response::Placed {
+                    placed,
+                    unplaced: n - placed
+                },
+                "{}",
+                c.name
+            );
+        }
+        for (vm, host, reason) in c.want {
+            let v = &s.vms[vm];
+            assert_eq!(v.host.as_deref(), host, "{}: {vm}", c.name);
+            match reason {
+                Some(r) => {
+                    assert_eq!(v.reason.as_deref(), Some(r), "{}: {vm}", c.name);
+                    assert_eq!(v.state, VmState::Pending, "{}: {vm}", c.name);
+                    assert_eq!(v.generation, 1, "{}: {vm}", c.name);
+                }
+                None => assert_eq!(v.state, VmState::Scheduled, "{}: {vm}", c.name),
+            }
         }
     }
 }
