@@ -8,8 +8,11 @@
 //!
 //! VM lifecycle rules live here too: restart policies (a VM that ended on its own gets a new
 //! generation, up to `max_restarts` within the window, then stays `failed`), host loss (its
-//! VMs are taken off it and placed again, or failed for policy `never`), drains and updates
-//! (the VM is stopped on its host first, then placed again), and idempotent creates.
+//! `move` VMs are taken off it and placed again, or failed for policy `never`; its `stay` VMs
+//! stay until it comes back or an operator declares it gone), drains and updates (the VM is
+//! stopped on its host first, then placed again: never taken off a host that may still run it
+//! without the host confirming the stop), placements (checked again on apply with the
+//! scheduler's rule) and idempotent creates.
 //!
 //! The command enum is append-only: tags are explicit and pinned by a test, so old log
 //! entries and snapshots keep decoding; new fields are optional.
@@ -140,6 +143,14 @@ pub enum Command {
     Batch {
         commands: Vec<Command>,
     },
+    /// An operator's word that a host is gone for good (`blixardctl host declare-gone`): it is
+    /// marked down and every VM on it is taken off it and placed again, `on_host_loss = stay`
+    /// ones included. The host stays down (its heartbeats are refused as from an unknown host)
+    /// until its agent registers again.
+    DeclareHostGone {
+        host: String,
+        now_ms: u64,
+    },
 }
 
 impl Command {
@@ -157,7 +168,8 @@ impl Command {
             | Command::UpdateVm { now_ms, .. }
             | Command::DrainHost { now_ms, .. }
             | Command::Unassign { now_ms, .. }
-            | Command::RestoreState { now_ms, .. } => *now_ms = now,
+            | Command::RestoreState { now_ms, .. }
+            | Command::DeclareHostGone { now_ms, .. } => *now_ms = now,
             Command::Batch { commands } => commands.iter_mut().for_each(|c| c.stamp(now)),
         }
     }
@@ -178,6 +190,7 @@ impl Command {
             Command::Unassign { .. } => "unassign",
             Command::RestoreState { .. } => "restore_state",
             Command::Batch { .. } => "batch",
+            Command::DeclareHostGone { .. } => "declare_host_gone",
         }
     }
 }
@@ -301,6 +314,22 @@ pub fn overdue_wait_reason(s: &ClusterState, vm: &Vm) -> Option<String> {
         ));
     }
     (vm.spec.on_host_loss() == OnHostLoss::Stay).then(|| stay_reason(&host.id))
+}
+
+/// `last_heartbeat_ms` of a host declared gone: no heartbeat of it counts any more, until its
+/// agent registers again (which stamps it). Every real heartbeat and registration is stamped
+/// by a leader's clock, never 0.
+const GONE_HEARTBEAT_MS: u64 = 0;
+
+/// Whether an operator declared `host` gone and its agent has not registered since.
+pub fn declared_gone(host: &Host) -> bool {
+    host.status == HostStatus::Down && host.last_heartbeat_ms == GONE_HEARTBEAT_MS
+}
+
+fn gone_refusal(host: &str) -> Response {
+    Response::Error(ApplyError::NotFound(format!(
+        "host {host} was declared gone; its agent must register again"
+    )))
 }
 
 /// The reason of a `stay` VM whose host was declared down.
@@ -592,10 +621,18 @@ impl Apply<'_> {
                 fence: r.fence,
             },
         };
+        let was_down = self
+            .s
+            .hosts
+            .get(&r.id)
+            .is_some_and(|h| h.status == HostStatus::Down);
         self.s.hosts.insert(r.id.clone(), host.clone());
         self.s.bump_host(Some(&r.id), self.index);
         self.touched.hosts.insert(r.id.clone());
         self.host_event(&host, EventKind::HostRegistered);
+        if was_down {
+            self.host_back(&r.id);
+        }
         Response::Host(Box::new(host))
     }
 
@@ -617,6 +654,9 @@ impl Apply<'_> {
         let Some(h) = self.s.hosts.get_mut(host) else {
             return Response::Error(ApplyError::NotFound(format!("host {host} not registered")));
         };
+        if declared_gone(h) {
+            return gone_refusal(host);
+        }
         h.last_heartbeat_ms = self.now;
         let came_back = h.status == HostStatus::Down;
         if came_back {
@@ -626,6 +666,7 @@ impl Apply<'_> {
         self.touched.hosts.insert(host.to_string());
         if came_back {
             self.host_event(&h, EventKind::HostStatus);
+            self.host_back(host);
         }
         Response::Host(Box::new(h))
     }
@@ -809,6 +850,9 @@ impl Apply<'_> {
         let Some(h) = self.s.hosts.get_mut(host) else {
             return Response::Error(ApplyError::NotFound(format!("host {host} not registered")));
         };
+        if declared_gone(h) && status != HostStatus::Down {
+            return gone_refusal(host);
+        }
         let was = h.status;
         h.status = status;
         if status != HostStatus::Draining {
@@ -821,14 +865,73 @@ impl Apply<'_> {
             self.host_event(&h, EventKind::HostStatus);
         }
         if status == HostStatus::Down && was != HostStatus::Down {
-            let names: Vec<String> = self
+            let vms: Vec<(String, OnHostLoss)> = self
                 .s
                 .assigned_to(host)
-                .map(|v| v.spec.name.clone())
+                .map(|v| (v.spec.name.clone(), v.spec.on_host_loss()))
                 .collect();
-            for n in names {
-                self.unassign(&n, &format!("host {host} lost"), true);
+            for (n, on_loss) in vms {
+                match on_loss {
+                    // It may still run there: it stays until the host comes back or is
+                    // declared gone.
+                    OnHostLoss::Stay => self.set_reason(&n, stay_reason(host), EventKind::VmState),
+                    OnHostLoss::Move => self.unassign(&n, &format!("host {host} lost"), true),
+                }
             }
+        } else if was == HostStatus::Down && status != HostStatus::Down {
+            self.host_back(host);
+        }
+        Response::Host(Box::new(h))
+    }
+
+    /// A host is up again: its `stay` VMs no longer wait for it (its agent reports what it
+    /// really runs).
+    fn host_back(&mut self, host: &str) {
+        let lost = stay_reason(host);
+        let names: Vec<String> = self
+            .s
+            .assigned_to(host)
+            .filter(|v| v.reason.as_deref() == Some(lost.as_str()))
+            .map(|v| v.spec.name.clone())
+            .collect();
+        for n in names {
+            if let Some(vm) = self.s.vms.get_mut(&n) {
+                vm.reason = None;
+                let vm = vm.clone();
+                self.touch_vm(&n);
+                self.event(EventKind::VmState, Some(&vm), None, None);
+            }
+        }
+    }
+
+    fn declare_gone(&mut self, host: &str) -> Response {
+        let Some(h) = self.s.hosts.get_mut(host) else {
+            return Response::Error(ApplyError::NotFound(format!("host {host} not registered")));
+        };
+        h.status = HostStatus::Down;
+        h.drain_deadline_ms = None;
+        h.last_heartbeat_ms = GONE_HEARTBEAT_MS;
+        let h = h.clone();
+        self.touched.hosts.insert(host.to_string());
+        self.s.bump_host(Some(host), self.index);
+        let ev = Event {
+            index: self.index,
+            time_ms: self.now,
+            kind: EventKind::HostStatus,
+            vm: None,
+            host: Some(host.to_string()),
+            state: None,
+            host_status: Some(h.status),
+            message: Some(format!("host {host} declared gone by an operator")),
+        };
+        self.push_event(ev);
+        let names: Vec<String> = self
+            .s
+            .assigned_to(host)
+            .map(|v| v.spec.name.clone())
+            .collect();
+        for n in names {
+            self.unassign(&n, &format!("host {host} declared gone"), true);
         }
         Response::Host(Box::new(h))
     }
@@ -974,7 +1077,8 @@ pub fn apply(state: &mut ClusterState, index: u64, cmd: &Command) -> (Response, 
         | Command::UpdateVm { now_ms, .. }
         | Command::DrainHost { now_ms, .. }
         | Command::Unassign { now_ms, .. }
-        | Command::RestoreState { now_ms, .. } => *now_ms,
+        | Command::RestoreState { now_ms, .. }
+        | Command::DeclareHostGone { now_ms, .. } => *now_ms,
     };
     let mut a = Apply {
         s: state,
@@ -1026,6 +1130,7 @@ pub fn apply(state: &mut ClusterState, index: u64, cmd: &Command) -> (Response, 
             ..
         } => a.unassign_many(vms, reason, keep_on_live_host.unwrap_or(false)),
         Command::RestoreState { hosts, vms, .. } => a.restore(hosts, vms),
+        Command::DeclareHostGone { host, .. } => a.declare_gone(host),
         Command::Batch { .. } => Response::None,
     };
     (resp, a.touched)

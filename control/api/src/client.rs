@@ -376,6 +376,18 @@ impl Client {
         .await
     }
 
+    /// Declares a host gone for good: every VM on it, `on_host_loss = stay` ones included, is
+    /// placed elsewhere at once; if the host is in fact still running them they may run twice
+    /// until its agent comes back and is told. The host stays down until its agent registers
+    /// again.
+    pub async fn declare_host_gone(&self, id: &str) -> Result<Host, ClientError> {
+        self.post(
+            &format!("/v1/hosts/{}/declare-gone", encode(id)),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
     /// Events after index `since`; waits up to `wait` for one (a long-poll).
     pub async fn events(&self, since: u64, wait: Duration) -> Result<Events, ClientError> {
         let path = format!("/v1/events?since={since}&wait_ms={}", wait.as_millis());

@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use blixard_api::{
     validate, AddMember, Client, ClientError, DiskFormat, DiskSpec, Hypervisor, NicSpec,
-    PlacementStrategy, RestartPolicy, VmSpec,
+    OnHostLoss, PlacementStrategy, RestartPolicy, VmSpec,
 };
 use clap::{Parser, Subcommand, ValueEnum};
 use output::{print_hosts, print_json, print_members, print_status, print_vm, print_vms, Format};
@@ -142,6 +142,16 @@ enum RestartArg {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum OnHostLossArg {
+    /// Fenced on a cut-off host and placed elsewhere once its host's lease expires: never
+    /// runs twice, but stops while no control node can be reached.
+    Move,
+    /// Never fenced or moved while its host may be alive; placed again only when the host
+    /// comes back without it or is declared gone.
+    Stay,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum StrategyArg {
     Spread,
     Binpack,
@@ -176,6 +186,9 @@ struct CreateArgs {
     nics: Vec<String>,
     #[arg(long, value_enum, default_value_t = RestartArg::Always)]
     restart: RestartArg,
+    /// What happens when the VM's host stops answering (default move).
+    #[arg(long, value_enum)]
+    on_host_loss: Option<OnHostLossArg>,
     /// Required host label KEY=VALUE; repeatable.
     #[arg(long = "constraint")]
     constraints: Vec<String>,
@@ -247,13 +260,30 @@ enum HostCmd {
     /// Move every VM off a host (stop, place elsewhere, start) and refuse new ones.
     Drain {
         name: String,
-        /// How long VMs get to stop before they are taken off anyway, e.g. 90s, 5m, 1h.
+        /// How long VMs get to stop, e.g. 90s, 5m, 1h. A VM is never taken off a host that has
+        /// not confirmed its stop: past the deadline it stays there, its reason says why, until
+        /// the host confirms, is declared down, or is declared gone.
         #[arg(long, value_parser = parse_duration)]
         deadline: Option<u64>,
     },
     /// Let a drained host take VMs again.
     Undrain { name: String },
+    /// Tell the cluster a host is gone for good (powered off, destroyed): use it only when
+    /// the host is known to be off.
+    #[command(long_about = DECLARE_GONE_HELP)]
+    DeclareGone { name: String },
 }
+
+const DECLARE_GONE_HELP: &str = "\
+Tell the cluster a host is gone for good. Use it only when the host is known to be off \
+(powered off, destroyed, its disks wiped).
+
+Every VM assigned to the host is taken off it at once and placed on other hosts, including \
+VMs with on_host_loss=stay, which otherwise wait for their host to come back. The host is \
+marked down and stays down until its agent registers again.
+
+If the host is in fact still running, its VMs may run twice (there and on their new hosts) \
+until its agent reaches the control plane again and is told to stop them.";
 
 /// Parses `90`, `90s`, `5m`, `1h` into seconds.
 fn parse_duration(s: &str) -> Result<u64, String> {
@@ -351,6 +381,10 @@ fn spec_from_args(a: CreateArgs) -> anyhow::Result<VmSpec> {
         },
         max_restarts: a.max_restarts,
         restart_window_secs: a.restart_window,
+        on_host_loss: a.on_host_loss.map(|o| match o {
+            OnHostLossArg::Move => OnHostLoss::Move,
+            OnHostLossArg::Stay => OnHostLoss::Stay,
+        }),
     })
 }
 
@@ -528,6 +562,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     print_hosts(out, &[client.drain_host(&name, deadline).await?])
                 }
                 HostCmd::Undrain { name } => print_hosts(out, &[client.undrain_host(&name).await?]),
+                HostCmd::DeclareGone { name } => {
+                    let moved: Vec<String> = client
+                        .list_vms()
+                        .await?
+                        .into_iter()
+                        .filter(|v| v.host.as_deref() == Some(name.as_str()))
+                        .map(|v| v.spec.name)
+                        .collect();
+                    let host = client.declare_host_gone(&name).await?;
+                    if out == Format::Table {
+                        println!(
+                            "host {name} declared gone: it stays down until its agent registers again."
+                        );
+                        if moved.is_empty() {
+                            println!("no VMs were assigned to it.");
+                        } else {
+                            println!(
+                                "{} VMs taken off it and placed on other hosts now: {}",
+                                moved.len(),
+                                moved.join(", ")
+                            );
+                            println!(
+                                "if {name} is in fact still running, they may run twice until its agent comes back and is told to stop them."
+                            );
+                        }
+                    } else {
+                        print_hosts(out, std::slice::from_ref(&host));
+                    }
+                }
             }
         }
         Cmd::Apply {

@@ -64,6 +64,7 @@ pub fn routes() -> Router<Arc<ControlNode>> {
         .route("/v1/hosts/{id}/heartbeat", post(heartbeat))
         .route("/v1/hosts/{id}/drain", post(drain_host))
         .route("/v1/hosts/{id}/undrain", post(undrain_host))
+        .route("/v1/hosts/{id}/declare-gone", post(declare_host_gone))
         .route("/v1/events", get(events))
         .route("/v1/plan", post(plan))
         .route(
@@ -349,6 +350,24 @@ async fn undrain_host(State(node): Node, Path(id): Path<String>) -> Result<Json<
     }
 }
 
+/// An operator's word that a host is gone (operator scope: not an agent's to say): its VMs,
+/// `on_host_loss = stay` ones included, are placed elsewhere at once, and the host stays down
+/// until its agent registers again.
+async fn declare_host_gone(
+    State(node): Node,
+    Path(id): Path<String>,
+) -> Result<Json<Host>, ApiError> {
+    validate::dns_label("id", &id)?;
+    // An unknown host is refused by the state machine itself (404), at the entry's index.
+    Ok(Json(expect_host(
+        node.propose(Command::DeclareHostGone {
+            host: id,
+            now_ms: 0,
+        })
+        .await?,
+    )?))
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EventsQuery {
@@ -479,15 +498,12 @@ async fn get_host(State(node): Node, Path(id): Path<String>) -> Result<Json<Host
         .ok_or_else(|| ApiError::not_found(format!("host {id} not found")))
 }
 
+/// A host's heartbeat. A 200 means a leader confirmed its leadership after the heartbeat
+/// arrived and renewed the host's lease (in memory: nothing is written to the log unless the
+/// host was down); the agent renews its own end of the lease from it.
 async fn heartbeat(State(node): Node, Path(id): Path<String>) -> Result<Json<Host>, ApiError> {
     validate::dns_label("id", &id)?;
-    Ok(Json(expect_host(
-        node.propose(Command::Heartbeat {
-            host: id,
-            now_ms: 0,
-        })
-        .await?,
-    )?))
+    Ok(Json(expect_host(node.heartbeat(&id).await?)?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -504,20 +520,21 @@ async fn assignments(
 ) -> Result<Json<Assignments>, ApiError> {
     let Query(q) = query?;
     validate::dns_label("id", &id)?;
-    match q.wait_index {
-        None => node.read_barrier().await?,
-        Some(after) => {
-            let wait = Duration::from_millis(q.wait_ms.unwrap_or(30_000)).min(MAX_WAIT);
-            let mut rx = node.state.subscribe();
-            let deadline = tokio::time::Instant::now() + wait;
-            while node.state.read(|s| s.host_revision(&id)) <= after {
-                match tokio::time::timeout_at(deadline, rx.changed()).await {
-                    Ok(Ok(())) => {}
-                    _ => break,
-                }
+    if let Some(after) = q.wait_index {
+        let wait = Duration::from_millis(q.wait_ms.unwrap_or(30_000)).min(MAX_WAIT);
+        let mut rx = node.state.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        while node.state.read(|s| s.host_revision(&id)) <= after {
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => break,
             }
         }
     }
+    // Every answer, long-poll or not, is a linearizable read: a node cut off from the
+    // leader fails here instead of answering from its frozen state, so an agent never takes
+    // a stale answer for contact or acts on assignments the cluster has since changed.
+    node.read_barrier().await?;
     let index = node.state.applied_index();
     node.state
         .read(|s| {

@@ -700,6 +700,13 @@ fn command_encoding_is_stable() {
             r#"{"type":"unassign","vms":[],"reason":"r","now_ms":4,"keep_on_live_host":true}"#,
         ),
         (
+            Command::DeclareHostGone {
+                host: "h".into(),
+                now_ms: 5,
+            },
+            r#"{"type":"declare_host_gone","host":"h","now_ms":5}"#,
+        ),
+        (
             Command::Batch {
                 commands: vec![Command::Heartbeat {
                     host: "h".into(),
@@ -745,6 +752,24 @@ fn command_encoding_is_stable() {
         serde_json::to_string(&create_cmd()).ok().as_deref(),
         Some(create)
     );
+    let stay = create.replace(
+        r#""strategy":"spread"}"#,
+        r#""strategy":"spread","on_host_loss":"stay"}"#,
+    );
+    let stay_cmd = Command::CreateVm {
+        spec: VmSpec {
+            on_host_loss: Some(OnHostLoss::Stay),
+            ..spec("a")
+        },
+        now_ms: 1,
+        idempotency_key: None,
+    };
+    assert_eq!(
+        serde_json::to_string(&stay_cmd).ok().as_deref(),
+        Some(stay.as_str())
+    );
+    let back: Command = serde_json::from_str(&stay).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(back, stay_cmd);
 }
 
 fn create_cmd() -> Command {
@@ -1191,4 +1216,231 @@ fn placements_are_checked_again_when_applied() {
             }
         }
     }
+}
+
+/// `h1` with `mv` (on_host_loss move) and `st` (stay, restart policy never) placed and running.
+fn running_move_and_stay() -> ClusterState {
+    let mut s = ClusterState::default();
+    let stay = VmSpec {
+        on_host_loss: Some(OnHostLoss::Stay),
+        restart_policy: RestartPolicy::Never,
+        ..spec("st")
+    };
+    run(
+        &mut s,
+        &[
+            Command::RegisterHost {
+                registration: reg("h1"),
+                now_ms: 1,
+            },
+            create("mv"),
+            Command::CreateVm {
+                spec: stay,
+                now_ms: 1,
+                idempotency_key: None,
+            },
+            place("mv", "h1", 1),
+            place("st", "h1", 1),
+            report("h1", "mv", VmState::Running, 2, 4),
+            report("h1", "st", VmState::Running, 2, 4),
+        ],
+    );
+    s
+}
+
+const STAY_LOST: &str =
+    "host h1 lost; on_host_loss=stay: waiting for the host to come back or to be declared gone";
+
+/// A host declared down: its `move` VMs are placed again, its `stay` VMs stay assigned to it
+/// (they may still run there) and say so, and are not pending. When the host comes back (a
+/// heartbeat or a registration), they are still there, no longer waiting.
+#[test]
+fn stay_vms_wait_for_their_lost_host() {
+    let back_by: [(&str, Command); 3] = [
+        (
+            "heartbeat",
+            Command::Heartbeat {
+                host: "h1".into(),
+                now_ms: 30,
+            },
+        ),
+        (
+            "registration",
+            Command::RegisterHost {
+                registration: reg("h1"),
+                now_ms: 30,
+            },
+        ),
+        (
+            "status up",
+            Command::SetHostStatus {
+                host: "h1".into(),
+                status: HostStatus::Up,
+                now_ms: 30,
+            },
+        ),
+    ];
+    for (name, back) in back_by {
+        let mut s = running_move_and_stay();
+        run(
+            &mut s,
+            &[Command::SetHostStatus {
+                host: "h1".into(),
+                status: HostStatus::Down,
+                now_ms: 20,
+            }],
+        );
+        let mv = &s.vms["mv"];
+        assert_eq!((mv.host.as_deref(), mv.state), (None, VmState::Pending));
+        let st = &s.vms["st"];
+        assert_eq!(
+            (
+                st.host.as_deref(),
+                st.state,
+                st.generation,
+                st.reason.as_deref()
+            ),
+            (Some("h1"), VmState::Running, 2, Some(STAY_LOST))
+        );
+        let pending: Vec<&str> = crate::scheduler::pending(&s)
+            .iter()
+            .map(|v| v.spec.name.as_str())
+            .collect();
+        assert_eq!(pending, ["mv"]);
+        run(&mut s, &[back]);
+        assert_eq!(s.hosts["h1"].status, HostStatus::Up, "{name}");
+        let st = &s.vms["st"];
+        assert_eq!(
+            (st.host.as_deref(), st.generation, st.reason.as_deref()),
+            (Some("h1"), 2, None),
+            "{name}"
+        );
+        // Its agent's reports are accepted as before.
+        let r = run(&mut s, &[report("h1", "st", VmState::Stopped, 2, 31)]);
+        assert!(
+            matches!(&r[0], Response::Vm(v) if v.state == VmState::Stopped),
+            "{name}"
+        );
+    }
+}
+
+/// A `stay` VM being drained when its host is lost stays too, past its deadline.
+#[test]
+fn an_overdue_eviction_of_a_stay_vm_on_a_lost_host_keeps_it() {
+    let mut s = running_move_and_stay();
+    run(
+        &mut s,
+        &[
+            Command::DrainHost {
+                host: "h1".into(),
+                deadline_ms: 100,
+                now_ms: 10,
+            },
+            Command::SetHostStatus {
+                host: "h1".into(),
+                status: HostStatus::Down,
+                now_ms: 20,
+            },
+        ],
+    );
+    let g = s.vms["st"].generation;
+    let r = run(&mut s, &[overdue("st", g, 200)]);
+    assert_eq!(r[0], Response::Count(0));
+    let st = &s.vms["st"];
+    assert_eq!(
+        (st.host.as_deref(), st.reason.as_deref()),
+        (Some("h1"), Some(STAY_LOST))
+    );
+    assert!(crate::leader_loop::overdue_evictions(&s, 300).is_empty());
+}
+
+/// Declaring a host gone takes every VM off it, `stay` ones included (placed again, or failed
+/// for restart policy never), and the host stays down: its heartbeats are refused as from an
+/// unknown host until its agent registers again.
+#[test]
+fn declare_host_gone_frees_every_vm_and_keeps_the_host_down() {
+    let mut s = running_move_and_stay();
+    let rev = s.host_revision("h1");
+    let r = run(
+        &mut s,
+        &[Command::DeclareHostGone {
+            host: "h1".into(),
+            now_ms: 20,
+        }],
+    );
+    assert!(matches!(&r[0], Response::Host(h) if h.status == HostStatus::Down));
+    assert!(s.host_revision("h1") > rev);
+    let mv = &s.vms["mv"];
+    assert_eq!(
+        (mv.host.as_deref(), mv.state, mv.reason.as_deref()),
+        (
+            None,
+            VmState::Pending,
+            Some("host h1 declared gone; waiting for placement")
+        )
+    );
+    let st = &s.vms["st"];
+    assert_eq!((st.host.as_deref(), st.state), (None, VmState::Failed));
+    let mut pending_stay = running_move_and_stay();
+    if let Some(v) = pending_stay.vms.get_mut("st") {
+        v.spec.restart_policy = RestartPolicy::Always;
+    }
+    run(
+        &mut pending_stay,
+        &[Command::DeclareHostGone {
+            host: "h1".into(),
+            now_ms: 20,
+        }],
+    );
+    assert_eq!(
+        (
+            pending_stay.vms["st"].host.as_deref(),
+            pending_stay.vms["st"].state
+        ),
+        (None, VmState::Pending)
+    );
+    // The old agent, if it was alive after all, is refused and must register again.
+    let r = run(
+        &mut s,
+        &[
+            Command::Heartbeat {
+                host: "h1".into(),
+                now_ms: 21,
+            },
+            Command::SetHostStatus {
+                host: "h1".into(),
+                status: HostStatus::Up,
+                now_ms: 21,
+            },
+            report("h1", "mv", VmState::Running, 2, 21),
+        ],
+    );
+    assert!(r.iter().all(|r| matches!(r, Response::Error(_))), "{r:?}");
+    assert!(matches!(r[0], Response::Error(ApplyError::NotFound(_))));
+    assert_eq!(s.hosts["h1"].status, HostStatus::Down);
+    let epoch = s.hosts["h1"].epoch;
+    run(
+        &mut s,
+        &[
+            Command::RegisterHost {
+                registration: reg("h1"),
+                now_ms: 22,
+            },
+            Command::Heartbeat {
+                host: "h1".into(),
+                now_ms: 23,
+            },
+        ],
+    );
+    let h = &s.hosts["h1"];
+    assert_eq!((h.status, h.epoch), (HostStatus::Up, epoch + 1));
+    // Unknown hosts.
+    let r = run(
+        &mut s,
+        &[Command::DeclareHostGone {
+            host: "nope".into(),
+            now_ms: 24,
+        }],
+    );
+    assert!(matches!(r[0], Response::Error(ApplyError::NotFound(_))));
 }
