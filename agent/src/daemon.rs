@@ -169,6 +169,7 @@ where
         labels: config.labels.clone(),
         hypervisors: builders.hypervisors(),
         agent_url: api.as_ref().map(|(url, _)| url.clone()),
+        fence: None,
     };
     let client = Arc::new(
         Client::with_ca(&config.control_endpoints, config.ca_file.as_deref())

@@ -79,9 +79,15 @@ pub struct Settings {
     /// openraft's leader lease, so it bounds how fast a dead leader is replaced).
     #[arg(long)]
     pub election_timeout_max_ms: Option<u64>,
-    /// A host whose last heartbeat is older than this is down, and its VMs are moved.
+    /// How long a host whose agent reports no fence timing (an agent from before leases)
+    /// may be silent before it is declared down and its VMs are moved (default 3000). Hosts
+    /// that report their timing get `lease_ms + grace_ms + host_lease_margin_ms` instead.
     #[arg(long)]
     pub host_ttl_ms: Option<u64>,
+    /// Added to an agent's lease and fence grace before its host is declared down (default
+    /// 500): covers clock-rate drift, the dead man's switch's polling and signal delivery.
+    #[arg(long)]
+    pub host_lease_margin_ms: Option<u64>,
     /// File of operator bearer tokens, one per line (turns authentication on).
     #[arg(long)]
     pub operator_token_file: Option<PathBuf>,
@@ -147,6 +153,7 @@ impl Settings {
                 .election_timeout_max_ms
                 .or(self.election_timeout_max_ms),
             host_ttl_ms: over.host_ttl_ms.or(self.host_ttl_ms),
+            host_lease_margin_ms: over.host_lease_margin_ms.or(self.host_lease_margin_ms),
             operator_token_file: over.operator_token_file.or(self.operator_token_file),
             agent_token_file: over.agent_token_file.or(self.agent_token_file),
             peer_token_file: over.peer_token_file.or(self.peer_token_file),
@@ -176,6 +183,7 @@ pub struct Config {
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
     pub host_ttl_ms: u64,
+    pub host_lease_margin_ms: u64,
     pub auth: Option<AuthFiles>,
     pub metrics_open: bool,
     pub tls: Option<TlsFiles>,
@@ -300,9 +308,16 @@ impl Config {
                 "must be above election_timeout_min_ms",
             ));
         }
-        let host_ttl_ms = s.host_ttl_ms.unwrap_or(6_000);
+        let host_ttl_ms = s.host_ttl_ms.unwrap_or(3_000);
         if !(1_000..=3_600_000).contains(&host_ttl_ms) {
             return Err(invalid("host_ttl_ms", "must be between 1000 and 3600000"));
+        }
+        let host_lease_margin_ms = s.host_lease_margin_ms.unwrap_or(500);
+        if !(100..=60_000).contains(&host_lease_margin_ms) {
+            return Err(invalid(
+                "host_lease_margin_ms",
+                "must be between 100 and 60000",
+            ));
         }
         let auth = match (s.operator_token_file, s.peer_token_file) {
             (Some(operators), Some(peer)) => Some(AuthFiles {
@@ -376,6 +391,7 @@ impl Config {
             election_timeout_min_ms,
             election_timeout_max_ms,
             host_ttl_ms,
+            host_lease_margin_ms,
             auth,
             metrics_open: s.metrics_open.unwrap_or(false),
             tls,

@@ -55,6 +55,10 @@ pub struct Metrics {
     pub last_log_index: Gauge,
     pub vms: Gauge,
     pub hosts: Gauge,
+    /// Heartbeats this node confirmed as leader (none of them is a log entry).
+    pub heartbeats: Counter,
+    /// Hosts holding a lease on this leader (0 on followers).
+    pub leased_hosts: Gauge,
 }
 
 impl Default for Metrics {
@@ -109,6 +113,17 @@ impl Metrics {
         let last_log_index = g(&mut r, "raft_last_log_index", "last log index");
         let vms = g(&mut r, "vms", "VMs in the cluster");
         let hosts = g(&mut r, "hosts", "hosts in the cluster");
+        let leased_hosts = g(
+            &mut r,
+            "leased_hosts",
+            "hosts whose lease this leader holds in memory (0 on followers)",
+        );
+        let heartbeats = Counter::default();
+        r.register(
+            "host_heartbeats",
+            "host heartbeats confirmed by this node as leader (kept in memory, not in the log)",
+            heartbeats.clone(),
+        );
         Metrics {
             registry: Mutex::new(r),
             requests,
@@ -123,7 +138,13 @@ impl Metrics {
             last_log_index,
             vms,
             hosts,
+            heartbeats,
+            leased_hosts,
         }
+    }
+
+    pub fn heartbeat(&self) {
+        self.heartbeats.inc();
     }
 
     pub fn proposal(&self, kind: &str, outcome: &str) {

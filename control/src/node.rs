@@ -17,10 +17,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::config::Config;
+use crate::leader_check::{LeaderCheck, LeaderCheckError};
+use crate::liveness::{Leases, LivenessConfig};
 use crate::metrics::Metrics;
 use crate::network::HttpNetwork;
 use crate::raft_types::{NodeId, Raft};
-use crate::state_machine::{Command, Response};
+use crate::state_machine::{ApplyError, Command, Response};
 use crate::store::log::LogStore;
 use crate::store::state::StateStore;
 use crate::store::StoreError;
@@ -66,6 +68,9 @@ pub enum Forward {
     ReadIndex,
     AddMember(AddMember),
     RemoveMember(u64),
+    /// A host's heartbeat: the leader confirms its leadership, then renews the host's lease
+    /// in memory (see [`crate::liveness`]). Appended; older nodes do not know it.
+    Heartbeat(String),
 }
 
 /// The leader's answer to a [`Forward`].
@@ -145,6 +150,14 @@ pub struct ControlNode {
     leader_contact: std::sync::Mutex<std::time::Instant>,
     /// Why this node's vote requests were refused, for [`crate::election_trigger`].
     pub vote_news: Arc<crate::election_trigger::VoteNews>,
+    /// Coalesced leadership checks for heartbeats and linearizable reads.
+    leader_check: LeaderCheck,
+    /// Hosts' leases while this node leads (see [`crate::liveness`]).
+    pub leases: std::sync::Mutex<Leases>,
+    /// How host TTLs follow from the agents' fence timing.
+    pub liveness: LivenessConfig,
+    /// The origin of [`Self::clock_ms`].
+    clock_origin: std::time::Instant,
 }
 
 /// Gathers the proposals queued on `rx` into log entries: takes whatever is waiting (at
@@ -261,6 +274,11 @@ impl ControlNode {
         let metrics = Arc::new(Metrics::new());
         let (proposals, queued) = mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(propose_batched(raft.clone(), metrics.clone(), queued));
+        let leader_check = LeaderCheck::new(raft.clone(), config.node_id);
+        let liveness = LivenessConfig {
+            default_ttl_ms: config.host_ttl_ms,
+            margin_ms: config.host_lease_margin_ms,
+        };
         Ok(Arc::new(ControlNode {
             id: config.node_id,
             config,
@@ -273,6 +291,10 @@ impl ControlNode {
             proposals,
             leader_contact: std::sync::Mutex::new(std::time::Instant::now()),
             vote_news,
+            leader_check,
+            leases: std::sync::Mutex::new(Leases::default()),
+            liveness,
+            clock_origin: std::time::Instant::now(),
         }))
     }
 
@@ -320,6 +342,17 @@ impl ControlNode {
             .lock()
             .map(|t| *t)
             .unwrap_or_else(|p| *p.into_inner())
+    }
+
+    /// Milliseconds on this node's monotonic clock (what leases are measured in).
+    pub fn clock_ms(&self) -> u64 {
+        self.clock_origin.elapsed().as_millis() as u64
+    }
+
+    /// Runs `f` on the leases (a poisoned lock is taken over: the leases are plain data).
+    pub fn with_leases<T>(&self, f: impl FnOnce(&mut Leases) -> T) -> T {
+        let mut g = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g)
     }
 
     /// The leader's id, if one is known.
@@ -468,14 +501,67 @@ impl ControlNode {
                     ForwardReply::Error("the proposal was dropped unanswered".into())
                 })
             }
-            Forward::ReadIndex => match self.raft.ensure_linearizable().await {
-                Ok(log_id) => ForwardReply::ReadIndex(log_id.map(|l| l.index).unwrap_or(0)),
-                Err(RaftError::APIError(_)) => ForwardReply::NotLeader,
+            Forward::ReadIndex => match self.leader_check.confirm().await {
+                Ok(c) => ForwardReply::ReadIndex(c.read_index),
+                Err(LeaderCheckError::NotLeader) => ForwardReply::NotLeader,
                 Err(e) => ForwardReply::Error(e.to_string()),
             },
+            Forward::Heartbeat(host) => self.heartbeat_here(&host).await,
             Forward::AddMember(m) => self.add_member_here(m).await,
             Forward::RemoveMember(id) => self.remove_member_here(id).await,
         }
+    }
+
+    /// A heartbeat on the leader: confirms leadership by a round that began after the
+    /// heartbeat arrived, renews the host's lease from its arrival, and proposes the host's
+    /// return only when it was down. Steady-state heartbeats write nothing to the log.
+    async fn heartbeat_here(&self, host: &str) -> ForwardReply {
+        let arrived = self.clock_ms();
+        let confirmed = match self.leader_check.confirm().await {
+            Ok(c) => c,
+            Err(LeaderCheckError::NotLeader) => return ForwardReply::NotLeader,
+            Err(e) => return ForwardReply::Error(e.to_string()),
+        };
+        // Wait until this node has applied everything committed before the check, so that
+        // the host's record (registered? down?) is current.
+        if let Err(e) = self
+            .raft
+            .wait(Some(LEADER_WAIT))
+            .applied_index_at_least(Some(confirmed.read_index), "heartbeat")
+            .await
+        {
+            return ForwardReply::Error(e.to_string());
+        }
+        let Some(record) = self.state.read(|s| s.hosts.get(host).cloned()) else {
+            return ForwardReply::Response(Response::Error(ApplyError::NotFound(format!(
+                "host {host} not registered"
+            ))));
+        };
+        let now = self.clock_ms();
+        self.with_leases(|l| {
+            l.lead(confirmed.term, now);
+            l.renew(confirmed.term, host, arrived);
+        });
+        self.metrics.heartbeat();
+        if record.status == blixard_api::HostStatus::Down {
+            tracing::info!(host = %host, "heartbeat from a host that was down; bringing it back up");
+            let mut cmd = Command::Heartbeat {
+                host: host.to_string(),
+                now_ms: 0,
+            };
+            cmd.stamp(now_ms());
+            let (tx, rx) = oneshot::channel();
+            if self.proposals.send((cmd, tx)).await.is_err() {
+                return ForwardReply::Error("the proposal queue is closed".into());
+            }
+            return rx.await.unwrap_or_else(|_| {
+                ForwardReply::Error("the proposal was dropped unanswered".into())
+            });
+        }
+        ForwardReply::Response(Response::Host(Box::new(blixard_api::Host {
+            last_heartbeat_ms: now_ms(),
+            ..record
+        })))
     }
 
     async fn add_member_here(&self, m: AddMember) -> ForwardReply {
@@ -533,6 +619,15 @@ impl ControlNode {
     /// applied outcome.
     pub async fn propose(&self, cmd: Command) -> Result<Response, NodeError> {
         match self.on_leader(Forward::Propose(Box::new(cmd))).await? {
+            ForwardReply::Response(r) => Ok(r),
+            other => Err(NodeError::Raft(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// A host's heartbeat, answered by the leader once it has confirmed it leads (here or
+    /// over a forward): the host's record, or `Response::Error(NotFound)`.
+    pub async fn heartbeat(&self, host: &str) -> Result<Response, NodeError> {
+        match self.on_leader(Forward::Heartbeat(host.to_string())).await? {
             ForwardReply::Response(r) => Ok(r),
             other => Err(NodeError::Raft(format!("unexpected reply {other:?}"))),
         }
@@ -630,5 +725,6 @@ impl ControlNode {
         let (vms, hosts) = self.state.read(|c| (c.vms.len(), c.hosts.len()));
         mx.vms.set(vms as i64);
         mx.hosts.set(hosts as i64);
+        mx.leased_hosts.set(self.with_leases(|l| l.len()) as i64);
     }
 }

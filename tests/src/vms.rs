@@ -26,6 +26,7 @@ pub fn process_host(id: &str) -> HostRegistration {
         labels: Default::default(),
         hypervisors: vec![Hypervisor::Process],
         agent_url: None,
+        fence: None,
     }
 }
 

@@ -47,6 +47,31 @@ pub enum RestartPolicy {
     Never,
 }
 
+/// What the cluster does with a VM when its host stops answering (see the README's
+/// "Exactly once" section).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnHostLoss {
+    /// Fenced on a host cut off from the control plane (stopped once the host's lease runs
+    /// out) and placed elsewhere once the host's lease has expired on the control plane: never
+    /// runs twice, moves within seconds, but stops during a total control-plane outage.
+    #[default]
+    Move,
+    /// Never fenced and never moved while its host may be alive: rides out control-plane
+    /// outages and cut-off links, and is placed again only when its host comes back without
+    /// it or an operator declares the host gone (`blixardctl host declare-gone`).
+    Stay,
+}
+
+impl OnHostLoss {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnHostLoss::Move => "move",
+            OnHostLoss::Stay => "stay",
+        }
+    }
+}
+
 /// How the scheduler ranks hosts that fit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -127,6 +152,9 @@ pub struct VmSpec {
     /// Window for `max_restarts`, in seconds (default 600).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_window_secs: Option<u64>,
+    /// What happens to the VM when its host stops answering (default `move`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_host_loss: Option<OnHostLoss>,
 }
 
 impl VmSpec {
@@ -135,6 +163,11 @@ impl VmSpec {
 
     pub fn max_restarts(&self) -> u32 {
         self.max_restarts.unwrap_or(Self::DEFAULT_MAX_RESTARTS)
+    }
+
+    /// See [`VmSpec::on_host_loss`].
+    pub fn on_host_loss(&self) -> OnHostLoss {
+        self.on_host_loss.unwrap_or_default()
     }
 
     pub fn restart_window_ms(&self) -> u64 {
@@ -272,6 +305,27 @@ pub struct HostRegistration {
     /// logs; absent when the agent serves none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_url: Option<String>,
+    /// The agent's fence timing; absent from agents that predate leases (the control plane's
+    /// `host_ttl_ms` then applies alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<FenceTiming>,
+}
+
+/// How an agent fences itself: once `lease_ms` has passed since it sent its last heartbeat
+/// that a leader confirmed, it stops every `move` VM on the host, SIGTERM first and SIGKILL
+/// `grace_ms` later. The control plane declares the host down only after both have passed,
+/// plus its margin (see `control::liveness`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FenceTiming {
+    pub lease_ms: u64,
+    pub grace_ms: u64,
+}
+
+impl FenceTiming {
+    /// When the host's `move` VMs are all gone, counted from its last confirmed heartbeat.
+    pub fn fenced_after_ms(&self) -> u64 {
+        self.lease_ms.saturating_add(self.grace_ms)
+    }
 }
 
 /// A host as stored by the cluster.
@@ -295,6 +349,9 @@ pub struct Host {
     /// Base URL of the agent's API (see [`HostRegistration::agent_url`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_url: Option<String>,
+    /// The agent's fence timing (see [`HostRegistration::fence`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<FenceTiming>,
 }
 
 /// Where a [`LogLine`] comes from.

@@ -15,7 +15,8 @@ use std::collections::BTreeMap;
 use unicode_general_category::{get_general_category, GeneralCategory};
 
 use crate::types::{
-    AddMember, Capacity, Host, HostRegistration, Hypervisor, NicSpec, Vm, VmSpec, VmStatusReport,
+    AddMember, Capacity, FenceTiming, Host, HostRegistration, Hypervisor, NicSpec, Vm, VmSpec,
+    VmStatusReport,
 };
 
 /// Largest VM: 256 vCPUs.
@@ -275,7 +276,35 @@ pub fn host_registration(reg: &HostRegistration) -> Result<(), ValidationError> 
     if let Some(url) = &reg.agent_url {
         agent_url("agent_url", url)?;
     }
+    if let Some(f) = &reg.fence {
+        fence_timing(f)?;
+    }
     labels("labels", &reg.labels)
+}
+
+/// Longest lease an agent may hold: a host is declared down at the earliest this long (plus
+/// the grace and the margin) after it went silent.
+pub const MAX_LEASE_MS: u64 = 600_000;
+/// Shortest lease: a few heartbeats must fit in it on a loaded machine.
+pub const MIN_LEASE_MS: u64 = 500;
+/// Longest SIGTERM → SIGKILL grace of a fence.
+pub const MAX_FENCE_GRACE_MS: u64 = 60_000;
+
+/// Checks an agent's fence timing.
+pub fn fence_timing(f: &FenceTiming) -> Result<(), ValidationError> {
+    if !(MIN_LEASE_MS..=MAX_LEASE_MS).contains(&f.lease_ms) {
+        return Err(err(
+            "fence.lease_ms",
+            format!("must be between {MIN_LEASE_MS} and {MAX_LEASE_MS}"),
+        ));
+    }
+    if f.grace_ms > MAX_FENCE_GRACE_MS {
+        return Err(err(
+            "fence.grace_ms",
+            format!("must be at most {MAX_FENCE_GRACE_MS}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks the URL of an agent's API: `http://` or `https://` then a host and port, no user,
@@ -378,6 +407,7 @@ mod tests {
 
     fn spec() -> VmSpec {
         VmSpec {
+            on_host_loss: None,
             name: "web-1".into(),
             vcpus: 1,
             memory_mib: 256,
@@ -646,6 +676,7 @@ mod tests {
 
     fn registration(id: &str, address: &str, label: &str) -> HostRegistration {
         HostRegistration {
+            fence: None,
             id: id.into(),
             address: address.into(),
             capacity: Capacity {

@@ -72,6 +72,7 @@ fn key(round: usize, k: usize) -> String {
 
 fn spec(name: &str, value: u64) -> VmSpec {
     VmSpec {
+        on_host_loss: None,
         name: name.into(),
         vcpus: 1,
         memory_mib: 64,

@@ -11,6 +11,7 @@ const DEADLINE: Duration = Duration::from_secs(30);
 
 fn spec(name: &str) -> VmSpec {
     VmSpec {
+        on_host_loss: None,
         name: name.into(),
         vcpus: 1,
         memory_mib: 64,
