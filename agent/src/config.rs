@@ -97,12 +97,20 @@ pub struct Config {
     pub labels: BTreeMap<String, String>,
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_interval_ms: u64,
-    /// Self-fencing, off unless set: after this long without any answer from the control
-    /// plane, the agent stops every VM it runs (they may be moved to other hosts meanwhile)
-    /// and starts the ones still assigned here once the control plane answers again. Set it
-    /// below the control plane's `host_ttl_ms` minus the VMs' graceful stop time, so a VM
-    /// has stopped here before it is placed elsewhere.
+    /// How long a heartbeat a leader confirmed keeps the host's lease, counted from when the
+    /// heartbeat was sent. Once it runs out with no newer confirmation, the agent fences: it
+    /// stops every `on_host_loss = move` VM on the host (SIGTERM, then SIGKILL after
+    /// `fence_grace_ms`), and so does the dead man's switch (`blixard-fence.service`) if the
+    /// agent is not alive to do it. At least twice `heartbeat_interval_ms`; 2000 when unset
+    /// (see [`Config::lease_ms`]).
     #[serde(default)]
+    pub lease_ms: Option<u64>,
+    /// How long a fenced VM gets between SIGTERM and SIGKILL.
+    #[serde(default = "default_fence_grace_ms")]
+    pub fence_grace_ms: u64,
+    /// Deprecated alias of `lease_ms` (fencing used to be opt-in); `lease_ms` wins if both
+    /// are set.
+    #[serde(default, skip_serializing)]
     pub fence_after_ms: Option<u64>,
     /// The argv that runs a VM of hypervisor `process` (absolute path first); when absent,
     /// this host does not offer that hypervisor.
@@ -202,7 +210,13 @@ fn default_journalctl() -> PathBuf {
     PathBuf::from("/usr/bin/journalctl")
 }
 fn default_heartbeat_ms() -> u64 {
+    500
+}
+fn default_lease_ms() -> u64 {
     2000
+}
+fn default_fence_grace_ms() -> u64 {
+    500
 }
 fn default_memory_reserve_mib() -> u64 {
     512
@@ -219,6 +233,8 @@ impl Default for Config {
             systemd_bus: SystemdBus::default(),
             labels: BTreeMap::new(),
             heartbeat_interval_ms: default_heartbeat_ms(),
+            lease_ms: None,
+            fence_grace_ms: default_fence_grace_ms(),
             fence_after_ms: None,
             process_command: None,
             hypervisors: BTreeMap::new(),
@@ -249,6 +265,7 @@ pub struct Overrides {
     pub image_dir: Option<PathBuf>,
     pub systemd_bus: Option<SystemdBus>,
     pub heartbeat_interval_ms: Option<u64>,
+    pub lease_ms: Option<u64>,
 }
 
 impl Config {
@@ -299,6 +316,9 @@ impl Config {
         if let Some(v) = o.heartbeat_interval_ms {
             self.heartbeat_interval_ms = v;
         }
+        if let Some(v) = o.lease_ms {
+            self.lease_ms = Some(v);
+        }
     }
 
     /// Checks that every setting is usable; the error names the first bad one.
@@ -338,13 +358,24 @@ impl Config {
                 "must be between 100 and 600000",
             ));
         }
-        if let Some(f) = self.fence_after_ms {
-            if f < 2 * self.heartbeat_interval_ms || f > 86_400_000 {
-                return Err(invalid(
-                    "fence_after_ms",
-                    "must be at least twice heartbeat_interval_ms and at most 86400000",
-                ));
-            }
+        let lease = self.lease_ms();
+        if lease < 2 * self.heartbeat_interval_ms
+            || !(validate::MIN_LEASE_MS..=validate::MAX_LEASE_MS).contains(&lease)
+        {
+            return Err(invalid(
+                self.lease_field(),
+                format!(
+                    "must be at least twice heartbeat_interval_ms and between {} and {}",
+                    validate::MIN_LEASE_MS,
+                    validate::MAX_LEASE_MS
+                ),
+            ));
+        }
+        if self.fence_grace_ms > validate::MAX_FENCE_GRACE_MS {
+            return Err(invalid(
+                "fence_grace_ms",
+                format!("must be at most {}", validate::MAX_FENCE_GRACE_MS),
+            ));
         }
         if let Some(cmd) = &self.process_command {
             match cmd.first() {
@@ -456,9 +487,40 @@ impl Config {
         Duration::from_millis(self.heartbeat_interval_ms)
     }
 
-    /// See [`Config::fence_after_ms`].
-    pub fn fence_after(&self) -> Option<Duration> {
-        self.fence_after_ms.map(Duration::from_millis)
+    /// The lease in force: `lease_ms`, else the deprecated `fence_after_ms`, else 2000.
+    pub fn lease_ms(&self) -> u64 {
+        self.lease_ms
+            .or(self.fence_after_ms)
+            .unwrap_or_else(default_lease_ms)
+    }
+
+    /// The setting [`Config::lease_ms`] comes from, for messages.
+    fn lease_field(&self) -> &'static str {
+        if self.lease_ms.is_none() && self.fence_after_ms.is_some() {
+            "fence_after_ms"
+        } else {
+            "lease_ms"
+        }
+    }
+
+    /// A warning to log when the configuration uses deprecated settings.
+    pub fn deprecation_warning(&self) -> Option<String> {
+        self.fence_after_ms.map(|f| match self.lease_ms {
+            Some(l) => {
+                format!("fence_after_ms = {f} is deprecated and ignored: lease_ms = {l} is set")
+            }
+            None => format!(
+                "fence_after_ms is deprecated (fencing is on by default): read as lease_ms = {f}"
+            ),
+        })
+    }
+
+    /// The timing the registration carries.
+    pub fn fence_timing(&self) -> blixard_api::FenceTiming {
+        blixard_api::FenceTiming {
+            lease_ms: self.lease_ms(),
+            grace_ms: self.fence_grace_ms,
+        }
     }
 }
 
@@ -490,7 +552,17 @@ mod tests {
     fn minimal_config_gets_defaults() {
         let c = parse(MINIMAL).expect("parses");
         c.validate().expect("valid");
-        assert_eq!(c.heartbeat_interval_ms, 2000);
+        assert_eq!(c.heartbeat_interval_ms, 500);
+        assert_eq!(c.lease_ms(), 2000);
+        assert_eq!(c.fence_grace_ms, 500);
+        assert_eq!(
+            c.fence_timing(),
+            blixard_api::FenceTiming {
+                lease_ms: 2000,
+                grace_ms: 500
+            }
+        );
+        assert_eq!(c.deprecation_warning(), None);
         assert_eq!(c.systemd_bus, SystemdBus::System);
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/blixard-agent"));
         assert_eq!(c.vm_unit, VmUnitConfig::default());
@@ -560,7 +632,11 @@ mod tests {
             ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\napi_listen = \"127.0.0.1:0\"\napi_tls_cert_file = \"/c.pem\"", "api_tls_cert_file"),
             ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\napi_tls_cert_file = \"/c.pem\"\napi_tls_key_file = \"/k.pem\"", "api_tls_cert_file"),
             ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\napi_listen = \"127.0.0.1:0\"\napi_tls_cert_file = \"c.pem\"\napi_tls_key_file = \"/k.pem\"", "api_tls_cert_file"),
-            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\nfence_after_ms = 3000", "fence_after_ms"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\nfence_after_ms = 900", "fence_after_ms"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\nlease_ms = 900", "lease_ms"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\nheartbeat_interval_ms = 2000", "lease_ms"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\nlease_ms = 600001\nheartbeat_interval_ms = 1000", "lease_ms"),
+            ("host_id = \"h1\"\ncontrol_endpoints = [\"http://a:1\"]\nfence_grace_ms = 60001", "fence_grace_ms"),
         ];
         for (text, field) in cases {
             let c = parse(text).expect("parses");
@@ -568,6 +644,23 @@ mod tests {
                 Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(&f, field, "{text}"),
                 other => panic!("{text}: expected invalid {field}, got {other:?}"),
             }
+        }
+    }
+
+    /// `fence_after_ms` still works, as the lease, with a warning; `lease_ms` wins.
+    #[test]
+    fn fence_after_ms_is_a_deprecated_alias_of_lease_ms() {
+        let cases = [
+            ("fence_after_ms = 3000", 3000, true),
+            ("lease_ms = 4000\nfence_after_ms = 3000", 4000, true),
+            ("lease_ms = 4000", 4000, false),
+        ];
+        for (extra, lease, warned) in cases {
+            let c = parse(&format!("{MINIMAL}\n{extra}\n")).expect("parses");
+            c.validate().expect("valid");
+            assert_eq!(c.lease_ms(), lease, "{extra}");
+            assert_eq!(c.fence_timing().lease_ms, lease, "{extra}");
+            assert_eq!(c.deprecation_warning().is_some(), warned, "{extra}");
         }
     }
 

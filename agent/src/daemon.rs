@@ -4,23 +4,31 @@
 //! Three loops run side by side:
 //! - the control link registers the host (retrying with backoff while the control plane is
 //!   unreachable) and long-polls its assignments;
-//! - the heartbeat loop; a heartbeat answered 404 (the cluster forgot the host) makes the link
+//! - the heartbeat loop; a heartbeat answered 200 is leader-confirmed and renews the host's
+//!   lease ([`crate::lease`]); one answered 404 (the cluster forgot the host) makes the link
 //!   register again;
-//! - the main loop owns all state: on new assignments, unit signals or a periodic resync it
-//!   lists the `blixard-vm-*` units, runs [`reconcile`] and carries out the actions.
+//! - the main loop owns all state: on new assignments, unit signals, the lease's deadlines or a
+//!   periodic resync it lists the `blixard-vm-*` units, records how units ended
+//!   ([`crate::unit_track`]), runs [`reconcile`] and carries out the actions.
 //!
-//! The agent acts only once it knows the desired state: until the first assignments arrive,
-//! and whenever the control plane is unreachable, running VMs are left exactly as they are.
-//! On SIGTERM or SIGINT it says `STOPPING=1` and exits without stopping any VM.
+//! The agent acts only once it knows the desired state, and starts a VM only under a lease
+//! that holds. When the lease runs out it fences: every `move` VM gets SIGTERM, then SIGKILL
+//! after `fence_grace_ms` ([`crate::fence_watch`]), nothing starts, and the ends are reported
+//! as `failed` once the fence is over, for the cluster to decide on. `stay` VMs are left alone.
+//! Each renewal is written to the lease file that the dead man's switch,
+//! `blixard-fence.service`, watches, so the fence holds when the agent is dead too.
+//! On SIGTERM or SIGINT it says `STOPPING=1` and exits without stopping any VM (the switch
+//! fences them if no agent renews the lease in time).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blixard_api::{
     unit_name, vm_name_of_unit, Assignments, Client, ClientError, Host, HostRegistration,
-    Hypervisor, VmState, VmStatusReport,
+    Hypervisor, OnHostLoss, VmState, VmStatusReport,
 };
 use tokio::sync::{mpsc, Notify};
 
@@ -28,11 +36,16 @@ use crate::agent_api;
 use crate::capacity::{self, CapacityError};
 use crate::command::CommandBuilders;
 use crate::config::{Config, ConfigError, SystemdBus};
+use crate::fence_watch::{self, Fence, Kill, Watch};
 use crate::journal::Manager;
+use crate::lease::{Change, Lease, LeaseState, Verdict};
+use crate::lease_file::{self, boottime_ms, LeaseFile};
 use crate::notify;
-use crate::reconcile::{describe_end, reconcile, Action, ActiveState, Ended, Input, ObservedUnit};
+use crate::reconcile::{reconcile, Action, Ended, Input};
+use crate::started::Started;
 use crate::systemd::{StartOutcome, Systemd, SystemdClient, SystemdError, UnitEvent, UnitEvents};
 use crate::unit_spec;
+use crate::unit_track::{Context, EndKind, Signal, UnitTracker};
 use crate::{guest_end, last_run_log};
 
 /// How long one assignments long-poll may wait on the server.
@@ -41,9 +54,6 @@ pub const LONG_POLL: Duration = Duration::from_secs(30);
 pub const RESYNC: Duration = Duration::from_secs(15);
 /// When a report could not be delivered, the next try.
 const RETRY: Duration = Duration::from_secs(1);
-/// How long a unit may be listed as ended before its signals arrive; past that its end is
-/// recorded without a result (a lost signal must not hold a VM back for ever).
-const UNSEEN_END: Duration = Duration::from_secs(3);
 /// Reads of an ended QEMU VM's journal before its reason is reported as systemd gave it.
 const JOURNAL_TRIES: usize = 5;
 const JOURNAL_RETRY: Duration = Duration::from_millis(200);
@@ -71,6 +81,16 @@ pub enum AgentError {
     Api(#[from] agent_api::AgentApiError),
     #[error("cannot install the signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error("cannot start the dead man's switch ({unit})")]
+    FenceUnit {
+        unit: &'static str,
+        #[source]
+        source: SystemdError,
+    },
+    #[error("cannot find the agent's own executable for the dead man's switch")]
+    OwnExe(#[source] std::io::Error),
+    #[error(transparent)]
+    Started(#[from] crate::started::StartedError),
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -98,16 +118,63 @@ where
     F: Future<Output = ()>,
 {
     let host = config.host_id.clone();
+    if let Some(w) = config.deprecation_warning() {
+        tracing::warn!(host = %host, "{w}");
+    }
     // Subscribe before anything is started, so that no end goes unseen.
     let events = systemd.watch().await?;
     let units = systemd.list_vm_units().await?;
+    let mut tracker = UnitTracker::new();
     for u in &units {
         let pid = match systemd.unit_status(&unit_name(&u.vm)).await {
             Ok(Some(s)) => s.main_pid,
             _ => 0,
         };
-        tracing::info!(vm = %u.vm, host = %host, state = ?u.active, main_pid = pid, "adopting VM unit");
+        if u.active.is_up() {
+            tracker.adopt(&u.vm, u.generation.unwrap_or(0));
+        }
+        tracing::info!(vm = %u.vm, host = %host, state = ?u.active, generation = ?u.generation, main_pid = pid, "adopting VM unit");
     }
+
+    // The lease a previous run left, if any.
+    let lease_path = lease_file::path_in(&config.runtime_dir);
+    let previous = match lease_file::read(&lease_path) {
+        Ok(l) => l,
+        Err(e) => {
+            // Unreadable: as if it ran out (the switch keeps its last good reading).
+            tracing::warn!(host = %host, error = %crate::error_chain(&e), "cannot read the lease file; starting fenced");
+            Some(LeaseFile {
+                expires_boottime_ms: 0,
+                grace_ms: config.fence_grace_ms,
+                stay: BTreeSet::new(),
+                boot_id: lease_file::boot_id(),
+            })
+        }
+    };
+    let now = boottime_ms();
+    let lease = Lease::resume(
+        config.lease_ms(),
+        previous.as_ref().map(|l| l.expires_boottime_ms),
+        now,
+    );
+    match lease.state() {
+        LeaseState::Never => {
+            tracing::info!(host = %host, "no lease held this boot; waiting for a confirmed heartbeat")
+        }
+        LeaseState::Held { until } => tracing::info!(
+            host = %host,
+            remaining_ms = until.saturating_sub(now),
+            "the previous run's lease still holds; adopting its VMs"
+        ),
+        LeaseState::Fenced { since } => tracing::warn!(
+            host = %host,
+            expired_ms_ago = now.saturating_sub(since),
+            "the previous run's lease ran out; starting fenced: stopping every move VM"
+        ),
+    }
+    let stay = previous.map(|l| l.stay).unwrap_or_default();
+    start_fence_unit(&systemd, &config, &lease_path).await?;
+    let started = Started::load(&config.data_dir)?;
 
     let probe = capacity::probe(&config)?;
     tracing::info!(
@@ -179,12 +246,18 @@ where
 
     let (link_tx, link_rx) = mpsc::channel(64);
     let reregister = Arc::new(Notify::new());
+    let refetch = Arc::new(Notify::new());
     let link = tokio::spawn(control_link(
         client.clone(),
         registration,
         link_tx.clone(),
         reregister.clone(),
+        refetch.clone(),
     ));
+    let fence_reason = format!(
+        "fenced: no leader-confirmed heartbeat for {} ms",
+        config.lease_ms()
+    );
     let mut agent = Agent {
         host,
         config,
@@ -195,15 +268,22 @@ where
         host_record: None,
         link_ok: false,
         link_error: None,
-        last_contact: tokio::time::Instant::now(),
-        fenced: false,
+        lease,
+        watch: Watch::new(),
+        stay,
+        lease_path,
+        published: None,
+        fence_reason,
+        refetch,
+        deferred_starts: false,
+        started,
         reported: BTreeMap::new(),
-        ended: BTreeMap::new(),
+        tracker,
         unexplained: BTreeMap::new(),
-        tracks: BTreeMap::new(),
         observed_running: units.iter().filter(|u| u.active.is_up()).count(),
         heartbeat: None,
     };
+    agent.publish();
     notify::status(&agent.status_line());
     let result = agent
         .main_loop(events, link_rx, link_tx, reregister, shutdown)
@@ -218,12 +298,65 @@ where
     result
 }
 
-/// What the control link tells the main loop.
+/// The dead man's switch: `blixard-fence.service` on the manager the agent drives, running
+/// this executable's `fence-watch` on the lease file. Left alone if it exists already.
+async fn start_fence_unit<S: SystemdClient>(
+    systemd: &S,
+    config: &Config,
+    lease_path: &std::path::Path,
+) -> Result<(), AgentError> {
+    let exe = std::env::current_exe().map_err(AgentError::OwnExe)?;
+    // After an upgrade replaced the binary, /proc/self/exe names the old, deleted file.
+    let exe = exe.display().to_string();
+    let exe = exe.strip_suffix(" (deleted)").unwrap_or(&exe).to_string();
+    let argv = vec![
+        exe,
+        "fence-watch".to_string(),
+        "--lease-file".to_string(),
+        lease_path.display().to_string(),
+        "--systemd-bus".to_string(),
+        config.systemd_bus.as_str().to_string(),
+    ];
+    // The bus of a user manager is found through these; the system bus needs none.
+    let environment: Vec<String> = ["DBUS_SESSION_BUS_ADDRESS", "XDG_RUNTIME_DIR", "RUST_LOG"]
+        .iter()
+        .filter(|_| config.systemd_bus == SystemdBus::Session)
+        .filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}")))
+        .filter(|kv| !kv.contains('\n'))
+        .collect();
+    let spec = unit_spec::fence_unit(argv, environment);
+    match systemd.start_transient_unit(&spec).await {
+        Ok(StartOutcome::Started { job }) => {
+            tracing::info!(unit = unit_spec::FENCE_UNIT, job = %job, "started the dead man's switch");
+            Ok(())
+        }
+        Ok(StartOutcome::AlreadyExists) => {
+            tracing::info!(
+                unit = unit_spec::FENCE_UNIT,
+                "the dead man's switch runs already"
+            );
+            Ok(())
+        }
+        Err(source) => Err(AgentError::FenceUnit {
+            unit: unit_spec::FENCE_UNIT,
+            source,
+        }),
+    }
+}
+
+/// What the control link and the heartbeat loop tell the main loop.
 #[derive(Debug)]
 enum LinkEvent {
     Registered(Host),
-    Assignments(Assignments),
-    Connected,
+    /// An assignments answer, with when its request was sent (`CLOCK_BOOTTIME` ms).
+    Assignments {
+        assignments: Assignments,
+        sent_at: u64,
+    },
+    /// A heartbeat answered 200 (leader-confirmed), with when it was sent.
+    HeartbeatConfirmed {
+        sent_at: u64,
+    },
     Unreachable(String),
 }
 
@@ -245,12 +378,14 @@ impl Backoff {
 }
 
 /// Registers the host, then long-polls its assignments; registers again when the cluster
-/// no longer knows the host.
+/// no longer knows the host. `refetch` makes it drop the long-poll and fetch at once (the
+/// last step out of a fence).
 async fn control_link(
     client: Arc<Client>,
     registration: HostRegistration,
     tx: mpsc::Sender<LinkEvent>,
     reregister: Arc<Notify>,
+    refetch: Arc<Notify>,
 ) {
     let host = registration.id.clone();
     let mut backoff = Backoff::new();
@@ -277,23 +412,42 @@ async fn control_link(
             return;
         }
         let mut index: Option<u64> = None;
+        let mut fresh = false;
         loop {
             let started = Instant::now();
+            let sent_at = boottime_ms();
+            let wait_index = if std::mem::take(&mut fresh) {
+                None
+            } else {
+                index
+            };
             let res = tokio::select! {
-                r = client.assignments(&host, index, LONG_POLL) => r,
+                r = client.assignments(&host, wait_index, LONG_POLL) => r,
                 _ = reregister.notified() => break,
+                _ = refetch.notified() => {
+                    fresh = true;
+                    continue;
+                }
             };
             match res {
                 Ok(a) => {
                     backoff.reset();
                     let unchanged = index.is_some_and(|i| a.index <= i);
-                    index = Some(a.index);
-                    if tx.send(LinkEvent::Assignments(a)).await.is_err() {
+                    // Never wait on a lower index than one seen (a lagging node's answer).
+                    index = Some(index.map_or(a.index, |i| i.max(a.index)));
+                    let event = LinkEvent::Assignments {
+                        assignments: a,
+                        sent_at,
+                    };
+                    if tx.send(event).await.is_err() {
                         return;
                     }
                     // A server that answers a long-poll at once with nothing new must not
                     // make this a busy loop.
-                    if unchanged && started.elapsed() < Duration::from_millis(100) {
+                    if wait_index.is_some()
+                        && unchanged
+                        && started.elapsed() < Duration::from_millis(100)
+                    {
                         tokio::time::sleep(backoff.next()).await;
                     }
                 }
@@ -317,10 +471,13 @@ async fn control_link(
     }
 }
 
+/// Heartbeats every `interval`. A heartbeat that takes longer than the lease renews nothing,
+/// so it is given up then and the next one is sent.
 async fn heartbeat_loop(
     client: Arc<Client>,
     host: String,
     interval: Duration,
+    lease: Duration,
     tx: mpsc::Sender<LinkEvent>,
     reregister: Arc<Notify>,
 ) {
@@ -328,43 +485,26 @@ async fn heartbeat_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let event = match client.heartbeat(&host).await {
-            Ok(_) => LinkEvent::Connected,
-            Err(e) if e.is_not_found() => {
+        let sent_at = boottime_ms();
+        let event = match tokio::time::timeout(lease, client.heartbeat(&host)).await {
+            Ok(Ok(_)) => LinkEvent::HeartbeatConfirmed { sent_at },
+            Ok(Err(e)) if e.is_not_found() => {
                 reregister.notify_one();
                 LinkEvent::Unreachable("the control plane does not know this host".into())
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::debug!(host = %host, error = %e, "heartbeat failed");
                 LinkEvent::Unreachable(e.to_string())
+            }
+            Err(_) => {
+                tracing::debug!(host = %host, "heartbeat timed out");
+                LinkEvent::Unreachable("heartbeat timed out".into())
             }
         };
         if tx.send(event).await.is_err() {
             return;
         }
     }
-}
-
-/// What the agent knows of one VM unit from systemd's signals.
-#[derive(Debug, Default, Clone)]
-struct Track {
-    /// The assignment generation in force while the unit ran.
-    generation: u64,
-    /// The agent asked for the stop: its end is not a VM failure.
-    stop_requested: bool,
-    /// The unit reached `inactive` or `failed`; the end is recorded at the next pass.
-    end_pending: bool,
-    result: Option<String>,
-    exec_main_code: Option<i32>,
-    exec_main_status: Option<i32>,
-    /// A start job that did not finish `done`.
-    failed_job: Option<String>,
-    /// The unit was started or seen running in this session.
-    live: bool,
-    /// Since when a live unit is listed as ended or gone while its signals are not read yet.
-    missing_since: Option<Instant>,
-    /// When this agent started the unit (bounds the journal read of its end).
-    started_at: Option<std::time::SystemTime>,
 }
 
 struct Agent<S> {
@@ -378,21 +518,37 @@ struct Agent<S> {
     host_record: Option<Host>,
     link_ok: bool,
     link_error: Option<String>,
-    /// When the control plane last answered (or this agent started).
-    last_contact: tokio::time::Instant,
-    /// Self-fenced (`fence_after_ms`): no answer for too long, so every VM is stopped until
-    /// the control plane answers again.
-    fenced: bool,
+    /// The host's lease and whether it is fenced.
+    lease: Lease,
+    /// The agent's own fence: which move VMs it signalled.
+    watch: Watch,
+    /// VMs never fenced (`on_host_loss = stay`), from the assignments (or the lease file
+    /// until they arrive).
+    stay: BTreeSet<String>,
+    lease_path: PathBuf,
+    /// What the lease file last said.
+    published: Option<LeaseFile>,
+    fence_reason: String,
+    /// Tells the control link to fetch assignments now.
+    refetch: Arc<Notify>,
+    /// A start waits for the lease to be held.
+    deferred_starts: bool,
+    /// Generations started by this agent, across runs.
+    started: Started,
     /// Reports the control plane accepted.
     reported: BTreeMap<String, VmStatusReport>,
-    /// Units that ended on their own.
-    ended: BTreeMap<String, Ended>,
-    /// QEMU VMs in `ended` whose console has not been read for the reason yet, with when
-    /// this agent started them, if it did.
+    /// How units ended.
+    tracker: UnitTracker,
+    /// QEMU VMs whose end has not been explained from the console yet, with when this agent
+    /// started them, if it did.
     unexplained: BTreeMap<String, Option<std::time::SystemTime>>,
-    tracks: BTreeMap<String, Track>,
     observed_running: usize,
     heartbeat: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A tokio instant `at` (ms on `CLOCK_BOOTTIME`), from `now`.
+fn instant_at(at: u64, now: u64) -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now))
 }
 
 impl<S: SystemdClient> Agent<S> {
@@ -413,13 +569,26 @@ impl<S: SystemdClient> Agent<S> {
         let mut ready = false;
         // When set, a pass is due at that instant (a retry after a failed report).
         let mut retry_at: Option<tokio::time::Instant> = None;
+        // Starting fenced: the move VMs are stopped at once, assignments or not.
+        if self.lease.is_fenced() {
+            self.pass().await;
+        }
         let mut last_status = self.status_line();
         loop {
             let mut pass = false;
-            let fence_at = match (self.config.fence_after(), self.fenced) {
-                (Some(after), false) => Some(self.last_contact + after),
-                _ => None,
-            };
+            let now = boottime_ms();
+            // The lease's end, and while fenced the next SIGKILL.
+            let deadline = [
+                self.lease.next_deadline(),
+                self.lease
+                    .is_fenced()
+                    .then(|| self.watch.next_deadline(self.config.fence_grace_ms))
+                    .flatten(),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|at| instant_at(at, now));
             tokio::select! {
                 _ = &mut shutdown => {
                     notify::stopping();
@@ -438,6 +607,9 @@ impl<S: SystemdClient> Agent<S> {
                     // impossible; treat it as nothing new.
                     let Some(ev) = ev else { continue };
                     pass = self.on_link_event(ev, &link_tx, &reregister);
+                    while let Ok(ev) = link.try_recv() {
+                        pass |= self.on_link_event(ev, &link_tx, &reregister);
+                    }
                     if !ready && self.host_record.is_some() {
                         ready = true;
                         notify::ready(&self.status_line());
@@ -449,16 +621,9 @@ impl<S: SystemdClient> Agent<S> {
                     retry_at = None;
                     pass = true;
                 }
-                _ = sleep_until(fence_at), if fence_at.is_some() => {
-                    tracing::warn!(
-                        host = %self.host,
-                        silent_ms = self.last_contact.elapsed().as_millis() as u64,
-                        "no answer from the control plane for fence_after_ms; fencing: stopping every VM on this host"
-                    );
-                    self.fenced = true;
-                    pass = true;
-                }
+                _ = sleep_until(deadline), if deadline.is_some() => pass = true,
             }
+            pass |= self.tick();
             if pass {
                 let again = self.pass().await;
                 if again && retry_at.is_none() {
@@ -473,19 +638,79 @@ impl<S: SystemdClient> Agent<S> {
         }
     }
 
+    /// Fences once the lease has run out; `true` if it just did.
+    fn tick(&mut self) -> bool {
+        let change = self.lease.tick(boottime_ms());
+        self.on_change(change)
+    }
+
+    /// Logs and acts on a change of the lease; `true` when a pass is due.
+    fn on_change(&mut self, change: Option<Change>) -> bool {
+        match change {
+            None => false,
+            Some(Change::Fenced { since }) => {
+                tracing::warn!(
+                    host = %self.host,
+                    lease_ms = self.lease.lease_ms(),
+                    late_ms = boottime_ms().saturating_sub(since),
+                    stay = ?self.stay,
+                    "no leader-confirmed heartbeat for the lease; fencing: stopping every move VM on this host"
+                );
+                self.publish();
+                true
+            }
+            Some(Change::FetchAssignments) => {
+                tracing::info!(host = %self.host, "heartbeat confirmed while fenced; fetching assignments");
+                self.refetch.notify_one();
+                false
+            }
+            Some(Change::Unfenced { since, until }) => {
+                let now = boottime_ms();
+                tracing::warn!(
+                    host = %self.host,
+                    fenced_ms = now.saturating_sub(since),
+                    lease_ms_left = until.saturating_sub(now),
+                    "leader-confirmed heartbeat and fresh assignments; ending the fence"
+                );
+                self.publish();
+                true
+            }
+        }
+    }
+
+    /// Writes the lease file if what it should say changed.
+    fn publish(&mut self) {
+        let Some(expiry) = self.lease.expiry() else {
+            return;
+        };
+        let file = LeaseFile {
+            expires_boottime_ms: expiry,
+            grace_ms: self.config.fence_grace_ms,
+            stay: self.stay.clone(),
+            boot_id: self
+                .published
+                .as_ref()
+                .map(|p| p.boot_id.clone())
+                .unwrap_or_else(lease_file::boot_id),
+        };
+        if self.published.as_ref() == Some(&file) {
+            return;
+        }
+        match lease_file::write(&self.lease_path, &file) {
+            Ok(()) => self.published = Some(file),
+            // The switch then fences at the last expiry it read: early, never late.
+            Err(e) => {
+                tracing::warn!(host = %self.host, error = %crate::error_chain(&e), "cannot write the lease file")
+            }
+        }
+    }
+
     fn on_link_event(
         &mut self,
         ev: LinkEvent,
         link_tx: &mpsc::Sender<LinkEvent>,
         reregister: &Arc<Notify>,
     ) -> bool {
-        if !matches!(ev, LinkEvent::Unreachable(_)) {
-            self.last_contact = tokio::time::Instant::now();
-            if self.fenced {
-                tracing::warn!(host = %self.host, "the control plane answers again; ending the fence");
-                self.fenced = false;
-            }
-        }
         match ev {
             LinkEvent::Registered(h) => {
                 self.link_ok = true;
@@ -498,32 +723,55 @@ impl<S: SystemdClient> Agent<S> {
                         self.client.clone(),
                         self.host.clone(),
                         self.config.heartbeat_interval(),
+                        Duration::from_millis(self.config.lease_ms()),
                         link_tx.clone(),
                         reregister.clone(),
                     )));
                 }
                 false
             }
-            LinkEvent::Assignments(a) => {
+            LinkEvent::Assignments {
+                assignments: a,
+                sent_at,
+            } => {
+                let now = boottime_ms();
+                let change = match self.lease.assignments(a.index, sent_at, now) {
+                    Verdict::Regressed { seen } => {
+                        tracing::warn!(host = %self.host, index = a.index, seen, "ignoring assignments older than ones already seen");
+                        return false;
+                    }
+                    Verdict::Accept { change } => change,
+                };
                 self.link_ok = true;
                 self.link_error = None;
                 let changed = self.assignments.as_ref().is_none_or(|old| old != &a);
                 if changed {
                     tracing::debug!(host = %self.host, index = a.index, vms = a.vms.len(), "assignments");
+                    self.stay = a
+                        .vms
+                        .iter()
+                        .filter(|x| x.spec.on_host_loss() == OnHostLoss::Stay)
+                        .map(|x| x.spec.name.clone())
+                        .collect();
                 }
                 self.assignments = Some(a);
-                changed
+                self.publish();
+                self.on_change(change) | changed
             }
-            LinkEvent::Connected => {
-                let was = self.link_ok;
+            LinkEvent::HeartbeatConfirmed { sent_at } => {
+                let was = (self.link_ok, self.lease.state());
+                let change = self.lease.heartbeat_confirmed(sent_at, boottime_ms());
                 self.link_ok = true;
                 self.link_error = None;
-                // Back from an outage: deliver what could not be reported.
-                !was
+                self.publish();
+                let first = matches!(was.1, LeaseState::Never) && !self.lease.is_fenced();
+                // Back from an outage: deliver what could not be reported; a held lease lets
+                // the deferred starts go.
+                self.on_change(change) | !was.0 | (first && self.deferred_starts)
             }
             LinkEvent::Unreachable(e) => {
                 if self.link_ok {
-                    tracing::warn!(host = %self.host, error = %e, "control plane unreachable; VMs keep running");
+                    tracing::warn!(host = %self.host, error = %e, "control plane unreachable; VMs keep running until the lease runs out");
                 }
                 self.link_ok = false;
                 self.link_error = Some(e);
@@ -533,151 +781,28 @@ impl<S: SystemdClient> Agent<S> {
     }
 
     fn on_unit_event(&mut self, ev: UnitEvent) {
-        match ev {
-            UnitEvent::Changed { unit, change } => {
-                let Some(vm) = vm_name_of_unit(&unit) else {
-                    return;
-                };
-                let t = self.tracks.entry(vm.to_string()).or_default();
-                if let Some(r) = change.result {
-                    t.result = Some(r);
-                }
-                if let Some(c) = change.exec_main_code {
-                    t.exec_main_code = Some(c);
-                }
-                if let Some(s) = change.exec_main_status {
-                    t.exec_main_status = Some(s);
-                }
-                match change.active_state.as_deref() {
-                    Some("inactive" | "failed") => t.end_pending = true,
-                    Some("active" | "activating") => t.end_pending = false,
-                    _ => {}
-                }
-            }
-            UnitEvent::JobRemoved { unit, job, result } => {
-                let Some(vm) = vm_name_of_unit(&unit) else {
-                    return;
-                };
-                if result != "done" {
-                    tracing::debug!(vm = %vm, job = %job, result = %result, "job did not complete");
-                    let t = self.tracks.entry(vm.to_string()).or_default();
-                    if !t.stop_requested {
-                        t.failed_job = Some(result);
-                        t.end_pending = true;
-                    }
-                }
-            }
-            UnitEvent::Removed { unit } => {
-                if let Some(vm) = vm_name_of_unit(&unit) {
-                    if let Some(t) = self.tracks.get_mut(vm) {
-                        t.end_pending = t.end_pending || !t.stop_requested;
-                    }
-                }
-            }
-        }
-    }
-
-    fn generation_of(&self, vm: &str) -> u64 {
-        self.assignments
-            .as_ref()
-            .and_then(|a| a.vms.iter().find(|x| x.spec.name == vm))
-            .map(|a| a.generation)
-            .unwrap_or(0)
-    }
-
-    /// Turns the ends seen in signals into [`Ended`] records.
-    /// Returns the VMs whose unit is ending (see [`Input::ending`]).
-    fn record_ends(&mut self, observed: &[ObservedUnit]) -> BTreeSet<String> {
-        let up: BTreeSet<&str> = observed
-            .iter()
-            .filter(|u| u.active.is_up())
-            .map(|u| u.vm.as_str())
-            .collect();
-        // Stopping: its ExecStop (a QEMU guest's graceful power-off) may take a while; the end
-        // comes with signals once it is done, so no "unseen end" clock runs meanwhile.
-        let stopping: BTreeSet<&str> = observed
-            .iter()
-            .filter(|u| u.active == ActiveState::Deactivating)
-            .map(|u| u.vm.as_str())
-            .collect();
-        let mut ending = BTreeSet::new();
-        let vms: Vec<String> = self.tracks.keys().cloned().collect();
-        for vm in vms {
-            let generation = self.generation_of(&vm);
-            let Some(t) = self.tracks.get_mut(&vm) else {
-                continue;
-            };
-            if up.contains(vm.as_str()) {
-                // Running (again): remember which generation it serves.
-                t.generation = t.generation.max(generation);
-                t.live = true;
-                t.missing_since = None;
-                continue;
-            }
-            if !t.end_pending && stopping.contains(vm.as_str()) {
-                t.missing_since = None;
-                if !t.stop_requested {
-                    ending.insert(vm);
-                }
-                continue;
-            }
-            if !t.end_pending {
-                if t.live && !t.stop_requested {
-                    // Ended in systemd's eyes, but its signals are not here yet.
-                    let since = *t.missing_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() < UNSEEN_END {
-                        ending.insert(vm);
-                        continue;
-                    }
-                    tracing::warn!(vm = %vm, host = %self.host, "unit ended without signals");
-                    t.end_pending = true;
-                } else {
-                    continue;
-                }
-            }
-            let t = self.tracks.remove(&vm).unwrap_or_default();
-            // While fenced every end is the fence's own stop, even one whose signals come after
-            // its track was closed (they open a fresh track without `stop_requested`): it must
-            // not be reported as the VM's exit, or the VM would not start again after the fence.
-            if t.stop_requested || self.fenced {
-                tracing::info!(vm = %vm, host = %self.host, fenced = self.fenced, "VM stopped");
-                continue;
-            }
-            let (state, reason) = match (&t.result, &t.failed_job) {
-                (Some(result), _) => describe_end(
-                    result,
-                    t.exec_main_code.unwrap_or(0),
-                    t.exec_main_status.unwrap_or(0),
-                ),
-                (None, Some(job)) => (VmState::Failed, format!("start job {job}")),
-                (None, None) => (
-                    VmState::Failed,
-                    "the unit ended without a recorded result".to_string(),
-                ),
-            };
-            // A failed start job says less than the service's own result.
-            let (state, reason) = match (&t.failed_job, state) {
-                (Some(job), VmState::Stopped) => (VmState::Failed, format!("start job {job}")),
-                _ => (state, reason),
-            };
-            if state == VmState::Failed {
-                tracing::warn!(vm = %vm, host = %self.host, reason = %reason, "VM failed");
-            } else {
-                tracing::info!(vm = %vm, host = %self.host, reason = %reason, "VM exited");
-            }
-            if self.hypervisor_of(&vm) == Some(Hypervisor::Qemu) {
-                self.unexplained.insert(vm.clone(), t.started_at);
-            }
-            self.ended.insert(
-                vm,
-                Ended {
-                    generation: generation.max(t.generation),
-                    state,
-                    reason,
+        let (unit, signal) = match ev {
+            UnitEvent::Changed { unit, change } => (
+                unit,
+                Signal::Changed {
+                    active_state: change.active_state,
+                    result: change.result,
+                    exec_main_code: change.exec_main_code,
+                    exec_main_status: change.exec_main_status,
                 },
-            );
+            ),
+            UnitEvent::JobRemoved { unit, job, result } => {
+                if result == "done" {
+                    return;
+                }
+                tracing::debug!(unit = %unit, job = %job, result = %result, "job did not complete");
+                (unit, Signal::JobFailed { result })
+            }
+            UnitEvent::Removed { unit } => (unit, Signal::Removed),
+        };
+        if let Some(vm) = vm_name_of_unit(&unit) {
+            self.tracker.signal(vm, signal);
         }
-        ending
     }
 
     fn hypervisor_of(&self, vm: &str) -> Option<Hypervisor> {
@@ -692,7 +817,7 @@ impl<S: SystemdClient> Agent<S> {
     /// a little after its end, so a run without a telling line is read again a few times.
     async fn explain_ends(&mut self) {
         for (vm, since) in std::mem::take(&mut self.unexplained) {
-            let Some(end) = self.ended.get(&vm).cloned() else {
+            let Some(end) = self.tracker.ended().get(&vm).cloned() else {
                 continue;
             };
             let unit = unit_name(&vm);
@@ -716,14 +841,39 @@ impl<S: SystemdClient> Agent<S> {
             }
             let (state, reason) = guest_end::explain(end.state, &end.reason, console.as_ref());
             tracing::info!(vm = %vm, host = %self.host, state = state.as_str(), reason = %reason, "VM end explained");
-            self.ended.insert(
-                vm,
+            self.tracker.record(
+                &vm,
                 Ended {
                     state,
                     reason,
                     ..end
                 },
             );
+        }
+    }
+
+    /// The agent's own fence: SIGTERM to every running move VM, SIGKILL after the grace.
+    async fn fence_step(&mut self, up: &[String], now: u64) {
+        let fence = Fence {
+            expires: self.lease.expiry().unwrap_or(0),
+            grace_ms: self.config.fence_grace_ms,
+            stay: &self.stay,
+        };
+        for k in self.watch.decide(now, Some(fence), up) {
+            let (vm, signal, name) = match &k {
+                Kill::Term(vm) => (vm, fence_watch::SIGTERM, "SIGTERM"),
+                Kill::Kill(vm) => (vm, fence_watch::SIGKILL, "SIGKILL"),
+            };
+            self.tracker.fence_killed(vm);
+            match self.systemd.kill_unit(&unit_name(vm), signal).await {
+                Ok(true) => {
+                    tracing::warn!(vm = %vm, host = %self.host, signal = name, "fencing VM")
+                }
+                Ok(false) => tracing::debug!(vm = %vm, host = %self.host, "fenced VM already gone"),
+                Err(e) => {
+                    tracing::warn!(vm = %vm, host = %self.host, error = %crate::error_chain(&e), "cannot fence VM")
+                }
+            }
         }
     }
 
@@ -736,51 +886,115 @@ impl<S: SystemdClient> Agent<S> {
                 return true;
             }
         };
+        let now = boottime_ms();
         self.observed_running = observed.iter().filter(|u| u.active.is_up()).count();
-        let ending = self.record_ends(&observed);
-        self.explain_ends().await;
-        let assignments = match self.assignments.clone() {
-            Some(a) => a,
-            // Fenced: everything is to stop, whatever was assigned.
-            None if self.fenced => Assignments {
-                host: self.host.clone(),
-                index: 0,
-                vms: Vec::new(),
+        let generations: BTreeMap<String, u64> = self
+            .assignments
+            .iter()
+            .flat_map(|a| a.vms.iter())
+            .map(|a| (a.spec.name.clone(), a.generation))
+            .collect();
+        let fenced = self.lease.is_fenced();
+        let outcome = self.tracker.record_ends(
+            &observed,
+            &Context {
+                generations: &generations,
+                fenced,
+                stay: &self.stay,
+                fence_reason: &self.fence_reason,
             },
+            now,
+        );
+        for note in &outcome.ends {
+            let vm = &note.vm;
+            let end = self.tracker.ended().get(vm);
+            let reason = end.map(|e| e.reason.as_str()).unwrap_or("");
+            match note.kind {
+                EndKind::Stopped => tracing::info!(vm = %vm, host = %self.host, "VM stopped"),
+                EndKind::Fenced => {
+                    tracing::warn!(vm = %vm, host = %self.host, reason = %reason, "VM fenced")
+                }
+                EndKind::Duplicate => {
+                    tracing::debug!(vm = %vm, host = %self.host, "late signals of a recorded end")
+                }
+                EndKind::Exited | EndKind::Unseen => {
+                    if note.kind == EndKind::Unseen {
+                        tracing::warn!(vm = %vm, host = %self.host, "unit ended without signals");
+                    }
+                    if end.is_some_and(|e| e.state == VmState::Failed) {
+                        tracing::warn!(vm = %vm, host = %self.host, reason = %reason, "VM failed");
+                    } else {
+                        tracing::info!(vm = %vm, host = %self.host, reason = %reason, "VM exited");
+                    }
+                    if self.hypervisor_of(vm) == Some(Hypervisor::Qemu) {
+                        self.unexplained.insert(vm.clone(), note.started_at);
+                    }
+                }
+            }
+        }
+        self.explain_ends().await;
+        let up: Vec<String> = observed
+            .iter()
+            .filter(|u| u.active.is_up())
+            .map(|u| u.vm.clone())
+            .collect();
+        if fenced {
+            // Nothing starts, nothing is reported: the ends go out once the fence is over.
+            self.fence_step(&up, now).await;
+            return !outcome.ending.is_empty();
+        }
+        // Held (or never held): re-arm the fence.
+        self.watch.decide(now, None, &up);
+        let Some(assignments) = self.assignments.clone() else {
             // The desired state is unknown: touch nothing.
-            None => return false,
+            return false;
         };
-        // Fenced: nothing is desired here until the control plane answers again.
-        let desired: &[_] = if self.fenced { &[] } else { &assignments.vms };
         let assigned: BTreeSet<&str> = assignments
             .vms
             .iter()
             .map(|a| a.spec.name.as_str())
             .collect();
-        self.ended.retain(|vm, _| assigned.contains(vm.as_str()));
-        // Forget units that are gone without a word (their signals were missed).
-        let seen: BTreeSet<&str> = observed.iter().map(|u| u.vm.as_str()).collect();
-        self.tracks.retain(|vm, t| {
-            t.end_pending || seen.contains(vm.as_str()) || assigned.contains(vm.as_str())
-        });
+        for vm in
+            self.tracker
+                .ended_while_down(&assignments.vms, &observed, self.started.generations())
+        {
+            tracing::warn!(vm = %vm, host = %self.host, "the VM's unit ended while the agent was not running; reporting it failed");
+        }
+        self.tracker.retain(&assigned, &observed);
+        self.started.retain(|vm| assigned.contains(vm));
         self.reported.retain(|vm, _| assigned.contains(vm.as_str()));
         let actions = reconcile(&Input {
-            desired,
+            desired: &assignments.vms,
             observed: &observed,
-            ended: &self.ended,
+            ended: self.tracker.ended(),
             reported: &self.reported,
-            ending: &ending,
+            ending: &outcome.ending,
         });
         // An ending unit's signals are due any moment; look again soon in any case.
-        let mut retry = !ending.is_empty();
+        let mut retry = !outcome.ending.is_empty();
+        let may_start = self.lease.may_start(now);
+        self.deferred_starts = false;
+        let mut deferred = BTreeSet::new();
         for action in actions {
-            // One undeliverable report is enough to know the link is down: the others wait
-            // for the retry, so a hanging control plane cannot hold the loop (and the
-            // watchdog) for one timeout per VM.
-            if retry && matches!(action, Action::Report { .. }) && !self.link_ok {
-                continue;
+            match &action {
+                // No start without a lease that holds: a VM started now might run on after
+                // the host is cut off with nothing to fence it.
+                Action::Start(a) if !may_start => {
+                    deferred.insert(a.spec.name.clone());
+                    self.deferred_starts = true;
+                    continue;
+                }
+                Action::Report { vm, .. } if deferred.contains(vm) => continue,
+                // One undeliverable report is enough to know the link is down: the others wait
+                // for the retry, so a hanging control plane cannot hold the loop (and the
+                // watchdog) for one timeout per VM.
+                Action::Report { .. } if retry && !self.link_ok => continue,
+                _ => {}
             }
             retry |= self.execute(action).await;
+        }
+        if self.deferred_starts {
+            tracing::debug!(host = %self.host, vms = ?deferred, "starts wait for a leader-confirmed heartbeat");
         }
         retry
     }
@@ -791,11 +1005,11 @@ impl<S: SystemdClient> Agent<S> {
             Action::Start(a) => {
                 let vm = a.spec.name.clone();
                 let spec = match unit_spec::build(&a.spec, &self.builders, &self.config.vm_unit) {
-                    Ok(s) => s,
+                    Ok(s) => unit_spec::with_generation(s, a.generation),
                     Err(e) => {
                         tracing::warn!(vm = %vm, host = %self.host, error = %e, "cannot build the VM unit");
-                        self.ended.insert(
-                            vm,
+                        self.tracker.record(
+                            &vm,
                             Ended {
                                 generation: a.generation,
                                 state: VmState::Failed,
@@ -805,18 +1019,16 @@ impl<S: SystemdClient> Agent<S> {
                         return true;
                     }
                 };
+                if let Err(e) = self.started.record(&vm, a.generation) {
+                    // Without the record a restarted agent could start it again on its own.
+                    tracing::warn!(vm = %vm, host = %self.host, error = %crate::error_chain(&e), "cannot record the start; not starting");
+                    return true;
+                }
                 match self.systemd.start_transient_unit(&spec).await {
                     Ok(StartOutcome::Started { job }) => {
                         tracing::info!(vm = %vm, host = %self.host, generation = a.generation, job = %job, "starting VM");
-                        self.tracks.insert(
-                            vm,
-                            Track {
-                                generation: a.generation,
-                                live: true,
-                                started_at: Some(std::time::SystemTime::now()),
-                                ..Track::default()
-                            },
-                        );
+                        self.tracker
+                            .started(&vm, a.generation, std::time::SystemTime::now());
                         false
                     }
                     Ok(StartOutcome::AlreadyExists) => false,
@@ -826,8 +1038,8 @@ impl<S: SystemdClient> Agent<S> {
                             None => format!("cannot start the unit: {e}"),
                         };
                         tracing::warn!(vm = %vm, host = %self.host, reason = %reason, "VM start failed");
-                        self.ended.insert(
-                            vm,
+                        self.tracker.record(
+                            &vm,
                             Ended {
                                 generation: a.generation,
                                 state: VmState::Failed,
@@ -847,7 +1059,7 @@ impl<S: SystemdClient> Agent<S> {
                         false
                     }
                     Err(e) if e.status() == Some(409) || e.is_not_found() => {
-                        // Fencing: the cluster gave this VM to another host, or deleted it.
+                        // The cluster gave this VM to another host, or deleted it.
                         tracing::warn!(vm = %vm, host = %self.host, error = %e, "VM no longer assigned here; stopping it");
                         if let Some(a) = self.assignments.as_mut() {
                             a.vms.retain(|x| x.spec.name != vm);
@@ -869,10 +1081,7 @@ impl<S: SystemdClient> Agent<S> {
     }
 
     async fn stop(&mut self, vm: &str) -> bool {
-        self.tracks
-            .entry(vm.to_string())
-            .or_default()
-            .stop_requested = true;
+        self.tracker.stop_requested(vm);
         match self.systemd.stop_unit(&unit_name(vm)).await {
             Ok(outcome) => {
                 tracing::info!(vm = %vm, host = %self.host, outcome = ?outcome, "stopping VM");
@@ -893,7 +1102,11 @@ impl<S: SystemdClient> Agent<S> {
             (_, false, None) => "control plane: unreachable".to_string(),
         };
         let n = self.observed_running;
-        let fenced = if self.fenced { "fenced, " } else { "" };
+        let fenced = if self.lease.is_fenced() {
+            "fenced, "
+        } else {
+            ""
+        };
         format!(
             "{fenced}{n} VM{} running, {link}",
             if n == 1 { "" } else { "s" }

@@ -10,6 +10,11 @@
 //! - [`command`]: hypervisor argv builders (the spec never picks the executable);
 //! - [`unit_spec`]: VM spec → transient unit properties, as plain data;
 //! - [`reconcile`]: desired + observed → actions, as plain data;
+//! - [`lease`]: the host's lease and fence state, and [`unit_track`]: how each unit ended,
+//!   both pure with an injected clock;
+//! - [`fence_watch`]: the fence's rules (pure) and the dead man's switch
+//!   (`blixard-agent fence-watch`) that enforces them from [`lease_file`] when the agent is
+//!   not alive; [`started`]: the generations the agent started, across restarts;
 //! - [`guest_end`]: why a QEMU VM ended, from its console's last lines (pure), read by
 //!   [`last_run_log`];
 //! - [`capacity`]: what the host offers;
@@ -27,17 +32,22 @@ pub mod capacity;
 pub mod command;
 pub mod config;
 pub mod daemon;
+pub mod fence_watch;
 pub mod guest_end;
 pub mod hypervisor;
 pub mod image_path;
 pub mod journal;
 pub mod last_run_log;
+pub mod lease;
+pub mod lease_file;
 pub mod logging;
 pub mod notify;
 pub mod qmp;
 pub mod reconcile;
+pub mod started;
 pub mod systemd;
 pub mod unit_spec;
+pub mod unit_track;
 
 pub use config::Config;
 pub use daemon::{run, AgentError};

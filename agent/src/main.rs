@@ -33,6 +33,8 @@ struct Cli {
     systemd_bus: Option<SystemdBus>,
     #[arg(long)]
     heartbeat_interval_ms: Option<u64>,
+    #[arg(long)]
+    lease_ms: Option<u64>,
     /// Log to stderr even when the journal is there.
     #[arg(long)]
     log_stderr: bool,
@@ -59,6 +61,18 @@ enum Command {
         /// Seconds to wait for QEMU to exit.
         #[arg(long, default_value_t = 20)]
         timeout: u64,
+    },
+    /// The dead man's switch (`blixard-fence.service`, started by the agent): watches the
+    /// agent's lease file and, once the lease has run out, SIGTERMs every `blixard-vm-*` unit
+    /// not listed as `stay`, then SIGKILLs it after the grace; re-arms when the lease is
+    /// renewed. A missing file (no lease held this boot) fences nothing.
+    FenceWatch {
+        /// The lease file (`<runtime_dir>/lease`).
+        #[arg(long)]
+        lease_file: PathBuf,
+        /// Bus of the systemd manager that runs the VMs.
+        #[arg(long, default_value = "system")]
+        systemd_bus: SystemdBus,
     },
 }
 
@@ -104,6 +118,28 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::FenceWatch {
+        lease_file,
+        systemd_bus,
+    }) = &cli.command
+    {
+        blixard_agent::logging::init(cli.log_stderr);
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => return fail(&e),
+        };
+        let res = runtime.block_on(async {
+            let sd = blixard_agent::systemd::Systemd::connect(*systemd_bus).await?;
+            blixard_agent::fence_watch::run(sd, lease_file.clone()).await
+        });
+        return match res {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        };
+    }
     blixard_agent::logging::init(cli.log_stderr);
     let mut config = match &cli.config {
         Some(path) => match Config::load(path) {
@@ -120,6 +156,7 @@ fn main() -> ExitCode {
         image_dir: cli.image_dir,
         systemd_bus: cli.systemd_bus,
         heartbeat_interval_ms: cli.heartbeat_interval_ms,
+        lease_ms: cli.lease_ms,
     });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

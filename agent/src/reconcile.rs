@@ -8,7 +8,9 @@
 //!
 //! A VM whose unit ended on its own is not restarted by the host: the end is remembered with
 //! the assignment generation in force ([`Ended`]) and reported; only a newer generation (a
-//! start, a restart or a new placement decided by the cluster) starts it again.
+//! start, a restart or a new placement decided by the cluster) starts it again. A unit whose
+//! generation (from its description) is older than the assignment's is an old incarnation:
+//! it is stopped, and the current one started once it is gone.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -63,6 +65,9 @@ pub struct ObservedUnit {
     pub vm: String,
     pub active: ActiveState,
     pub sub_state: String,
+    /// The assignment generation the unit was started for; `None` for units of agents that
+    /// did not record it.
+    pub generation: Option<u64>,
 }
 
 /// How a VM's unit ended on its own, recorded from systemd's signals before the unit was
@@ -128,6 +133,13 @@ pub fn reconcile(input: &Input<'_>) -> Vec<Action> {
         let unit = observed.get(vm).copied();
         let ended = input.ended.get(vm).filter(|e| e.generation >= a.generation);
         let gone = unit.is_none_or(|u| u.active.is_ended());
+        let old_incarnation = unit
+            .is_some_and(|u| u.active.is_up() && u.generation.is_some_and(|g| g < a.generation));
+        if old_incarnation {
+            // Stop it; the current generation starts once it is gone. Nothing to report yet.
+            stops.insert(vm.to_string());
+            continue;
+        }
         if a.desired == DesiredState::Running
             && gone
             && ended.is_none()
@@ -291,6 +303,7 @@ mod tests {
             vm: vm.into(),
             active: ActiveState::parse(active),
             sub_state: sub.into(),
+            generation: None,
         }
     }
 
@@ -600,6 +613,51 @@ mod tests {
                 report: report(VmState::Failed, Some("x"), 2)
             }]
         );
+    }
+
+    /// A running unit of an older generation is stopped, without a report; once it is gone
+    /// the current generation starts. A unit of the same or a newer generation, or one that
+    /// does not say, is adopted.
+    #[test]
+    fn old_incarnations_are_stopped_before_the_current_one_starts() {
+        let a = assign("web", DesiredState::Running, 5);
+        // (unit generation, active state, expect stop, expect start)
+        let cases = [
+            (Some(4), "active", true, false),
+            (Some(4), "activating", true, false),
+            (Some(5), "active", false, false),
+            (Some(6), "active", false, false),
+            (None, "active", false, false),
+            (Some(4), "deactivating", false, false),
+        ];
+        for (generation, active, stop, start) in cases {
+            let mut u = unit("web", active);
+            u.generation = generation;
+            let actions = run(
+                std::slice::from_ref(&a),
+                &[u],
+                &BTreeMap::new(),
+                &BTreeMap::new(),
+            );
+            let case = format!("{generation:?} {active}: {actions:?}");
+            assert_eq!(
+                actions.contains(&Action::Stop { vm: "web".into() }),
+                stop,
+                "{case}"
+            );
+            assert_eq!(actions.contains(&Action::Start(a.clone())), start, "{case}");
+            if stop {
+                assert_eq!(actions.len(), 1, "{case}");
+            }
+        }
+        // Gone: the current one starts.
+        let actions = run(
+            std::slice::from_ref(&a),
+            &[],
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+        );
+        assert!(actions.contains(&Action::Start(a)));
     }
 
     #[test]

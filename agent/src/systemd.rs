@@ -7,7 +7,9 @@
 //!
 //! The calls are idempotent: starting a unit that already exists and stopping one that is not
 //! loaded are no-ops. The adapter refuses to start anything but a `blixard-vm-*.service` in
-//! `blixard-vms.slice`, whatever its caller asks.
+//! `blixard-vms.slice` and the agent's own dead man's switch, `blixard-fence.service`
+//! (outside that slice), whatever its caller asks; it stops and kills only VM units.
+//! [`SystemdClient::list_vm_units`] reads each unit's generation from its description.
 //!
 //! Unit changes come from `PropertiesChanged` on unit objects and the manager's `JobRemoved`
 //! and `UnitRemoved`, after `Subscribe`: call [`SystemdClient::watch`] before starting
@@ -24,7 +26,7 @@ use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant, 
 
 use crate::config::SystemdBus;
 use crate::reconcile::{ActiveState, ObservedUnit};
-use crate::unit_spec::{PropertyValue, UnitSpec};
+use crate::unit_spec::{generation_of_description, PropertyValue, UnitSpec};
 
 const SYSTEMD: &str = "org.freedesktop.systemd1";
 const MANAGER_PATH: &str = "/org/freedesktop/systemd1";
@@ -44,7 +46,7 @@ pub enum SystemdError {
         source: zbus::Error,
     },
     /// The caller asked for a unit the agent must never touch.
-    #[error("refusing to manage {unit}: not a blixard-vm-*.service unit in blixard-vms.slice")]
+    #[error("refusing to manage {unit}: not a blixard-vm-*.service unit in blixard-vms.slice (nor blixard-fence.service)")]
     NotAVmUnit { unit: String },
     /// A call to the manager failed.
     #[error("{call} {unit} failed")]
@@ -151,8 +153,8 @@ impl UnitEvents {
 
 /// What the agent needs from systemd, and nothing more.
 pub trait SystemdClient: Send + Sync {
-    /// Starts `spec` as a transient unit (mode `fail`). A unit of that name that exists already
-    /// is left alone.
+    /// Starts `spec` (a VM unit, or the fence unit) as a transient unit (mode `fail`). A unit
+    /// of that name that exists already is left alone.
     fn start_transient_unit(
         &self,
         spec: &UnitSpec,
@@ -359,7 +361,7 @@ fn to_variant(value: &PropertyValue) -> Variant<'static> {
 
 impl SystemdClient for Systemd {
     async fn start_transient_unit(&self, spec: &UnitSpec) -> Result<StartOutcome, SystemdError> {
-        if !spec.is_vm_unit() {
+        if !spec.is_vm_unit() && !spec.is_fence_unit() {
             return Err(SystemdError::NotAVmUnit {
                 unit: spec.unit.clone(),
             });
@@ -427,12 +429,13 @@ impl SystemdClient for Systemd {
             .map_err(call_err("ListUnitsByPatterns", &pattern))?;
         let mut units: Vec<ObservedUnit> = entries
             .into_iter()
-            .filter_map(|(name, _desc, _load, active, sub, ..)| {
+            .filter_map(|(name, desc, _load, active, sub, ..)| {
                 let vm = vm_name_of_unit(&name)?.to_string();
                 Some(ObservedUnit {
                     vm,
                     active: ActiveState::parse(&active),
                     sub_state: sub,
+                    generation: generation_of_description(&desc),
                 })
             })
             .collect();

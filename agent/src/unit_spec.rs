@@ -6,6 +6,11 @@
 //! Only the systemd adapter turns them into D-Bus variants. The unit layer does not depend on
 //! which hypervisor made the argv.
 //!
+//! The unit's `Description=` carries the assignment generation ([`with_generation`]), which
+//! `ListUnits` returns: adoption tells an old incarnation from the current one by it
+//! ([`generation_of_description`]). [`fence_unit`] is the one other unit the agent starts, its
+//! dead man's switch.
+//!
 //! [`CommandBuilder`]: crate::command::CommandBuilder
 
 use blixard_api::{unit_name, VmSpec, UNIT_PREFIX, VM_SLICE};
@@ -81,6 +86,95 @@ impl UnitSpec {
         self.unit.starts_with(UNIT_PREFIX)
             && self.unit.ends_with(".service")
             && self.get("Slice") == Some(&PropertyValue::Str(VM_SLICE.to_string()))
+    }
+}
+
+impl UnitSpec {
+    /// Whether this is the agent's dead man's switch, [`fence_unit`]: `blixard-fence.service`,
+    /// outside the VM slice.
+    pub fn is_fence_unit(&self) -> bool {
+        self.unit == FENCE_UNIT
+            && self.get("Slice") != Some(&PropertyValue::Str(VM_SLICE.to_string()))
+    }
+}
+
+/// The dead man's switch: `blixard-agent fence-watch`, run by the same manager as the VMs.
+pub const FENCE_UNIT: &str = "blixard-fence.service";
+
+/// The unit of the dead man's switch: `argv` (the agent's own executable first, absolute)
+/// with `environment` (`NAME=value`), restarted whenever it exits.
+pub fn fence_unit(argv: Vec<String>, environment: Vec<String>) -> UnitSpec {
+    let path = argv.first().cloned().unwrap_or_default();
+    let s = |v: &str| PropertyValue::Str(v.to_string());
+    UnitSpec {
+        unit: FENCE_UNIT.to_string(),
+        vm: String::new(),
+        properties: vec![
+            Property {
+                name: "Description",
+                value: s("Blixard fence: stops the move VMs once the agent's lease runs out"),
+            },
+            Property {
+                name: "ExecStart",
+                value: PropertyValue::Exec(vec![ExecCommand {
+                    path,
+                    argv,
+                    ignore_failure: false,
+                }]),
+            },
+            Property {
+                name: "Restart",
+                value: s("always"),
+            },
+            Property {
+                name: "RestartUSec",
+                value: PropertyValue::U64(200_000),
+            },
+            // Never give up restarting it.
+            Property {
+                name: "StartLimitIntervalUSec",
+                value: PropertyValue::U64(0),
+            },
+            // Gone once it ends for good, so the next agent start creates it again.
+            Property {
+                name: "CollectMode",
+                value: s("inactive-or-failed"),
+            },
+            Property {
+                name: "Environment",
+                value: PropertyValue::StrList(environment),
+            },
+            Property {
+                name: "StandardOutput",
+                value: s("journal"),
+            },
+            Property {
+                name: "StandardError",
+                value: s("journal"),
+            },
+        ],
+    }
+}
+
+/// `unit` with the assignment generation in its description.
+pub fn with_generation(mut unit: UnitSpec, generation: u64) -> UnitSpec {
+    let prefix = format!("Blixard VM {} ", unit.vm);
+    for p in unit.properties.iter_mut() {
+        if let (true, PropertyValue::Str(d)) = (p.name == "Description", &mut p.value) {
+            if let Some(rest) = d.strip_prefix(&prefix) {
+                *d = format!("{prefix}generation {generation} {rest}");
+            }
+        }
+    }
+    unit
+}
+
+/// The generation in a VM unit's description (see [`with_generation`]).
+pub fn generation_of_description(description: &str) -> Option<u64> {
+    let mut words = description.split(' ');
+    match (words.next(), words.next(), words.next(), words.next()) {
+        (Some("Blixard"), Some("VM"), Some(_), Some("generation")) => words.next()?.parse().ok(),
+        _ => None,
     }
 }
 
@@ -392,6 +486,56 @@ mod tests {
         assert!(cmds
             .iter()
             .all(|c| c.argv.iter().all(|a| !a.contains("rm -rf"))));
+    }
+
+    #[test]
+    fn the_generation_rides_in_the_description() {
+        let u = build(
+            &spec("web-1", Hypervisor::Process),
+            &builders(),
+            &VmUnitConfig::default(),
+        )
+        .expect("unit");
+        let desc = |u: &UnitSpec| match u.get("Description") {
+            Some(PropertyValue::Str(s)) => s.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(generation_of_description(&desc(&u)), None);
+        let u = with_generation(u, 42);
+        assert_eq!(
+            desc(&u),
+            "Blixard VM web-1 generation 42 (process, 2 vCPU, 256 MiB)"
+        );
+        assert_eq!(generation_of_description(&desc(&u)), Some(42));
+        for (d, want) in [
+            ("Blixard VM a generation 7", Some(7)),
+            ("Blixard VM a generation x (y)", None),
+            ("Blixard VM a (process, 1 vCPU, 64 MiB)", None),
+            ("something else generation 3", None),
+            ("", None),
+        ] {
+            assert_eq!(generation_of_description(d), want, "{d}");
+        }
+    }
+
+    #[test]
+    fn the_fence_unit_is_the_only_other_unit() {
+        let u = fence_unit(
+            vec!["/usr/bin/blixard-agent".into(), "fence-watch".into()],
+            vec!["A=1".into()],
+        );
+        assert!(u.is_fence_unit());
+        assert!(!u.is_vm_unit());
+        assert_eq!(u.get("Restart"), Some(&PropertyValue::Str("always".into())));
+        let mut v = u.clone();
+        v.unit = "blixard-vm-x.service".into();
+        assert!(!v.is_fence_unit());
+        let mut w = u;
+        w.properties.push(Property {
+            name: "Slice",
+            value: PropertyValue::Str(VM_SLICE.into()),
+        });
+        assert!(!w.is_fence_unit());
     }
 
     #[test]
