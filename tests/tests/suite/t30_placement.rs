@@ -406,3 +406,154 @@ async fn t33_apply_prune_converges_and_dry_run_changes_nothing() -> anyhow::Resu
     );
     Ok(())
 }
+
+/// The VMs whose units each host's manager has in any state but ended (a unit that is
+/// stopping still runs its processes), by host.
+async fn alive_units(hosts: &[SimHost]) -> anyhow::Result<BTreeMap<String, BTreeSet<String>>> {
+    use blixard_agent::reconcile::ActiveState;
+    let mut out = BTreeMap::new();
+    for h in hosts {
+        let sd = Systemd::connect_address(&h.bus_address()).await?;
+        let vms = sd
+            .list_vm_units()
+            .await?
+            .into_iter()
+            .filter(|u| !matches!(u.active, ActiveState::Inactive | ActiveState::Failed))
+            .map(|u| u.vm)
+            .collect();
+        out.insert(h.name().to_string(), vms);
+    }
+    Ok(out)
+}
+
+/// A drain whose VM does not stop in time (its process ignores SIGTERM, so systemd kills it
+/// only after `stop_timeout_secs`) keeps the VM on its host past the deadline, saying it waits
+/// for the host to confirm the stop; once the host has stopped it, it runs elsewhere. It is
+/// never alive on two hosts.
+#[tokio::test]
+async fn t34_a_drain_past_its_deadline_waits_for_the_confirmed_stop() -> anyhow::Result<()> {
+    let c = cluster().await?;
+    let client = c.client();
+    let mut hs = Vec::new();
+    for i in 1..=2 {
+        let name = format!("w{i}");
+        let mut h = SimHost::start(&name).await?;
+        h.spawn_agent(
+            &c.endpoints(),
+            &format!(
+                "process_command = [\"/bin/sh\", \"-c\", \"trap '' TERM; while :; do sleep 1; done\"]\n\
+                 [labels]\nslot = \"{name}\"\n[vm_unit]\nstop_timeout_secs = 15\ngraceful_stop_secs = 1\n"
+            ),
+        )?;
+        hs.push(h);
+    }
+    for h in &hs {
+        wait_registered(&client, h.name(), 1).await?;
+    }
+    let refs: Vec<&SimHost> = hs.iter().collect();
+    with_logs(&refs, async {
+        let names = vec!["stubborn".to_string()];
+        create(&client, &process_spec("stubborn", 64)).await?;
+        let placed = wait_converged(&client, &hs, &names).await?;
+        let target = placed["stubborn"].clone();
+        client.drain_host(&target, Some(1)).await?;
+        let want = format!(
+            "host {target} draining; deadline passed, waiting for {target} to confirm the VM stopped"
+        );
+        let vm = wait::until("the overdue VM to wait on its host", DEADLINE, || async {
+            let u = alive_units(&hs).await.map_err(|e| e.to_string())?;
+            assert_nothing_twice(&u);
+            let vm = client.get_vm("stubborn").await.map_err(|e| e.to_string())?;
+            let waiting = vm.host.as_deref() == Some(target.as_str())
+                && vm.reason.as_deref() == Some(want.as_str());
+            if !waiting {
+                return Err(format!("{} on {:?}: {:?}", vm.state.as_str(), vm.host, vm.reason));
+            }
+            // Still alive there: the host has not stopped it, so it may not run elsewhere.
+            if !u[&target].contains("stubborn") {
+                return Err(format!("the unit on {target} is gone already: {u:?}"));
+            }
+            Ok(Some(vm))
+        })
+        .await?;
+        assert_eq!(vm.state, VmState::Stopping);
+        assert!(vm.evicting.is_some());
+        // Once systemd has killed it and the host reported the stop, it runs on the other host.
+        wait::until("the VM to run on the other host", DEADLINE, || async {
+            let u = alive_units(&hs).await.map_err(|e| e.to_string())?;
+            assert_nothing_twice(&u);
+            let vm = client.get_vm("stubborn").await.map_err(|e| e.to_string())?;
+            let moved = vm.state == VmState::Running
+                && vm.host.as_deref().is_some_and(|h| h != target)
+                && !u[&target].contains("stubborn");
+            Ok(moved.then_some(()))
+        })
+        .await?;
+        wait_converged(&client, &hs, &names).await?;
+        Ok(())
+    })
+    .await
+}
+
+/// A host lost with an `on_host_loss = stay` VM on it keeps the VM assigned (it is not placed
+/// elsewhere while the host may be alive); `blixardctl host declare-gone` says what it does
+/// and moves it at once; the host stays down.
+#[tokio::test]
+async fn t35_declare_gone_moves_a_stay_vm_off_its_lost_host() -> anyhow::Result<()> {
+    let c = cluster().await?;
+    let client = c.client();
+    let mut hs = hosts(&c, "g", 2).await?;
+    let mut spec = process_spec("sticky", 64);
+    spec.on_host_loss = Some(blixard_api::OnHostLoss::Stay);
+    let refs: Vec<&SimHost> = hs.iter().collect();
+    let placed = with_logs(&refs, async {
+        create(&client, &spec).await?;
+        wait_converged(&client, &hs, &["sticky".to_string()]).await
+    })
+    .await?;
+    let victim = placed["sticky"].clone();
+    let i = hs
+        .iter()
+        .position(|h| h.name() == victim)
+        .ok_or_else(|| anyhow::anyhow!("no host {victim}"))?;
+    hs[i].kill()?;
+    let lost = format!(
+        "host {victim} lost; on_host_loss=stay: waiting for the host to come back or to be declared gone"
+    );
+    wait::until(
+        "the host down, its stay VM still on it",
+        DEADLINE,
+        || async {
+            let h = client.get_host(&victim).await.map_err(|e| e.to_string())?;
+            let vm = client.get_vm("sticky").await.map_err(|e| e.to_string())?;
+            if vm.host.as_deref() != Some(victim.as_str()) {
+                panic!("a stay VM left its lost host: {vm:?}");
+            }
+            Ok(
+                (h.status == HostStatus::Down && vm.reason.as_deref() == Some(lost.as_str()))
+                    .then_some(()),
+            )
+        },
+    )
+    .await?;
+
+    let out = run_cli(&c.endpoints(), &["host", "declare-gone", "nope"])?;
+    assert_eq!(out.status.code(), Some(3), "unknown host: not found");
+    let out = run_cli(&c.endpoints(), &["host", "declare-gone", &victim])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("sticky"), "{text}");
+    assert!(text.contains("may run twice"), "{text}");
+    let other: Vec<&SimHost> = hs.iter().filter(|h| h.name() != victim).collect();
+    with_logs(&other, async {
+        let vm = wait_state(&client, "sticky", VmState::Running, None).await?;
+        assert_ne!(vm.host.as_deref(), Some(victim.as_str()));
+        assert_eq!(client.get_host(&victim).await?.status, HostStatus::Down);
+        Ok(())
+    })
+    .await
+}
