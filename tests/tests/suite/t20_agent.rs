@@ -34,6 +34,29 @@ fn spec(name: &str) -> VmSpec {
     .unwrap_or_else(|e| panic!("spec {name}: {e}"))
 }
 
+/// A process VM restarted by the cluster whatever its end, moved or fenced on host loss
+/// (`on_host_loss = move`, the default) or never fenced (`stay`).
+fn spec_with(name: &str, on_host_loss: &str) -> VmSpec {
+    serde_json::from_value(serde_json::json!({
+        "name": name,
+        "vcpus": 1,
+        "memory_mib": 64,
+        "hypervisor": "process",
+        "restart_policy": "always",
+        "on_host_loss": on_host_loss,
+    }))
+    .unwrap_or_else(|e| panic!("spec {name}: {e}"))
+}
+
+/// A lease long enough for an agent killed in a test to be restarted within it on a loaded
+/// machine.
+const LONG_LEASE: &str = "lease_ms = 15000\n";
+
+/// Waits until the dead man's switch runs on the host's manager.
+async fn wait_fence_unit(sd: &Systemd) -> anyhow::Result<u32> {
+    wait_active(sd, "blixard-fence.service").await
+}
+
 fn unit_for(name: &str, argv: &[&str]) -> anyhow::Result<UnitSpec> {
     let argv = argv.iter().map(|s| s.to_string()).collect();
     Ok(unit_spec::build_with_argv(
@@ -509,7 +532,8 @@ async fn t23_agent_restart_adopts_running_vms() -> anyhow::Result<()> {
     let cluster = Cluster::start(3).await?;
     let client = cluster.client();
     let mut host = SimHost::start("h1").await?;
-    host.spawn_agent(&cluster.endpoints(), "")?;
+    // Restarted within the lease: adopted, not fenced.
+    host.spawn_agent(&cluster.endpoints(), LONG_LEASE)?;
     let endpoints = cluster.endpoints();
     let sd = Systemd::connect_address(&host.bus_address()).await?;
     let unit = unit_name("keep");
@@ -528,13 +552,16 @@ async fn t23_agent_restart_adopts_running_vms() -> anyhow::Result<()> {
         Some(("active", pid))
     );
 
-    host.spawn_agent(&endpoints, "")?;
+    host.spawn_agent(&endpoints, LONG_LEASE)?;
     with_logs(&[&host], async {
         wait_registered(&client, "h1", 2).await?;
         wait::until("the new agent to adopt keep", DEADLINE, || async {
             let log = host.agent_log();
             let run2 = log.split("---- agent run 2 ----").nth(1).unwrap_or("");
-            Ok((run2.contains("adopting VM unit") && run2.contains("keep")).then_some(()))
+            Ok((run2.contains("adopting VM unit")
+                && run2.contains("keep")
+                && run2.contains("the previous run's lease still holds"))
+            .then_some(()))
         })
         .await?;
         // The new session reports the VM again; it is still the same process.
@@ -666,8 +693,9 @@ async fn t25_two_hosts_each_run_only_their_own_vms() -> anyhow::Result<()> {
     .await
 }
 
-/// With the whole control plane down, a restarted agent leaves its VMs running and keeps
-/// trying; once the control plane is back it registers and reports them.
+/// With the whole control plane down, a restarted agent leaves its `stay` VMs running (the
+/// lease file tells it, and the switch, which they are) and keeps trying; once the control
+/// plane is back it registers and reports them.
 #[tokio::test]
 async fn t26_control_plane_outage_leaves_vms_running() -> anyhow::Result<()> {
     let mut cluster = Cluster::start(3).await?;
@@ -679,7 +707,7 @@ async fn t26_control_plane_outage_leaves_vms_running() -> anyhow::Result<()> {
     let unit = unit_name("steady");
     let pid = with_logs(&[&host], async {
         wait_registered(&client, "h1", 1).await?;
-        create_vm(&client, &spec("steady")).await?;
+        create_vm(&client, &spec_with("steady", "stay")).await?;
         wait_vm_state(&client, "steady", VmState::Running, Some("h1")).await?;
         wait_active(&sd, &unit).await
     })
@@ -720,23 +748,28 @@ async fn t26_control_plane_outage_leaves_vms_running() -> anyhow::Result<()> {
     .await
 }
 
-/// With `fence_after_ms` set, an agent that hears nothing from the control plane for that
-/// long stops its VMs (they may be placed elsewhere meanwhile, and must not run twice); once
-/// the control plane answers again, the VMs still assigned to the host start again.
+/// Fencing is on by default: an agent cut off from the control plane stops its `move` VMs
+/// once its lease runs out (they may be placed elsewhere meanwhile, and must not run twice),
+/// and leaves its `stay` VMs running. Once the control plane answers again, the agent reports
+/// the fenced VM failed and does not start it on its own: the cluster's restart policy does,
+/// with a new generation.
 #[tokio::test]
-async fn t26_fenced_agent_stops_its_vms_and_starts_them_when_the_link_returns() -> anyhow::Result<()>
-{
+async fn t26_fenced_agent_stops_its_move_vms_and_the_cluster_restarts_them() -> anyhow::Result<()> {
     let mut cluster = Cluster::start(1).await?;
     let client = cluster.client();
     let mut host = SimHost::start("h1").await?;
-    host.spawn_agent(&cluster.endpoints(), "fence_after_ms = 1500\n")?;
+    host.spawn_agent(&cluster.endpoints(), "")?;
     let sd = Systemd::connect_address(&host.bus_address()).await?;
     let unit = unit_name("fenced");
-    let pid = with_logs(&[&host], async {
+    let (pid, stay_pid, generation) = with_logs(&[&host], async {
         wait_registered(&client, "h1", 1).await?;
-        create_vm(&client, &spec("fenced")).await?;
-        wait_vm_state(&client, "fenced", VmState::Running, Some("h1")).await?;
-        wait_active(&sd, &unit).await
+        create_vm(&client, &spec_with("fenced", "move")).await?;
+        create_vm(&client, &spec_with("kept", "stay")).await?;
+        let vm = wait_vm_state(&client, "fenced", VmState::Running, Some("h1")).await?;
+        wait_vm_state(&client, "kept", VmState::Running, Some("h1")).await?;
+        let pid = wait_active(&sd, &unit).await?;
+        let stay_pid = wait_active(&sd, &unit_name("kept")).await?;
+        Ok((pid, stay_pid, vm.generation))
     })
     .await?;
 
@@ -744,8 +777,14 @@ async fn t26_fenced_agent_stops_its_vms_and_starts_them_when_the_link_returns() 
     with_logs(&[&host], async {
         wait_gone(&sd, &unit).await?;
         anyhow::ensure!(
-            host.agent_log().contains("fencing: stopping every VM"),
+            host.agent_log().contains("fencing: stopping every move VM"),
             "the agent did not say it fenced"
+        );
+        let s = sd.unit_status(&unit_name("kept")).await?;
+        assert_eq!(
+            s.map(|s| s.main_pid),
+            Some(stay_pid),
+            "stay VMs are never fenced"
         );
         Ok(())
     })
@@ -753,15 +792,102 @@ async fn t26_fenced_agent_stops_its_vms_and_starts_them_when_the_link_returns() 
 
     cluster.restart(0)?;
     with_logs(&[&host], async {
+        let vm = wait::until("fenced restarted by the cluster", DEADLINE, || async {
+            match client.get_vm("fenced").await {
+                Ok(v) if v.state == VmState::Running && v.generation > generation => Ok(Some(v)),
+                Ok(v) => Err(format!(
+                    "{} gen {} {:?}",
+                    v.state.as_str(),
+                    v.generation,
+                    v.reason
+                )),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await?;
+        assert_eq!(vm.host.as_deref(), Some("h1"));
         let again = wait_active(&sd, &unit).await?;
         anyhow::ensure!(again != pid, "the same process {pid}: it was never stopped");
-        wait_vm_state(&client, "fenced", VmState::Running, Some("h1")).await?;
-        anyhow::ensure!(host.agent_log().contains("ending the fence"));
+        let log = host.agent_log();
+        anyhow::ensure!(log.contains("ending the fence"), "no end of the fence");
+        anyhow::ensure!(
+            log.contains("VM fenced"),
+            "the end was not recorded as the fence's"
+        );
+        let s = sd.unit_status(&unit_name("kept")).await?;
+        assert_eq!(s.map(|s| s.main_pid), Some(stay_pid));
         Ok(())
     })
     .await?;
     anyhow::ensure!(host.agent_exit().is_none(), "the agent exited");
     Ok(())
+}
+
+/// The fence does not depend on the agent: `kill -9` it and its dead man's switch
+/// (`blixard-fence.service`, a unit of the host's manager) stops the `move` VMs once the
+/// lease runs out, while the `stay` VM keeps running. A new agent then starts fenced.
+#[tokio::test]
+async fn t26_killed_agent_is_fenced_by_its_dead_mans_switch() -> anyhow::Result<()> {
+    let cluster = Cluster::start(3).await?;
+    let client = cluster.client();
+    let mut host = SimHost::start("h1").await?;
+    let endpoints = cluster.endpoints();
+    host.spawn_agent(&endpoints, "")?;
+    let sd = Systemd::connect_address(&host.bus_address()).await?;
+    let stay_pid = with_logs(&[&host], async {
+        wait_registered(&client, "h1", 1).await?;
+        wait_fence_unit(&sd).await?;
+        create_vm(&client, &spec_with("mover", "move")).await?;
+        create_vm(&client, &spec_with("stayer", "stay")).await?;
+        wait_vm_state(&client, "mover", VmState::Running, Some("h1")).await?;
+        wait_vm_state(&client, "stayer", VmState::Running, Some("h1")).await?;
+        wait_active(&sd, &unit_name("mover")).await?;
+        wait_active(&sd, &unit_name("stayer")).await
+    })
+    .await?;
+
+    host.kill_agent()?;
+    let t0 = Instant::now();
+    with_logs(&[&host], async {
+        wait_gone(&sd, &unit_name("mover")).await?;
+        eprintln!(
+            "the switch fenced mover {:?} after the agent died",
+            t0.elapsed()
+        );
+        let s = sd.unit_status(&unit_name("stayer")).await?;
+        assert_eq!(
+            s.map(|s| s.main_pid),
+            Some(stay_pid),
+            "stay VMs are never fenced"
+        );
+        wait::until("the switch's log line", DEADLINE, || async {
+            let j = host
+                .journal(&["-u", "blixard-fence.service"])
+                .map_err(|e| e.to_string())?;
+            Ok(j.contains("fence watch: fencing VM").then_some(()))
+        })
+        .await?;
+        Ok(())
+    })
+    .await?;
+
+    // Restarted after its lease ran out, the agent starts fenced, then rejoins.
+    host.spawn_agent(&endpoints, "")?;
+    with_logs(&[&host], async {
+        wait::until("the new agent to start fenced", DEADLINE, || async {
+            let log = host.agent_log();
+            let run2 = log.split("---- agent run 2 ----").nth(1).unwrap_or("");
+            Ok(run2
+                .contains("the previous run's lease ran out")
+                .then_some(()))
+        })
+        .await?;
+        wait_registered(&client, "h1", 2).await?;
+        let s = sd.unit_status(&unit_name("stayer")).await?;
+        assert_eq!(s.map(|s| s.main_pid), Some(stay_pid));
+        Ok(())
+    })
+    .await
 }
 
 /// Without a bus the agent exits non-zero with one clear line, and no panic.
@@ -884,7 +1010,7 @@ async fn t29_agent_stops_units_deleted_while_it_was_down() -> anyhow::Result<()>
     let client = cluster.client();
     let mut host = SimHost::start("h1").await?;
     let endpoints = cluster.endpoints();
-    host.spawn_agent(&endpoints, "")?;
+    host.spawn_agent(&endpoints, LONG_LEASE)?;
     let sd = Systemd::connect_address(&host.bus_address()).await?;
     with_logs(&[&host], async {
         wait_registered(&client, "h1", 1).await?;
@@ -902,7 +1028,7 @@ async fn t29_agent_stops_units_deleted_while_it_was_down() -> anyhow::Result<()>
         sd.unit_status(&unit_name("gone")).await?.is_some(),
         "nobody stopped it yet"
     );
-    host.spawn_agent(&endpoints, "")?;
+    host.spawn_agent(&endpoints, LONG_LEASE)?;
     with_logs(&[&host], async {
         wait_gone(&sd, &unit_name("gone")).await?;
         let s = sd.unit_status(&unit_name("stays")).await?;
@@ -912,9 +1038,10 @@ async fn t29_agent_stops_units_deleted_while_it_was_down() -> anyhow::Result<()>
     .await
 }
 
-/// Host loss and fencing: the agent of h1 dies, the cluster declares h1 down after its TTL
-/// and moves the VM to h2; when h1's agent comes back, it finds the VM assigned elsewhere
-/// and stops its stale copy, so only h2 runs it.
+/// Host loss and fencing: the agent of h1 dies; its dead man's switch stops the VM on h1
+/// once the lease runs out, before the cluster (after the host's TTL, which covers the lease
+/// and the grace) moves it to h2: the two copies never run at once. When h1's agent comes
+/// back, it finds the VM assigned elsewhere and runs nothing.
 #[tokio::test]
 async fn t29_host_loss_moves_the_vm_and_the_old_copy_is_fenced() -> anyhow::Result<()> {
     let cluster = Cluster::start(3).await?;
@@ -926,8 +1053,7 @@ async fn t29_host_loss_moves_the_vm_and_the_old_copy_is_fenced() -> anyhow::Resu
     let sd1 = Systemd::connect_address(&h1.bus_address()).await?;
     let sd2 = Systemd::connect_address(&h2.bus_address()).await?;
     let unit = unit_name("mobile");
-    let mut mobile = spec("mobile");
-    mobile.restart_policy = blixard_api::RestartPolicy::Always;
+    let mobile = spec_with("mobile", "move");
     with_logs(&[&h1], async {
         wait_registered(&client, "h1", 1).await?;
         create_vm(&client, &mobile).await?;
@@ -937,27 +1063,103 @@ async fn t29_host_loss_moves_the_vm_and_the_old_copy_is_fenced() -> anyhow::Resu
     .await?;
 
     h2.spawn_agent(&endpoints, "")?;
+    wait_registered(&client, "h2", 1).await?;
     h1.kill_agent()?;
     let t0 = Instant::now();
-    with_logs(&[&h2], async {
-        wait_vm_state(&client, "mobile", VmState::Running, Some("h2")).await?;
-        wait_active(&sd2, &unit).await
+    // Watch both hosts on one clock: h1's copy must be gone before h2's is active.
+    let (gone_h1, active_h2) = with_logs(&[&h1, &h2], async {
+        let mut gone_h1 = None;
+        let mut active_h2 = None;
+        while active_h2.is_none() || gone_h1.is_none() {
+            anyhow::ensure!(
+                t0.elapsed() < DEADLINE,
+                "timed out: h1 gone {gone_h1:?}, h2 active {active_h2:?}"
+            );
+            if gone_h1.is_none()
+                && sd1
+                    .unit_status(&unit)
+                    .await?
+                    .is_none_or(|s| s.active_state != "active")
+            {
+                gone_h1 = Some(t0.elapsed());
+            }
+            if active_h2.is_none()
+                && sd2
+                    .unit_status(&unit)
+                    .await?
+                    .is_some_and(|s| s.active_state == "active")
+            {
+                active_h2 = Some(t0.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok((gone_h1.unwrap_or_default(), active_h2.unwrap_or_default()))
     })
     .await?;
-    eprintln!("moved to h2 {:?} after h1's agent died", t0.elapsed());
-    // Without its agent, h1 cannot know yet: the stale copy still runs there.
-    assert!(sd1.unit_status(&unit).await?.is_some());
+    eprintln!("h1's copy fenced {gone_h1:?} and h2's active {active_h2:?} after h1's agent died");
+    anyhow::ensure!(
+        gone_h1 <= active_h2,
+        "both copies ran at once: h1's ended at {gone_h1:?}, h2's started at {active_h2:?}"
+    );
+    with_logs(&[&h2], async {
+        wait_vm_state(&client, "mobile", VmState::Running, Some("h2")).await?;
+        Ok(())
+    })
+    .await?;
 
     h1.spawn_agent(&endpoints, "")?;
     with_logs(&[&h1], async {
         wait_registered(&client, "h1", 2).await?;
-        wait_gone(&sd1, &unit).await?;
+        wait::until("h1's agent to end its fence", DEADLINE, || async {
+            Ok(h1.agent_log().contains("ending the fence").then_some(()))
+        })
+        .await?;
+        assert!(sd1.unit_status(&unit).await?.is_none());
         let vm = client.get_vm("mobile").await?;
         assert_eq!(
             (vm.state, vm.host.as_deref()),
             (VmState::Running, Some("h2"))
         );
         assert!(sd2.unit_status(&unit).await?.is_some());
+        Ok(())
+    })
+    .await
+}
+
+/// A VM whose unit ended while its agent was down is reported failed by the next agent, not
+/// started again on the host's own initiative.
+#[tokio::test]
+async fn t29_vm_that_ended_while_the_agent_was_down_is_reported_not_restarted() -> anyhow::Result<()>
+{
+    let cluster = Cluster::start(1).await?;
+    let client = cluster.client();
+    let mut host = SimHost::start("h1").await?;
+    let endpoints = cluster.endpoints();
+    host.spawn_agent(&endpoints, LONG_LEASE)?;
+    let sd = Systemd::connect_address(&host.bus_address()).await?;
+    let unit = unit_name("lost");
+    with_logs(&[&host], async {
+        wait_registered(&client, "h1", 1).await?;
+        create_vm(&client, &spec("lost")).await?;
+        wait_vm_state(&client, "lost", VmState::Running, Some("h1")).await?;
+        wait_active(&sd, &unit).await
+    })
+    .await?;
+    host.kill_agent()?;
+    assert!(sd.kill_unit(&unit, 9).await?);
+    wait_gone(&sd, &unit).await?;
+    host.spawn_agent(&endpoints, LONG_LEASE)?;
+    with_logs(&[&host], async {
+        let vm = wait_vm_state(&client, "lost", VmState::Failed, Some("h1")).await?;
+        assert_eq!(
+            vm.reason.as_deref(),
+            Some("the unit ended while the agent was not running")
+        );
+        assert!(
+            sd.unit_status(&unit).await?.is_none(),
+            "restarted on its own"
+        );
+        anyhow::ensure!(host.agent_log().matches("starting VM").count() == 1);
         Ok(())
     })
     .await
