@@ -71,6 +71,9 @@ pub enum Forward {
     /// A host's heartbeat: the leader confirms its leadership, then renews the host's lease
     /// in memory (see [`crate::liveness`]). Appended; older nodes do not know it.
     Heartbeat(String),
+    /// How long each host has been silent, per the leader's leases (for host reads).
+    /// Appended; older nodes do not know it.
+    Silence,
 }
 
 /// The leader's answer to a [`Forward`].
@@ -81,6 +84,8 @@ pub enum ForwardReply {
     Members(Vec<Member>),
     /// The receiver is not (or no longer) the leader.
     NotLeader,
+    /// Per host, milliseconds since its last confirmed heartbeat on the leader.
+    Silence(Vec<(String, u64)>),
     Error(String),
 }
 
@@ -507,6 +512,19 @@ impl ControlNode {
                 Err(e) => ForwardReply::Error(e.to_string()),
             },
             Forward::Heartbeat(host) => self.heartbeat_here(&host).await,
+            Forward::Silence => {
+                if self.leader() != Some(self.id) {
+                    return ForwardReply::NotLeader;
+                }
+                let now = self.clock_ms();
+                let hosts: Vec<String> = self.state.read(|s| s.hosts.keys().cloned().collect());
+                ForwardReply::Silence(self.with_leases(|l| {
+                    hosts
+                        .into_iter()
+                        .filter_map(|h| l.silent_ms(&h, now).map(|ms| (h, ms)))
+                        .collect()
+                }))
+            }
             Forward::AddMember(m) => self.add_member_here(m).await,
             Forward::RemoveMember(id) => self.remove_member_here(id).await,
         }
@@ -629,6 +647,15 @@ impl ControlNode {
     pub async fn heartbeat(&self, host: &str) -> Result<Response, NodeError> {
         match self.on_leader(Forward::Heartbeat(host.to_string())).await? {
             ForwardReply::Response(r) => Ok(r),
+            other => Err(NodeError::Raft(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Per host, how long ago the leader last confirmed a heartbeat of it (or began to lead,
+    /// if it has seen none since).
+    pub async fn host_silence(&self) -> Result<BTreeMap<String, u64>, NodeError> {
+        match self.on_leader(Forward::Silence).await? {
+            ForwardReply::Silence(v) => Ok(v.into_iter().collect()),
             other => Err(NodeError::Raft(format!("unexpected reply {other:?}"))),
         }
     }

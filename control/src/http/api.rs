@@ -482,18 +482,38 @@ async fn register_host(
     )?))
 }
 
-async fn list_hosts(State(node): Node) -> Result<Json<Vec<Host>>, ApiError> {
+/// Hosts with `last_heartbeat_ms` from the leader's leases: heartbeats are kept in the
+/// leader's memory, so the stored value is only the last transition (registration, return).
+async fn hosts_with_leases(node: &ControlNode, only: Option<&str>) -> Result<Vec<Host>, ApiError> {
     node.read_barrier().await?;
-    Ok(Json(
-        node.state.read(|s| s.hosts.values().cloned().collect()),
-    ))
+    let mut hosts: Vec<Host> = node.state.read(|s| match only {
+        Some(id) => s.hosts.get(id).cloned().into_iter().collect(),
+        None => s.hosts.values().cloned().collect(),
+    });
+    if hosts.is_empty() {
+        return Ok(hosts);
+    }
+    // Best effort: a leader change in between leaves the stored times.
+    if let Ok(silence) = node.host_silence().await {
+        let now = crate::node::now_ms();
+        for h in &mut hosts {
+            if let Some(ms) = silence.get(&h.id) {
+                h.last_heartbeat_ms = h.last_heartbeat_ms.max(now.saturating_sub(*ms));
+            }
+        }
+    }
+    Ok(hosts)
+}
+
+async fn list_hosts(State(node): Node) -> Result<Json<Vec<Host>>, ApiError> {
+    Ok(Json(hosts_with_leases(&node, None).await?))
 }
 
 async fn get_host(State(node): Node, Path(id): Path<String>) -> Result<Json<Host>, ApiError> {
     validate::dns_label("id", &id)?;
-    node.read_barrier().await?;
-    node.state
-        .read(|s| s.hosts.get(&id).cloned())
+    hosts_with_leases(&node, Some(&id))
+        .await?
+        .pop()
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("host {id} not found")))
 }
