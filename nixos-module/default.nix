@@ -250,19 +250,25 @@ in
             };
             heartbeat_interval_ms = mkOption {
               type = types.ints.positive;
-              default = 2000;
-              description = "How often the agent reports to the control plane.";
+              default = 500;
+              description = "How often the agent heartbeats to the control plane.";
             };
-            fence_after_ms = mkOption {
-              type = types.nullOr types.ints.positive;
-              default = null;
+            lease_ms = mkOption {
+              type = types.ints.positive;
+              default = 2000;
               description = ''
-                Self-fencing, off when null: after this long without an answer from the control
-                plane the agent stops every VM on the host, and starts the ones still assigned
-                to it once the control plane answers again. Set it below the control plane's
-                host_ttl_ms minus the VMs' graceful stop time, so a VM has stopped here before
-                it is placed elsewhere. At least twice heartbeat_interval_ms.
+                Fencing, on by default: each heartbeat a control-plane leader confirms renews
+                the host's lease for this long, counted from when it was sent. Once it runs
+                out, every VM with on_host_loss = move is stopped on the host (SIGTERM, then
+                SIGKILL after fence_grace_ms), by the agent or, if the agent is dead, by its
+                dead man's switch (blixard-fence.service). At least twice
+                heartbeat_interval_ms, between 500 and 600000.
               '';
+            };
+            fence_grace_ms = mkOption {
+              type = types.ints.unsigned;
+              default = 500;
+              description = "How long a fenced VM gets between SIGTERM and SIGKILL (at most 60000).";
             };
             token_file = mkOption {
               type = types.nullOr types.str;
