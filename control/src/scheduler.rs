@@ -74,6 +74,40 @@ pub fn host_loads(state: &ClusterState, wanted: impl Fn(&str) -> bool) -> BTreeM
     out
 }
 
+/// Placements checked one after another against a state, each accepted one counted against
+/// the next (the re-check on apply; usable by any command that places VMs).
+pub struct PlacementCheck {
+    oc: Overcommit,
+    loads: BTreeMap<String, Load>,
+}
+
+impl PlacementCheck {
+    /// The loads of the hosts `wanted` accepts, in one pass over `state`'s VMs.
+    pub fn new(state: &ClusterState, oc: Overcommit, wanted: impl Fn(&str) -> bool) -> Self {
+        PlacementCheck {
+            oc,
+            loads: host_loads(state, wanted),
+        }
+    }
+
+    /// Whether `spec` fits on `host` by [`fit`], given `state`'s hosts and the placements
+    /// admitted so far; if so it is counted on the host, else the reason.
+    pub fn admit(&mut self, state: &ClusterState, host: &str, spec: &VmSpec) -> Result<(), String> {
+        let Some(h) = state.hosts.get(host) else {
+            return Err("host not registered".into());
+        };
+        let load = self.loads.entry(host.to_string()).or_default();
+        match fit(h, Limits::of(h, self.oc), load, spec) {
+            Ok(_) => {
+                load.add(spec);
+                Ok(())
+            }
+            Err(Reject::NotUp) => Err(format!("host is {}", h.status.as_str())),
+            Err(r) => Err(r.why().to_string()),
+        }
+    }
+}
+
 /// A host's vCPUs and memory times the overcommit ratios.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {

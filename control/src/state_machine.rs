@@ -757,9 +757,9 @@ impl Apply<'_> {
     ) -> Response {
         // With the ratios, the load on every host named here: one pass over the VMs for the
         // whole command, then updated as its placements are accepted.
-        let mut loads = overcommit.map(|_| {
+        let mut check = overcommit.map(|oc| {
             let named: BTreeSet<&str> = placements.iter().map(|p| p.host.as_str()).collect();
-            scheduler::host_loads(self.s, |h| named.contains(h))
+            scheduler::PlacementCheck::new(self.s, oc, |h| named.contains(h))
         });
         let mut placed = 0;
         let mut refused = 0;
@@ -770,34 +770,23 @@ impl Apply<'_> {
             if vm.generation != p.generation || vm.host.is_some() || vm.state != VmState::Pending {
                 continue;
             }
-            let host = self.s.hosts.get(&p.host);
-            match (overcommit, loads.as_mut()) {
-                (Some(oc), Some(loads)) => {
-                    let verdict = match host {
-                        None => Err("host not registered".to_string()),
-                        Some(h) => {
-                            let load = loads.entry(p.host.clone()).or_default();
-                            match scheduler::fit(h, scheduler::Limits::of(h, oc), load, &vm.spec) {
-                                Ok(_) => {
-                                    load.add(&vm.spec);
-                                    Ok(())
-                                }
-                                Err(scheduler::Reject::NotUp) => {
-                                    Err(format!("host is {}", h.status.as_str()))
-                                }
-                                Err(r) => Err(r.why().to_string()),
-                            }
-                        }
-                    };
-                    if let Err(why) = verdict {
+            match check.as_mut() {
+                Some(check) => {
+                    if let Err(why) = check.admit(self.s, &p.host, &vm.spec) {
                         let reason = format!("placement on {} no longer fits: {why}", p.host);
                         self.set_reason(&p.vm, reason, EventKind::VmPending);
                         refused += 1;
                         continue;
                     }
                 }
-                _ => {
-                    if !host.is_some_and(|h| h.status == HostStatus::Up) {
+                // An entry from before the ratios were carried: as it applied then.
+                None => {
+                    let up = self
+                        .s
+                        .hosts
+                        .get(&p.host)
+                        .is_some_and(|h| h.status == HostStatus::Up);
+                    if !up {
                         continue;
                     }
                 }
