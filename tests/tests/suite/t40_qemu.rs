@@ -167,7 +167,10 @@ async fn wait_reason(client: &Client, vm: &str, state: VmState) -> anyhow::Resul
 /// graceful.
 #[tokio::test]
 async fn t40_qemu_agent_restart_keeps_the_guest() -> anyhow::Result<()> {
-    let (cluster, mut host, client) = setup("q4", "").await?;
+    // The agent is killed twice: a lease longer than its restart (and than the graceful stop
+    // below), so its dead man's switch does not fence the guest meanwhile.
+    const LONG_LEASE: &str = "lease_ms = 30000\n";
+    let (cluster, mut host, client) = setup("q4", LONG_LEASE).await?;
     let sd = Systemd::connect_address(&host.bus_address()).await?;
     let unit = unit_name("keep");
     let pid = with_logs(&[&host], async {
@@ -178,7 +181,10 @@ async fn t40_qemu_agent_restart_keeps_the_guest() -> anyhow::Result<()> {
     .await?;
     host.kill_agent()?;
     let beats_before = heartbeats(&console(&host, "keep"));
-    host.spawn_agent(&cluster.endpoints(), &guest::agent_config())?;
+    host.spawn_agent(
+        &cluster.endpoints(),
+        &format!("{LONG_LEASE}{}", guest::agent_config()),
+    )?;
     with_logs(&[&host], async {
         wait_registered(&client, "q4", 2).await?;
         wait_state(&client, "keep", VmState::Running, Some("q4")).await?;
