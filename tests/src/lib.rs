@@ -8,8 +8,11 @@
 pub mod binaries;
 pub mod cluster;
 pub mod container;
+pub mod exactly_once;
 pub mod guest;
 pub mod host;
 pub mod linearizability;
+pub mod proxy;
+pub mod unit_log;
 pub mod vms;
 pub mod wait;
