@@ -557,3 +557,33 @@ async fn t35_declare_gone_moves_a_stay_vm_off_its_lost_host() -> anyhow::Result<
     })
     .await
 }
+
+/// `declare-gone` is an operator's word, never an agent's (403 even for its own host), its
+/// input is checked at admission (400), an unknown host is 404, and a host declared gone
+/// stays down: its agent's heartbeats are answered 404 until it registers again.
+#[tokio::test]
+async fn t36_declare_gone_is_operator_only_and_keeps_the_host_down() -> anyhow::Result<()> {
+    use blixard_tests::cluster::{AGENT_TOKENS, OPERATOR_TOKEN};
+    let (c, _ca) = Cluster::start_secure(3).await?;
+    let eps = c.endpoints();
+    let op = c.client_with(&eps, Some(OPERATOR_TOKEN));
+    let (h1, t1) = AGENT_TOKENS[0];
+    let agent = c.client_with(&eps, Some(t1));
+    let status =
+        |r: Result<blixard_api::Host, blixard_api::ClientError>| r.err().and_then(|e| e.status());
+    agent
+        .register_host(&blixard_tests::vms::process_host(h1))
+        .await?;
+    assert_eq!(status(agent.declare_host_gone(h1).await), Some(403));
+    assert_eq!(status(op.declare_host_gone("Not_A_Label").await), Some(400));
+    assert_eq!(status(op.declare_host_gone("nope").await), Some(404));
+    assert_eq!(op.declare_host_gone(h1).await?.status, HostStatus::Down);
+    assert_eq!(status(agent.heartbeat(h1).await), Some(404));
+    assert_eq!(op.get_host(h1).await?.status, HostStatus::Down);
+    let back = agent
+        .register_host(&blixard_tests::vms::process_host(h1))
+        .await?;
+    assert_eq!((back.status, back.epoch), (HostStatus::Up, 2));
+    agent.heartbeat(h1).await?;
+    Ok(())
+}
