@@ -5,7 +5,10 @@
 //! Figures: `writes` (durable writes at 1/16/64/256 clients, next to a 3-member etcd),
 //! `placement` (1,000 hosts + 10,000 VMs in a burst; the pure scheduler alone), `start`
 //! (placement → unit active with a real agent and systemd), `failover` (kill -9 the leader
-//! under load), `footprint` (RSS/CPU of an idle agent and of a control node with 10,000 VMs).
+//! under load), `footprint` (RSS/CPU of an idle agent and of a control node with 10,000 VMs),
+//! `hostloss` (kill a whole simulated host; time until its VMs run elsewhere) and `liveness`
+//! (10,000 heartbeating hosts: log entries, heartbeat rate and latency, leader CPU, create p99
+//! with and without the load, time to detect a silent host).
 //!
 //! Build with `bench/setup.sh` (etcd, then `cargo build --release` of this and the daemons);
 //! run `target/release/blixard-bench` as root (the agent figures need cgroups and namespaces).
@@ -15,6 +18,8 @@
 
 mod agent;
 mod failover;
+mod hostloss;
+mod liveness;
 mod load;
 mod placement;
 mod procs;
@@ -27,17 +32,26 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use serde_json::{json, Value};
 
-const FIGURES: [&str; 5] = ["writes", "placement", "start", "failover", "footprint"];
+const FIGURES: [&str; 7] = [
+    "writes",
+    "placement",
+    "start",
+    "failover",
+    "footprint",
+    "hostloss",
+    "liveness",
+];
 
 #[derive(Parser, Debug)]
 #[command(
-    about = "Blixard's benchmark: writes vs etcd, placement, start latency, failover, footprint"
+    about = "Blixard's benchmark: writes vs etcd, placement, start latency, failover, footprint, host loss, liveness at scale"
 )]
 struct Args {
     /// Fewer runs and shorter loads (about 3 minutes instead of 7).
     #[arg(long)]
     quick: bool,
-    /// Only these figures (comma-separated): writes, placement, start, failover, footprint.
+    /// Only these figures (comma-separated): writes, placement, start, failover, footprint,
+    /// hostloss, liveness.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Runs per figure (default 3, quick 2).
@@ -52,6 +66,15 @@ struct Args {
     /// Leader kills in `failover` (default 20, quick 6).
     #[arg(long)]
     kills: Option<usize>,
+    /// Whole-host kills in `hostloss` (default 10, quick 4).
+    #[arg(long)]
+    host_kills: Option<usize>,
+    /// Simulated hosts in `liveness` (default 10000).
+    #[arg(long, default_value_t = 10_000)]
+    liveness_hosts: usize,
+    /// Heartbeats in flight at most in `liveness` (and so connections; default 400).
+    #[arg(long, default_value_t = 400)]
+    liveness_conns: usize,
     /// Skip etcd in `writes` (Blixard only).
     #[arg(long)]
     no_etcd: bool,
@@ -74,6 +97,9 @@ pub struct Opts {
     pub write_secs: f64,
     pub clients: Vec<usize>,
     pub kills: usize,
+    pub host_kills: usize,
+    pub liveness_hosts: usize,
+    pub liveness_conns: usize,
     pub no_etcd: bool,
     pub bin_dir: PathBuf,
     pub start_vms: usize,
@@ -122,6 +148,12 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or(if args.quick { 2.0 } else { 5.0 }),
         clients: args.clients.clone(),
         kills: args.kills.unwrap_or(if args.quick { 6 } else { 20 }),
+        host_kills: args
+            .host_kills
+            .unwrap_or(if args.quick { 4 } else { 10 })
+            .max(1),
+        liveness_hosts: args.liveness_hosts,
+        liveness_conns: args.liveness_conns,
         no_etcd: args.no_etcd,
         bin_dir,
         start_vms: 100,
@@ -193,6 +225,16 @@ fn main() -> anyhow::Result<()> {
             eprintln!("== failover");
             let r = failover::run(&opts, &mut summary).await;
             record("failover", r, &mut out);
+        }
+        if selected("hostloss") {
+            eprintln!("== hostloss (kill a whole host, real agents, real systemd)");
+            let r = hostloss::run(&opts, &mut summary).await;
+            record("hostloss", r, &mut out);
+        }
+        if selected("liveness") {
+            eprintln!("== liveness ({} simulated hosts)", opts.liveness_hosts);
+            let r = liveness::run(&opts, &mut summary).await;
+            record("liveness", r, &mut out);
         }
         if selected("footprint") {
             summarise_footprint(&footprint, &mut summary);
