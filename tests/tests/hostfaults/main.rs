@@ -723,3 +723,93 @@ async fn hostfaults_a_vm_runs_on_exactly_one_host() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Runs `systemd-run ARGS…` on `host` (as a user of its manager) and checks it succeeded.
+fn systemd_run(host: &SimHost, args: &[&str]) -> anyhow::Result<()> {
+    let out = host
+        .command("systemd-run")?
+        .arg("--user")
+        .args(args)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "systemd-run {args:?} on {}: {}",
+        host.name(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// The recorder and the checker, end to end, without a cluster: a unit of one VM planted on
+/// two hosts by hand is an overlap from the second start to the first stop (systemd's
+/// timestamps), and killing a host ends what ran there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostfaults_recorder_sees_a_planted_duplicate() -> anyhow::Result<()> {
+    let log = UnitLog::new();
+    let a = SimHost::start("dup-a").await?;
+    let mut b = SimHost::start("dup-b").await?;
+    let wa = log.watch(&a).await?;
+    let wb = log.watch(&b).await?;
+    let unit = [
+        "--unit",
+        "blixard-vm-dup",
+        "-p",
+        "Type=exec",
+        "/bin/sleep",
+        "infinity",
+    ];
+    let t0 = now_us();
+    systemd_run(&a, &unit)?;
+    systemd_run(&b, &unit)?;
+    let mid = now_us();
+    // Stop it on a: `systemctl --user stop`.
+    let out = a
+        .command("systemctl")?
+        .args(["--user", "stop", "blixard-vm-dup.service"])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "systemctl stop failed");
+    wait::until(
+        "the stop on dup-a to be recorded",
+        Duration::from_secs(10),
+        || async {
+            let up = wa.active_vms().await.map_err(|e| e.to_string())?;
+            let closed = log
+                .intervals()
+                .iter()
+                .any(|i| i.host == "dup-a" && i.end_us.is_some());
+            Ok((up.is_empty() && closed).then_some(()))
+        },
+    )
+    .await?;
+    let stopped = now_us();
+    let ivs = log.intervals();
+    let found = exactly_once::overlaps(&ivs, now_us());
+    anyhow::ensure!(
+        found.len() == 1,
+        "one overlap expected: {found:?} from {ivs:?}"
+    );
+    let o = &found[0];
+    anyhow::ensure!(
+        o.vm == "dup" && o.first.host == "dup-a" && o.second.host == "dup-b",
+        "{o}"
+    );
+    anyhow::ensure!(
+        t0 <= o.from_us && o.from_us <= mid && o.to_us <= stopped && o.from_us < o.to_us,
+        "overlap times {o} outside [{t0}, {mid}] .. {stopped}"
+    );
+    // A host kill ends the interval still open on dup-b at the kill.
+    let _ = wb.active_vms().await?;
+    let mut wb = wb;
+    tokio::task::block_in_place(|| b.kill())?;
+    let killed = now_us();
+    wb.finish(Duration::from_secs(5)).await;
+    log.host_ended("dup-b", killed);
+    let ivs = log.intervals();
+    let on_b: Vec<&Interval> = ivs.iter().filter(|i| i.host == "dup-b").collect();
+    anyhow::ensure!(
+        on_b.len() == 1 && on_b[0].end_us.is_some_and(|e| e <= killed && e > o.from_us),
+        "dup-b's interval ends by the kill: {on_b:?}"
+    );
+    drop(wa);
+    Ok(())
+}
