@@ -11,3 +11,4 @@ mod t50_logs;
 mod t60_packaging;
 mod t70_security;
 mod t80_safety;
+mod t90_liveness;
