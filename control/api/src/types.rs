@@ -181,8 +181,9 @@ impl VmSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Eviction {
     pub reason: String,
-    /// Unix milliseconds after which the VM is taken off its host even if the host has not
-    /// confirmed the stop (the host's agent fences it when it comes back).
+    /// Unix milliseconds by which the host should have confirmed the stop. Past it the VM is
+    /// still never taken off a host that is up without that confirmation: it stays assigned
+    /// and its reason says it waits, until the host confirms, is declared down or gone.
     pub deadline_ms: u64,
 }
 
@@ -392,7 +393,9 @@ pub const DEFAULT_LOG_LINES: u32 = 100;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct DrainRequest {
-    /// Seconds the host's VMs get to stop before they are taken off it anyway (default 300).
+    /// Seconds the host's VMs get to stop (default 300). Past it a VM that has not stopped
+    /// stays on the host, saying it waits, until the host confirms the stop or is declared
+    /// down or gone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_secs: Option<u64>,
 }
