@@ -279,6 +279,20 @@ impl UnitTracker {
                     continue;
                 }
                 unseen = true;
+            } else if t.live
+                && !t.stop_requested
+                && !t.fence_killed
+                && t.exec_main_code.is_none()
+                && t.failed_job.is_none()
+            {
+                // systemd sends the unit's `ActiveState` and the service's `Result` and
+                // `ExecMain*` in two signals: under load a pass can fall between them. Wait
+                // (bounded) for the exit status rather than record an end without it.
+                let since = *t.missing_since.get_or_insert(now);
+                if now.saturating_sub(since) < UNSEEN_END_MS {
+                    out.ending.insert(vm);
+                    continue;
+                }
             }
             let t = self.tracks.remove(&vm).unwrap_or_default();
             let generation = assigned.max(t.generation);
@@ -480,6 +494,65 @@ mod tests {
         let crash = || Sig(inactive("exit-code", 1, 3));
         #[allow(clippy::type_complexity)]
         let cases: Vec<(&str, Vec<Step>, u64, bool, Want)> = vec![
+            (
+                "an end whose exit status is still on its way waits for it",
+                vec![
+                    Start(3),
+                    Sig(Signal::Changed {
+                        active_state: Some("failed".into()),
+                        result: None,
+                        exec_main_code: None,
+                        exec_main_status: None,
+                    }),
+                    pass(10, None, false),
+                ],
+                3,
+                false,
+                (None, vec![], true),
+            ),
+            (
+                "the exit status in a second signal makes the end",
+                vec![
+                    Start(3),
+                    Sig(Signal::Changed {
+                        active_state: Some("failed".into()),
+                        result: None,
+                        exec_main_code: None,
+                        exec_main_status: None,
+                    }),
+                    pass(10, None, false),
+                    crash(),
+                    pass(20, None, false),
+                ],
+                3,
+                false,
+                (
+                    Some((VmState::Failed, "exit-code status=3", 3)),
+                    vec![EndKind::Exited],
+                    false,
+                ),
+            ),
+            (
+                "an exit status that never comes ends the wait after the bound",
+                vec![
+                    Start(3),
+                    Sig(Signal::Changed {
+                        active_state: Some("inactive".into()),
+                        result: Some("success".into()),
+                        exec_main_code: None,
+                        exec_main_status: None,
+                    }),
+                    pass(10, None, false),
+                    pass(10 + UNSEEN_END_MS, None, false),
+                ],
+                3,
+                false,
+                (
+                    Some((VmState::Stopped, "exited", 3)),
+                    vec![EndKind::Exited],
+                    false,
+                ),
+            ),
             (
                 "a VM's own exit is recorded with systemd's result",
                 vec![
@@ -725,8 +798,13 @@ mod tests {
                 (None, vec![], false),
             ),
             (
-                "a unit removed without signals otherwise ends at the next pass",
-                vec![Start(3), Sig(Signal::Removed), pass(10, None, false)],
+                "a unit removed without signals ends once its exit status had time to come",
+                vec![
+                    Start(3),
+                    Sig(Signal::Removed),
+                    pass(10, None, false),
+                    pass(10 + UNSEEN_END_MS, None, false),
+                ],
                 3,
                 false,
                 (
