@@ -492,20 +492,20 @@ mod tests {
         use Step::*;
         let sigterm_exit = || Sig(inactive("success", 2, 15));
         let crash = || Sig(inactive("exit-code", 1, 3));
+        // The unit's own signal, before the service's with the exit status.
+        let failed_without_status = || {
+            Sig(Signal::Changed {
+                active_state: Some("failed".into()),
+                result: None,
+                exec_main_code: None,
+                exec_main_status: None,
+            })
+        };
         #[allow(clippy::type_complexity)]
         let cases: Vec<(&str, Vec<Step>, u64, bool, Want)> = vec![
             (
                 "an end whose exit status is still on its way waits for it",
-                vec![
-                    Start(3),
-                    Sig(Signal::Changed {
-                        active_state: Some("failed".into()),
-                        result: None,
-                        exec_main_code: None,
-                        exec_main_status: None,
-                    }),
-                    pass(10, None, false),
-                ],
+                vec![Start(3), failed_without_status(), pass(10, None, false)],
                 3,
                 false,
                 (None, vec![], true),
@@ -514,12 +514,7 @@ mod tests {
                 "the exit status in a second signal makes the end",
                 vec![
                     Start(3),
-                    Sig(Signal::Changed {
-                        active_state: Some("failed".into()),
-                        result: None,
-                        exec_main_code: None,
-                        exec_main_status: None,
-                    }),
+                    failed_without_status(),
                     pass(10, None, false),
                     crash(),
                     pass(20, None, false),
