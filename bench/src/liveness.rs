@@ -103,14 +103,15 @@ async fn sender(s: Arc<Shared>, http: reqwest::Client) -> Vec<u32> {
     while !s.stop.load(Ordering::Relaxed) && s.t0.elapsed() < HARD_LIMIT {
         let seq = s.next.fetch_add(1, Ordering::Relaxed);
         let j = (seq % s.n as u64) as usize;
+        let due = s.t0 + Duration::from_nanos(seq.saturating_mul(step_ns));
+        // Wait for the beat's time even when it is not sent, so the sequence keeps pace
+        // with the clock (unregistered and silent hosts hold their slots empty).
+        let late = Instant::now() > due + INTERVAL;
+        tokio::time::sleep_until(due.into()).await;
         if !s.registered[j].load(Ordering::Relaxed) || s.silent[j].load(Ordering::Relaxed) {
             continue;
         }
-        let due = s.t0 + Duration::from_nanos(seq.saturating_mul(step_ns));
-        let now = Instant::now();
-        if now < due {
-            tokio::time::sleep_until(due.into()).await;
-        } else if now > due + INTERVAL {
+        if late {
             s.bump(&s.skipped);
             continue;
         }
