@@ -373,6 +373,7 @@ pub async fn run(o: &Opts, summary: &mut Vec<String>) -> anyhow::Result<Value> {
     let with_p99 = pct_ms(with_lat, 99.0);
     let ratio = with_p99 / base_p99;
     let detect_ms: Vec<f64> = m.detect.iter().filter_map(|d| d.1).collect();
+    let detect_ev: Vec<f64> = m.detect.iter().filter_map(|d| d.2).collect();
     summary.push(format!(
         "liveness ({n} hosts, heartbeat every {} ms, TTL {} ms, {conns} senders): {ok_rate:.0} of {target:.0} heartbeats/s answered (p50 {:.1} ms, p99 {:.1} ms; {} failed, {} skipped in {secs:.0} s); {entries_rate:.2} log entries/s; leader {:.0}% CPU, {:.0} MiB RSS",
         INTERVAL.as_millis(),
@@ -385,10 +386,11 @@ pub async fn run(o: &Opts, summary: &mut Vec<String>) -> anyhow::Result<Value> {
         m.leader_rss_mib
     ));
     summary.push(format!(
-        "liveness: create p99 {with_p99:.2} ms with the heartbeat load vs {base_p99:.2} ms without ({ratio:.2}x; p50 {:.2} vs {:.2} ms); one silent host among {n} down after {} ms",
+        "liveness: create p99 {with_p99:.2} ms with the heartbeat load vs {base_p99:.2} ms without ({ratio:.2}x; p50 {:.2} vs {:.2} ms); one silent host among {n} down after {} ms (GET), {} ms (event)",
         pct_ms(with_lat, 50.0),
         pct_ms(&base_lat, 50.0),
-        crate::stats::Range::of(&detect_ms).show(0)
+        crate::stats::Range::of(&detect_ms).show(0),
+        crate::stats::Range::of(&detect_ev).show(0)
     ));
     let causes = s.causes.lock().map(|m| m.clone()).unwrap_or_default();
     Ok(json!({
@@ -428,8 +430,9 @@ pub async fn run(o: &Opts, summary: &mut Vec<String>) -> anyhow::Result<Value> {
         },
         "detect_down_ms": {
             "ttl_ms": LEASE_MS + GRACE_MS + 500,
-            "samples": m.detect.iter().map(|(h, d)| json!({ "host": h, "ms": d.map(round) })).collect::<Vec<_>>(),
+            "samples": m.detect.iter().map(|(h, d, e)| json!({ "host": h, "get_ms": d.map(round), "event_ms": e.map(round) })).collect::<Vec<_>>(),
             "range": crate::stats::Range::of(&detect_ms),
+            "event_range": crate::stats::Range::of(&detect_ev),
         },
         "heartbeats_after_window": {
             "answered": s.ok[AFTER].load(Ordering::Relaxed),
@@ -465,7 +468,7 @@ struct Measured {
     leader_changed: bool,
     with_lat: Vec<u64>,
     with_failed: u64,
-    detect: Vec<(String, Option<f64>)>,
+    detect: Vec<(String, Option<f64>, Option<f64>)>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -591,38 +594,96 @@ async fn measure(
     }
     // Any beat in flight when the silence began has come back by now.
     tokio::time::sleep(Duration::from_millis(LEASE_MS / 4)).await;
-    let detect = futures::future::join_all(silent.iter().map(|j| {
-        let (s, http) = (s.clone(), http.clone());
-        let id = host_id(*j);
-        let j = *j;
+    let ids: Vec<String> = silent.iter().map(|j| host_id(*j)).collect();
+    let lasts: Vec<Instant> = silent
+        .iter()
+        .map(|j| s.t0 + Duration::from_micros(s.last_ack_us[*j].load(Ordering::Relaxed)))
+        .collect();
+    let polls = futures::future::join_all(ids.iter().zip(&lasts).map(|(id, last)| {
+        let http = http.clone();
         async move {
-            let last = s.t0 + Duration::from_micros(s.last_ack_us[j].load(Ordering::Relaxed));
             let deadline = Instant::now() + Duration::from_secs(30);
+            let mut seen = String::new();
             while Instant::now() < deadline {
                 let st = async {
                     let r = http
                         .get(format!("{lurl}/v1/hosts/{id}"))
+                        .timeout(Duration::from_secs(3))
                         .send()
                         .await
-                        .ok()?;
-                    let v: Value = r.json().await.ok()?;
-                    v.get("status")?.as_str().map(String::from)
+                        .map_err(|e| format!("transport: {e}"))?;
+                    let code = r.status().as_u16();
+                    let v: Value = r.json().await.map_err(|e| format!("HTTP {code}: {e}"))?;
+                    v.get("status")
+                        .and_then(Value::as_str)
+                        .map(String::from)
+                        .ok_or(format!("HTTP {code} without a status"))
                 }
                 .await;
-                if st.as_deref() == Some("down") {
-                    return (id, Some(last.elapsed().as_secs_f64() * 1000.0));
+                match st {
+                    Ok(st) if st == "down" => {
+                        return (Some(last.elapsed().as_secs_f64() * 1000.0), seen)
+                    }
+                    Ok(st) => seen = st,
+                    Err(e) => seen = e,
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            (id, None)
+            (None, seen)
         }
-    }))
-    .await;
-    for (h, d) in &detect {
+    }));
+    // The leader's `host_status` events for the same hosts, stamped on arrival.
+    let events = async {
+        let mut at: Vec<Option<f64>> = vec![None; ids.len()];
+        let Ok(st) = http.get(format!("{lurl}/v1/cluster/status")).send().await else {
+            return at;
+        };
+        let st: Value = st.json().await.unwrap_or_default();
+        let mut since = st.get("applied_index").and_then(Value::as_u64).unwrap_or(0);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline && at.iter().any(Option::is_none) {
+            let Ok(r) = http
+                .get(format!("{lurl}/v1/events?since={since}&wait_ms=1000"))
+                .send()
+                .await
+            else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            let Ok(v) = r.json::<Value>().await else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            };
+            since = v
+                .get("index")
+                .and_then(Value::as_u64)
+                .unwrap_or(since)
+                .max(since);
+            for e in v
+                .get("events")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let f = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("");
+                if f("kind") == "host_status" && f("host_status") == "down" {
+                    if let Some(i) = ids.iter().position(|id| id == f("host")) {
+                        at[i].get_or_insert(lasts[i].elapsed().as_secs_f64() * 1000.0);
+                    }
+                }
+            }
+        }
+        at
+    };
+    let (polls, events) = tokio::join!(polls, events);
+    let mut detect = Vec::new();
+    for ((id, (d, seen)), ev) in ids.iter().zip(polls).zip(events) {
         eprintln!(
-            "  liveness: {h} silent, down after {} ms",
-            d.map_or("—".into(), |d| format!("{d:.0}"))
+            "  liveness: {id} silent, GET shows down after {} ms (last seen {seen:?}), down event after {} ms",
+            d.map_or("—".into(), |d| format!("{d:.0}")),
+            ev.map_or("—".into(), |d| format!("{d:.0}"))
         );
+        detect.push((id.clone(), d, ev));
     }
     let leader_changed = c.wait_leader(Duration::from_secs(5)).await.ok() != Some(leader);
     Ok(Measured {
