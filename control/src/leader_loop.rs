@@ -76,15 +76,19 @@ pub async fn run(node: Arc<ControlNode>, overcommit: Overcommit) {
             })
         });
         next_expiry = next;
-        for host in expired {
+        // All at once: the batcher puts them in as few entries as it can, so a burst of
+        // expiries (a rack going dark) does not take one Raft round per host.
+        let downs = expired.into_iter().map(|host| {
             let silent = node.with_leases(|l| l.silent_ms(&host, clock));
             tracing::warn!(host = %host, silent_ms = ?silent, "lease expired; declaring the host down");
-            let cmd = Command::SetHostStatus {
+            node.propose(Command::SetHostStatus {
                 host,
                 status: HostStatus::Down,
                 now_ms: 0,
-            };
-            if let Err(e) = node.propose(cmd).await {
+            })
+        });
+        for r in futures::future::join_all(downs).await {
+            if let Err(e) = r {
                 tracing::warn!(error = %e, "marking a host down failed");
             }
         }
