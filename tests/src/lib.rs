@@ -12,6 +12,7 @@ pub mod exactly_once;
 pub mod guest;
 pub mod host;
 pub mod linearizability;
+pub mod nemesis;
 pub mod proxy;
 pub mod unit_log;
 pub mod vms;

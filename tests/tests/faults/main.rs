@@ -17,33 +17,12 @@ use std::time::{Duration, Instant};
 use blixard_api::{Client, ClientError, Hypervisor, UpdateVm, Vm, VmSpec};
 use blixard_tests::cluster::{Cluster, ClusterOptions};
 use blixard_tests::linearizability::{self, Call, Op, Outcome, Verdict};
+use blixard_tests::nemesis::{env_u64, leader, wait_answers, Rng};
 use blixard_tests::wait;
 
 const NODES: usize = 3;
 const CLIENTS: usize = 5;
 const KEYS_PER_ROUND: usize = 3;
-
-/// A small deterministic generator (xorshift64*), so a seed replays the nemesis.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.max(1))
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
-}
 
 /// What every task shares.
 struct Shared {
@@ -203,29 +182,6 @@ async fn client(id: usize, clients: Arc<Vec<Client>>, sh: Arc<Shared>, seed: u64
     }
 }
 
-/// Waits until node `i` answers at all (so clients do not meet a refused connection).
-async fn wait_answers(c: &Cluster, i: usize) -> anyhow::Result<()> {
-    let client = c.node_client(i);
-    wait::until(
-        &format!("node {} to answer", i + 1),
-        Duration::from_secs(30),
-        || async { Ok(client.cluster_status().await.ok().map(|_| ())) },
-    )
-    .await
-}
-
-/// The index of the leader, as the first node that knows one sees it.
-async fn leader(c: &Cluster) -> Option<usize> {
-    for i in 0..c.nodes.len() {
-        if let Some(s) = c.status(i).await {
-            if let Some(l) = s.leader {
-                return c.nodes.iter().position(|n| n.id == l);
-            }
-        }
-    }
-    None
-}
-
 #[derive(Debug, Default)]
 struct Tally {
     kills: usize,
@@ -280,7 +236,15 @@ async fn faults_history_is_linearizable_under_kills_and_partitions() -> anyhow::
     // Every loop here stops by itself: the clients at this hard deadline at the latest.
     let hard = Instant::now() + Duration::from_secs(60 + 15 * rounds as u64);
     let workers: Vec<_> = (0..CLIENTS)
-        .map(|id| tokio::spawn(client(id, clients.clone(), sh.clone(), rng.next(), hard)))
+        .map(|id| {
+            tokio::spawn(client(
+                id,
+                clients.clone(),
+                sh.clone(),
+                rng.next_u64(),
+                hard,
+            ))
+        })
         .collect();
 
     let mut tally = Tally::default();

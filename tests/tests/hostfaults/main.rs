@@ -32,6 +32,7 @@ use blixard_api::{Client, ClientError, DesiredState, UpdateVm, VmSpec, VmState};
 use blixard_tests::cluster::{Cluster, ClusterOptions};
 use blixard_tests::exactly_once::{self, Interval};
 use blixard_tests::host::SimHost;
+use blixard_tests::nemesis::{env_u64, leader, wait_answers, Rng};
 use blixard_tests::proxy::{Mode, Proxy};
 use blixard_tests::unit_log::{now_us, Record, UnitLog, Watch};
 use blixard_tests::wait;
@@ -42,31 +43,6 @@ const HOSTS: usize = 3;
 const MAX_LIVE_VMS: usize = 9;
 /// After the faults heal, every VM desired running runs on exactly one host within this.
 const CONVERGE_BOUND: Duration = Duration::from_secs(30);
-
-/// A small deterministic generator (xorshift64*), so a seed replays a run's choices.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.max(1))
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn millis(&mut self, from: u64, to: u64) -> Duration {
-        Duration::from_millis(from + self.below(to - from + 1))
-    }
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
-}
 
 /// A `process` VM, restart policy `always`, with `value` in its cmdline (which the `process`
 /// hypervisor ignores: changing it is a spec change and nothing else). From JSON, so fields
@@ -270,29 +246,6 @@ async fn workload(client: Client, sh: Arc<Shared>, seed: u64, hard: Instant) -> 
     w
 }
 
-/// Waits until node `i` answers at all.
-async fn wait_answers(c: &Cluster, i: usize) -> anyhow::Result<()> {
-    let client = c.node_client(i);
-    wait::until(
-        &format!("node {} to answer", i + 1),
-        Duration::from_secs(30),
-        || async { Ok(client.cluster_status().await.ok().map(|_| ())) },
-    )
-    .await
-}
-
-/// The index of the leader, as the first node that knows one sees it.
-async fn leader(c: &Cluster) -> Option<usize> {
-    for i in 0..c.nodes.len() {
-        if let Some(s) = c.status(i).await {
-            if let Some(l) = s.leader {
-                return c.nodes.iter().position(|n| n.id == l);
-            }
-        }
-    }
-    None
-}
-
 /// Kills host `i` with `cgroup.kill`, ends its recording, and returns it (kept until the end
 /// of the run, so its directory stays for a post-mortem).
 async fn kill_host(hosts: &mut Vec<Host>, i: usize, log: &UnitLog) -> anyhow::Result<Host> {
@@ -369,7 +322,7 @@ async fn hostfaults_a_vm_runs_on_exactly_one_host() -> anyhow::Result<()> {
             hosts.iter().map(|h| h.name().to_string()).collect();
     };
     let hard = Instant::now() + Duration::from_secs(60 + 20 * rounds as u64);
-    let worker = tokio::spawn(workload(c.client(), sh.clone(), rng.next(), hard));
+    let worker = tokio::spawn(workload(c.client(), sh.clone(), rng.next_u64(), hard));
 
     let mut tally = Tally::default();
     let run_start = Instant::now();
