@@ -493,18 +493,11 @@ impl ControlNode {
     /// Executes a forwarded request, if this node is the leader.
     pub async fn handle_forward(&self, req: Forward) -> ForwardReply {
         match req {
-            Forward::Propose(mut cmd) => {
+            Forward::Propose(cmd) => {
                 if matches!(*cmd, Command::Batch { .. }) {
                     return ForwardReply::Error("batches are formed by the leader".into());
                 }
-                cmd.stamp(now_ms());
-                let (tx, rx) = oneshot::channel();
-                if self.proposals.send((*cmd, tx)).await.is_err() {
-                    return ForwardReply::Error("the proposal queue is closed".into());
-                }
-                rx.await.unwrap_or_else(|_| {
-                    ForwardReply::Error("the proposal was dropped unanswered".into())
-                })
+                self.propose_here(*cmd).await
             }
             Forward::ReadIndex => match self.leader_check.confirm().await {
                 Ok(c) => ForwardReply::ReadIndex(c.read_index),
@@ -528,6 +521,17 @@ impl ControlNode {
             Forward::AddMember(m) => self.add_member_here(m).await,
             Forward::RemoveMember(id) => self.remove_member_here(id).await,
         }
+    }
+
+    /// Stamps `cmd` with the leader's clock and hands it to the batcher; the applied outcome.
+    async fn propose_here(&self, mut cmd: Command) -> ForwardReply {
+        cmd.stamp(now_ms());
+        let (tx, rx) = oneshot::channel();
+        if self.proposals.send((cmd, tx)).await.is_err() {
+            return ForwardReply::Error("the proposal queue is closed".into());
+        }
+        rx.await
+            .unwrap_or_else(|_| ForwardReply::Error("the proposal was dropped unanswered".into()))
     }
 
     /// A heartbeat on the leader: confirms leadership by a round that began after the
@@ -563,18 +567,11 @@ impl ControlNode {
         self.metrics.heartbeat();
         if record.status == blixard_api::HostStatus::Down {
             tracing::info!(host = %host, "heartbeat from a host that was down; bringing it back up");
-            let mut cmd = Command::Heartbeat {
+            let cmd = Command::Heartbeat {
                 host: host.to_string(),
                 now_ms: 0,
             };
-            cmd.stamp(now_ms());
-            let (tx, rx) = oneshot::channel();
-            if self.proposals.send((cmd, tx)).await.is_err() {
-                return ForwardReply::Error("the proposal queue is closed".into());
-            }
-            return rx.await.unwrap_or_else(|_| {
-                ForwardReply::Error("the proposal was dropped unanswered".into())
-            });
+            return self.propose_here(cmd).await;
         }
         ForwardReply::Response(Response::Host(Box::new(blixard_api::Host {
             last_heartbeat_ms: now_ms(),
