@@ -183,19 +183,26 @@ impl UnitTracker {
                 exec_main_status,
             } => {
                 let t = self.tracks.entry(vm.to_string()).or_default();
+                if matches!(active_state.as_deref(), Some("active" | "activating")) {
+                    // A new run: what an earlier run ended with is not this run's end.
+                    t.end_pending = false;
+                    t.result = None;
+                    t.exec_main_code = None;
+                    t.exec_main_status = None;
+                }
                 if let Some(r) = result {
                     t.result = Some(r);
                 }
+                // ExecMainCode 0 is systemd's "the main process has not exited": a start
+                // announces it with `Result=success`, which is no end.
                 if let Some(c) = exec_main_code {
-                    t.exec_main_code = Some(c);
+                    t.exec_main_code = (c != 0).then_some(c);
                 }
                 if let Some(s) = exec_main_status {
                     t.exec_main_status = Some(s);
                 }
-                match active_state.as_deref() {
-                    Some("inactive" | "failed") => t.end_pending = true,
-                    Some("active" | "activating") => t.end_pending = false,
-                    _ => {}
+                if matches!(active_state.as_deref(), Some("inactive" | "failed")) {
+                    t.end_pending = true;
                 }
             }
             Signal::JobFailed { result } => {
@@ -507,6 +514,29 @@ mod tests {
                 "an end whose exit status is still on its way waits for it",
                 vec![Start(3), failed_without_status(), pass(10, None, false)],
                 3,
+                false,
+                (None, vec![], true),
+            ),
+            (
+                "a start's ExecMainCode=0 and Result=success are no exit status to end with",
+                vec![
+                    Start(4),
+                    Sig(Signal::Changed {
+                        active_state: Some("activating".into()),
+                        result: None,
+                        exec_main_code: None,
+                        exec_main_status: None,
+                    }),
+                    Sig(Signal::Changed {
+                        active_state: None,
+                        result: Some("success".into()),
+                        exec_main_code: Some(0),
+                        exec_main_status: Some(0),
+                    }),
+                    failed_without_status(),
+                    pass(10, None, false),
+                ],
+                4,
                 false,
                 (None, vec![], true),
             ),
