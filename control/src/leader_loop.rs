@@ -70,7 +70,9 @@ pub async fn run(node: Arc<ControlNode>, overcommit: Overcommit) {
             node.with_leases(|l| {
                 l.retain(|h| s.hosts.contains_key(h));
                 (
-                    l.expired(s.hosts.values(), clock, now_ms(), &node.liveness),
+                    // Marked going down in the same step: no heartbeat renews them until
+                    // their proposals below are resolved.
+                    l.take_expired(s.hosts.values(), clock, now_ms(), &node.liveness),
                     l.next_expiry(s.hosts.values(), clock, &node.liveness),
                 )
             })
@@ -81,17 +83,25 @@ pub async fn run(node: Arc<ControlNode>, overcommit: Overcommit) {
         let downs = expired.into_iter().map(|host| {
             let silent = node.with_leases(|l| l.silent_ms(&host, clock));
             tracing::warn!(host = %host, silent_ms = ?silent, "lease expired; declaring the host down");
-            node.propose(Command::SetHostStatus {
-                host,
-                status: HostStatus::Down,
-                now_ms: 0,
-            })
-        });
-        for r in futures::future::join_all(downs).await {
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "marking a host down failed");
+            let node = &node;
+            async move {
+                let r = node
+                    .propose(Command::SetHostStatus {
+                        host: host.clone(),
+                        status: HostStatus::Down,
+                        now_ms: 0,
+                    })
+                    .await;
+                if let Err(e) = r {
+                    tracing::warn!(host = %host, error = %e, "marking a host down failed");
+                }
+                // Applied (or failed: if the entry is in the log anyway, a heartbeat waits
+                // for this node's whole log before it answers).
+                node.with_leases(|l| l.end_down(&host));
+                node.downs_resolved.notify_waiters();
             }
-        }
+        });
+        futures::future::join_all(downs).await;
         let now = now_ms();
         let overdue = node.state.read(|s| overdue_evictions(s, now));
         if !overdue.is_empty() {

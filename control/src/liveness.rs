@@ -18,11 +18,16 @@
 //! - a new leader knows no leases: it starts every host's silence at the moment it began to
 //!   lead, so each host gets a full TTL before anything is declared down. An ordinary
 //!   failover therefore never takes a host down (and never fences one: the agent's lease is
-//!   longer than an election).
+//!   longer than an election);
+//! - a "down" decision and a renewal never cross: from the moment the leader decides a host
+//!   is down until its proposal is resolved, the host is *going down* and no heartbeat renews
+//!   it (the heartbeat waits, then finds the host down and brings it back up through the
+//!   log). Otherwise a heartbeat confirmed while the down entry is in flight would renew the
+//!   agent's lease, the agent would resume, and the entry would then move its VMs.
 //!
 //! Everything here is pure: times are milliseconds on the leader's monotonic clock, passed in.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use blixard_api::{Host, HostStatus};
 
@@ -50,6 +55,20 @@ pub struct Leases {
     term: Option<(u64, u64)>,
     /// When each host's last confirmed heartbeat arrived, in this term.
     renewed: HashMap<String, u64>,
+    /// Hosts this leader decided are down whose proposal is not resolved yet.
+    going_down: HashSet<String>,
+}
+
+/// What [`Leases::renew`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// The lease runs from this heartbeat's arrival.
+    Renewed,
+    /// The confirmation was of another term than the one led: nothing changed.
+    OtherTerm,
+    /// The host is being declared down: nothing changed. Wait for [`Leases::end_down`], then
+    /// read the host's record again (it is down by then, or the proposal failed).
+    GoingDown,
 }
 
 impl Leases {
@@ -61,6 +80,7 @@ impl Leases {
             _ => {
                 self.term = Some((term, now));
                 self.renewed.clear();
+                self.going_down.clear();
                 true
             }
         }
@@ -70,6 +90,7 @@ impl Leases {
     pub fn step_down(&mut self) {
         self.term = None;
         self.renewed.clear();
+        self.going_down.clear();
     }
 
     /// The term being led, if any.
@@ -79,13 +100,35 @@ impl Leases {
 
     /// A heartbeat of `host` that arrived at `arrived` was confirmed by this node's leadership
     /// of `term`. Renewals of another term than the one led are ignored (a check that began
-    /// before a step-down and ended after it).
-    pub fn renew(&mut self, term: u64, host: &str, arrived: u64) {
+    /// before a step-down and ended after it), and so are renewals of a host going down.
+    pub fn renew(&mut self, term: u64, host: &str, arrived: u64) -> Renewal {
         if self.term() != Some(term) {
-            return;
+            return Renewal::OtherTerm;
+        }
+        if self.going_down.contains(host) {
+            return Renewal::GoingDown;
         }
         let at = self.renewed.entry(host.to_string()).or_insert(arrived);
         *at = (*at).max(arrived);
+        Renewal::Renewed
+    }
+
+    /// The leader decided `host` is down and is about to propose it: until [`Self::end_down`],
+    /// no heartbeat renews it.
+    pub fn begin_down(&mut self, host: &str) {
+        if self.term.is_some() {
+            self.going_down.insert(host.to_string());
+        }
+    }
+
+    /// The proposal that declares `host` down is resolved (applied, or failed).
+    pub fn end_down(&mut self, host: &str) {
+        self.going_down.remove(host);
+    }
+
+    /// Whether `host` is being declared down.
+    pub fn is_going_down(&self, host: &str) -> bool {
+        self.going_down.contains(host)
     }
 
     /// How long `host` has been silent at `now`, counted from its last renewal or, if it has
@@ -143,6 +186,24 @@ impl Leases {
     /// Forgets the leases of hosts no longer in the state.
     pub fn retain(&mut self, known: impl Fn(&str) -> bool) {
         self.renewed.retain(|h, _| known(h));
+    }
+
+    /// Hosts expired at `now` (see [`Self::expired`]) that are not going down yet, each marked
+    /// going down ([`Self::begin_down`]) in the same step, so no renewal slips in between the
+    /// decision and the mark.
+    pub fn take_expired<'a>(
+        &mut self,
+        hosts: impl IntoIterator<Item = &'a Host>,
+        now: u64,
+        wall_now: u64,
+        cfg: &LivenessConfig,
+    ) -> Vec<String> {
+        let mut out = self.expired(hosts, now, wall_now, cfg);
+        out.retain(|h| !self.going_down.contains(h));
+        for h in &out {
+            self.begin_down(h);
+        }
+        out
     }
 
     /// How many hosts hold a lease in this term.
@@ -214,9 +275,10 @@ mod tests {
         ];
         let mut l = Leases::default();
         l.lead(3, 0);
-        l.renew(3, "a", 2_000);
-        l.renew(3, "a", 1_000); // a late, older confirmation never moves it back
-        l.renew(2, "b", 2_500); // another term's check
+        assert_eq!(l.renew(3, "a", 2_000), Renewal::Renewed);
+        // A late, older confirmation never moves it back.
+        assert_eq!(l.renew(3, "a", 1_000), Renewal::Renewed);
+        assert_eq!(l.renew(2, "b", 2_500), Renewal::OtherTerm);
         assert_eq!(l.silent_ms("a", 4_000), Some(2_000));
         assert_eq!(l.expired(&hosts, 3_001, WALL, &CFG), vec!["b"]);
         assert_eq!(l.expired(&hosts, 5_001, WALL, &CFG), vec!["a", "b"]);
@@ -227,6 +289,36 @@ mod tests {
         assert_eq!(l.silent_ms("a", 99_999), None);
         assert!(l.expired(&hosts, 99_999, WALL, &CFG).is_empty());
         assert_eq!(l.next_expiry(&hosts, 99_999, &CFG), None);
+    }
+
+    #[test]
+    fn a_host_going_down_is_not_renewed_until_its_proposal_is_resolved() {
+        let hosts = [
+            host("a", HostStatus::Up, Some((2_000, 500))),
+            host("b", HostStatus::Up, Some((2_000, 500))),
+        ];
+        let mut l = Leases::default();
+        l.lead(1, 0);
+        assert_eq!(l.renew(1, "b", 2_000), Renewal::Renewed);
+        // The decision and the mark are one step: "a" is expired, "b" is not.
+        assert_eq!(l.take_expired(&hosts, 3_001, WALL, &CFG), vec!["a"]);
+        assert!(l.is_going_down("a") && !l.is_going_down("b"));
+        // Not decided twice while its proposal is out.
+        assert!(l.take_expired(&hosts, 3_500, WALL, &CFG).is_empty());
+        // A heartbeat confirmed meanwhile renews nothing: the down entry may still apply.
+        assert_eq!(l.renew(1, "a", 3_100), Renewal::GoingDown);
+        assert_eq!(l.silent_ms("a", 3_200), Some(3_200));
+        l.end_down("a");
+        assert_eq!(l.renew(1, "a", 3_300), Renewal::Renewed);
+        // A new term or a step-down forgets the marks with the leases.
+        l.begin_down("b");
+        assert!(l.lead(2, 4_000));
+        assert!(!l.is_going_down("b"));
+        l.begin_down("b");
+        l.step_down();
+        assert!(!l.is_going_down("b"));
+        l.begin_down("b");
+        assert!(!l.is_going_down("b"), "nothing is marked while not leading");
     }
 
     #[test]

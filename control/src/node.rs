@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::config::Config;
 use crate::leader_check::{LeaderCheck, LeaderCheckError};
-use crate::liveness::{Leases, LivenessConfig};
+use crate::liveness::{Leases, LivenessConfig, Renewal};
 use crate::metrics::Metrics;
 use crate::network::HttpNetwork;
 use crate::raft_types::{NodeId, Raft};
@@ -159,6 +159,9 @@ pub struct ControlNode {
     leader_check: LeaderCheck,
     /// Hosts' leases while this node leads (see [`crate::liveness`]).
     pub leases: std::sync::Mutex<Leases>,
+    /// Woken when the leader loop resolves the proposals of hosts going down, for heartbeats
+    /// that wait for them ([`crate::liveness::Renewal::GoingDown`]).
+    pub downs_resolved: tokio::sync::Notify,
     /// How host TTLs follow from the agents' fence timing.
     pub liveness: LivenessConfig,
     /// The origin of [`Self::clock_ms`].
@@ -298,6 +301,7 @@ impl ControlNode {
             vote_news,
             leader_check,
             leases: std::sync::Mutex::new(Leases::default()),
+            downs_resolved: tokio::sync::Notify::new(),
             liveness,
             clock_origin: std::time::Instant::now(),
         }))
@@ -539,44 +543,68 @@ impl ControlNode {
     /// return only when it was down. Steady-state heartbeats write nothing to the log.
     async fn heartbeat_here(&self, host: &str) -> ForwardReply {
         let arrived = self.clock_ms();
-        let confirmed = match self.leader_check.confirm().await {
-            Ok(c) => c,
-            Err(LeaderCheckError::NotLeader) => return ForwardReply::NotLeader,
-            Err(e) => return ForwardReply::Error(e.to_string()),
-        };
-        // Wait until this node has applied everything committed before the check, so that
-        // the host's record (registered? down?) is current.
-        if let Err(e) = self
-            .raft
-            .wait(Some(LEADER_WAIT))
-            .applied_index_at_least(Some(confirmed.read_index), "heartbeat")
-            .await
-        {
-            return ForwardReply::Error(e.to_string());
-        }
-        let Some(record) = self.state.read(|s| s.hosts.get(host).cloned()) else {
-            return ForwardReply::Response(Response::Error(ApplyError::NotFound(format!(
-                "host {host} not registered"
-            ))));
-        };
-        let now = self.clock_ms();
-        self.with_leases(|l| {
-            l.lead(confirmed.term, now);
-            l.renew(confirmed.term, host, arrived);
-        });
-        self.metrics.heartbeat();
-        if record.status == blixard_api::HostStatus::Down {
-            tracing::info!(host = %host, "heartbeat from a host that was down; bringing it back up");
-            let cmd = Command::Heartbeat {
-                host: host.to_string(),
-                now_ms: 0,
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        loop {
+            // Enabled before the lease is looked at, so a resolution in between is not missed.
+            let resolved = self.downs_resolved.notified();
+            tokio::pin!(resolved);
+            resolved.as_mut().enable();
+            let confirmed = match self.leader_check.confirm().await {
+                Ok(c) => c,
+                Err(LeaderCheckError::NotLeader) => return ForwardReply::NotLeader,
+                Err(e) => return ForwardReply::Error(e.to_string()),
             };
-            return self.propose_here(cmd).await;
+            // Wait until this node has applied everything in its log when the check ended,
+            // not only what was committed when it began: an entry that declares this host
+            // down may be in flight, and the answer must not tell the agent it is up while
+            // that entry can still move its VMs.
+            let last_log = self.raft.metrics().borrow().last_log_index;
+            let applied = self
+                .raft
+                .wait(Some(LEADER_WAIT))
+                .applied_index_at_least(
+                    Some(confirmed.read_index.max(last_log.unwrap_or(0))),
+                    "heartbeat",
+                )
+                .await;
+            if let Err(e) = applied {
+                return ForwardReply::Error(e.to_string());
+            }
+            let Some(record) = self.state.read(|s| s.hosts.get(host).cloned()) else {
+                return ForwardReply::Response(Response::Error(ApplyError::NotFound(format!(
+                    "host {host} not registered"
+                ))));
+            };
+            let now = self.clock_ms();
+            let renewal = self.with_leases(|l| {
+                l.lead(confirmed.term, now);
+                l.renew(confirmed.term, host, arrived)
+            });
+            if renewal == Renewal::GoingDown {
+                tracing::info!(host = %host, "heartbeat from a host being declared down; waiting for that to resolve");
+                // The leader loop is declaring this host down: once that is resolved the
+                // record says down (and the host comes back up below), or the proposal failed.
+                if tokio::time::timeout_at(deadline, resolved).await.is_err() {
+                    return ForwardReply::Error(format!(
+                        "host {host} is being declared down; try again"
+                    ));
+                }
+                continue;
+            }
+            self.metrics.heartbeat();
+            if record.status == blixard_api::HostStatus::Down {
+                tracing::info!(host = %host, "heartbeat from a host that was down; bringing it back up");
+                let cmd = Command::Heartbeat {
+                    host: host.to_string(),
+                    now_ms: 0,
+                };
+                return self.propose_here(cmd).await;
+            }
+            return ForwardReply::Response(Response::Host(Box::new(blixard_api::Host {
+                last_heartbeat_ms: now_ms(),
+                ..record
+            })));
         }
-        ForwardReply::Response(Response::Host(Box::new(blixard_api::Host {
-            last_heartbeat_ms: now_ms(),
-            ..record
-        })))
     }
 
     async fn add_member_here(&self, m: AddMember) -> ForwardReply {
