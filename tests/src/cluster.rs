@@ -442,6 +442,11 @@ impl Drop for Cluster {
         for i in 0..self.nodes.len() {
             self.kill(i);
         }
+        if std::env::var_os("BLIXARD_KEEP_HOSTS").is_some() {
+            // Keep the nodes' logs and data for a post-mortem, as the hosts' are kept.
+            self.dir.disable_cleanup(true);
+            eprintln!("kept cluster at {}", self.dir.path().display());
+        }
     }
 }
 

@@ -83,7 +83,13 @@ pub struct SimHost {
     agent_runs: usize,
     /// The agent logs to the host's journal (`-t blixard-agent`) rather than to `agent.log`.
     pub agent_logs_to_journal: bool,
+    /// The agent runs as production runs it: a unit of the host's manager
+    /// ([`AGENT_UNIT`], `Type=notify`, `KillMode=process`), rather than a child of the test.
+    pub agent_as_unit: bool,
 }
+
+/// The agent's unit on a host whose agent runs as a unit ([`SimHost::agent_as_unit`]).
+pub const AGENT_UNIT: &str = "blixard-agent.service";
 
 impl std::fmt::Debug for SimHost {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -177,6 +183,7 @@ impl SimHost {
             agent: None,
             agent_runs: 0,
             agent_logs_to_journal: false,
+            agent_as_unit: false,
         };
         host.wait_ready().await?;
         Ok(host)
@@ -345,18 +352,60 @@ impl SimHost {
             self.agent_config_path(),
             self.agent_config(endpoints, extra),
         )?;
+        let log_path = self.base.path().join("agent.log");
         let mut log = fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.base.path().join("agent.log"))?;
+            .open(&log_path)?;
         self.agent_runs += 1;
         writeln!(log, "---- agent run {} ----", self.agent_runs)?;
-        let mut cmd = self.command(binary("blixard-agent"))?;
-        cmd.arg("--config").arg(self.agent_config_path());
+        let mut args = vec![
+            "--config".to_string(),
+            self.agent_config_path().display().to_string(),
+        ];
         if !self.agent_logs_to_journal {
-            cmd.arg("--log-stderr");
+            args.push("--log-stderr".into());
         }
-        cmd.env("RUST_LOG", "info,blixard_agent=debug")
+        const RUST_LOG: &str = "info,blixard_agent=debug";
+        if self.agent_as_unit {
+            // As `units/blixard-agent.service` runs it, minus the hardening a user manager
+            // cannot apply; no `Restart=`, so a killed agent stays down until respawned.
+            let _ = self.systemctl(&["reset-failed", AGENT_UNIT]);
+            let mut cmd = self.command("systemd-run")?;
+            cmd.args(["--user", "--no-block", "--quiet", "--collect"])
+                .arg(format!("--unit={AGENT_UNIT}"))
+                .args(["--service-type=notify", "-p", "NotifyAccess=main"])
+                .args(["-p", "KillMode=process", "-p", "TimeoutStopSec=30s"])
+                .arg("-p")
+                .arg(format!("StandardOutput=append:{}", log_path.display()))
+                .arg("-p")
+                .arg(format!("StandardError=append:{}", log_path.display()))
+                .arg(format!("--setenv=RUST_LOG={RUST_LOG}"));
+            for (k, v) in self
+                .env()
+                .into_iter()
+                .chain(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            {
+                cmd.arg(format!("--setenv={k}={v}"));
+            }
+            let out = cmd
+                .arg("--")
+                .arg(binary("blixard-agent"))
+                .args(&args)
+                .output()
+                .context("running systemd-run for the agent")?;
+            if !out.status.success() {
+                bail!(
+                    "systemd-run of the agent on {}: {}",
+                    self.name,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            return Ok(());
+        }
+        let mut cmd = self.command(binary("blixard-agent"))?;
+        cmd.args(&args)
+            .env("RUST_LOG", RUST_LOG)
             .envs(env.iter().copied())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -364,8 +413,40 @@ impl SimHost {
         Ok(())
     }
 
+    /// `systemctl --user ARGS…` on the host; its stdout.
+    pub fn systemctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self
+            .command("systemctl")?
+            .arg("--user")
+            .args(args)
+            .output()
+            .context("running systemctl")?;
+        if !out.status.success() {
+            bail!(
+                "systemctl --user {} on {}: {}",
+                args.join(" "),
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// The agent unit's `ActiveState` (`inactive` when it is not loaded).
+    fn agent_unit_state(&self) -> String {
+        self.systemctl(&["show", "-p", "ActiveState", "--value", AGENT_UNIT])
+            .unwrap_or_default()
+    }
+
     /// The agent's process id, if it runs.
     pub fn agent_pid(&self) -> Option<u32> {
+        if self.agent_as_unit {
+            return self
+                .systemctl(&["show", "-p", "MainPID", "--value", AGENT_UNIT])
+                .ok()
+                .and_then(|p| p.parse().ok())
+                .filter(|&p| p != 0);
+        }
         self.agent.as_ref().map(Child::id)
     }
 
@@ -378,6 +459,22 @@ impl SimHost {
 
     /// SIGKILLs the agent (its VMs are systemd's and must survive).
     pub fn kill_agent(&mut self) -> anyhow::Result<()> {
+        if self.agent_as_unit {
+            // `KillMode=process`: only the agent's main process, as production's unit does.
+            let _ = self.systemctl(&["kill", "--signal=SIGKILL", AGENT_UNIT]);
+            let deadline = Instant::now() + START_DEADLINE;
+            while matches!(
+                self.agent_unit_state().as_str(),
+                "active" | "activating" | "deactivating" | "reloading"
+            ) {
+                if Instant::now() > deadline {
+                    bail!("the agent unit of {} did not stop after SIGKILL", self.name);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = self.systemctl(&["reset-failed", AGENT_UNIT]);
+            return Ok(());
+        }
         if let Some(mut child) = self.agent.take() {
             let _ = child.kill();
             child.wait()?;

@@ -1,7 +1,8 @@
 //! The fault suite with hosts: "a VM runs on exactly one host" (issue 14).
 //!
 //! Three real control nodes (`--fault-injection`) and three simulated hosts (real
-//! `systemd --user` managers, each with the real agent), running `process` VMs with restart
+//! `systemd --user` managers, each with the real agent as a unit of the manager, as in
+//! production, and its fence switch), running `process` VMs with restart
 //! policy `always`, while a client creates, updates (a spec change: the VM is stopped and
 //! placed again), deletes VMs and drains and undrains hosts (moves). Each round the nemesis
 //! picks one fault: kill -9 a control node and restart it; kill -9 an agent and respawn it
@@ -20,7 +21,8 @@
 //! `BLIXARD_HOSTFAULT_ROUNDS` sets the rounds (default 20, the CI run; the long run is
 //! `BLIXARD_HOSTFAULT_ROUNDS=100 cargo nextest run -p blixard-tests --test hostfaults`);
 //! `BLIXARD_HOSTFAULT_SEED` replays the nemesis' and the client's choices (the seed is
-//! printed). `BLIXARD_KEEP_HOSTS=1` keeps the hosts' directories (journals, agent logs).
+//! printed). `BLIXARD_KEEP_HOSTS=1` keeps the hosts' directories (journals, agent logs) and the
+//! control nodes' (logs, data).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -70,7 +72,11 @@ struct Host {
 
 impl Host {
     async fn start(name: &str, upstreams: &[SocketAddr], log: &UnitLog) -> anyhow::Result<Host> {
-        let sim = SimHost::start(name).await?;
+        let mut sim = SimHost::start(name).await?;
+        // The agent runs as production runs it, a unit of the host's manager, so a kill -9
+        // is of that unit's main process, and its fence switch (a unit the agent starts) is
+        // the real mechanism.
+        sim.agent_as_unit = true;
         // Recording starts before the agent can start anything.
         let watch = log.watch(&sim).await?;
         let mut proxies = Vec::new();
