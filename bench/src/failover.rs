@@ -2,6 +2,12 @@
 //! moves to the next node when its own refuses connections); the leader is killed with
 //! SIGKILL; the gap is the time from the kill until a write *sent after the kill* is
 //! acknowledged. The killed node is restarted and rejoins before the next kill.
+//!
+//! Hosts are attached throughout: [`hostloss::HOSTS`] simulated hosts (real `systemd --user`
+//! managers, each with the real agent as a unit at its default lease, 2 s) running
+//! [`hostloss::VMS`] `process` VMs. An ordinary failover must cost them nothing: the figure
+//! counts the VMs the agents fenced (`fencing VM` in their logs), the hosts any leader
+//! declared down (its log), and the VMs whose generation moved (restarted or re-placed).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -9,8 +15,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::hostloss;
 use crate::load::{self, Target};
-use crate::procs::BlixardCluster;
+use crate::procs::{self, BlixardCluster};
 use crate::stats::Range;
 use crate::Opts;
 
@@ -26,6 +33,15 @@ struct Probe {
 pub async fn run(o: &Opts, summary: &mut Vec<String>) -> anyhow::Result<Value> {
     let mut c = BlixardCluster::start(&o.bin_dir, 3, &o.control_flags(&[])).await?;
     let urls = c.urls();
+    let http = procs::http();
+    let first = c.wait_leader(Duration::from_secs(30)).await?;
+    let mut hosts = Vec::new();
+    for i in 0..hostloss::HOSTS {
+        hosts.push(hostloss::start_host(i, &c, &http, &urls[first]).await?);
+    }
+    hostloss::create_vms(&http, &urls[first]).await?;
+    hostloss::wait_all_running(&http, &urls[first]).await?;
+    let generations_before = generations(&http, &urls[first]).await?;
     let probe = Arc::new(Mutex::new(Probe::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(AtomicU64::new(0));
@@ -124,6 +140,29 @@ pub async fn run(o: &Opts, summary: &mut Vec<String>) -> anyhow::Result<Value> {
     for w in writers {
         let _ = w.await;
     }
+    let leader = c.wait_leader(Duration::from_secs(30)).await?;
+    let running_after = hostloss::wait_all_running(&http, &urls[leader])
+        .await
+        .is_ok();
+    let generations_after = generations(&http, &urls[leader]).await?;
+    let vms_moved = generations_before
+        .iter()
+        .filter(|(vm, g)| generations_after.get(*vm) != Some(g))
+        .count();
+    let fenced: usize = hosts
+        .iter()
+        .map(|h| h.agent_log().matches("fencing VM").count())
+        .sum();
+    let downs: usize = (0..c.nodes.len())
+        .map(|i| c.log_text(i).matches("declaring the host down").count())
+        .sum();
+    drop(hosts);
+    summary.push(format!(
+        "failover with {} hosts and {} VMs attached: {fenced} VMs fenced, {downs} hosts declared down, {vms_moved} VMs restarted or moved{}",
+        hostloss::HOSTS,
+        hostloss::VMS,
+        if running_after { "" } else { "; NOT every VM running afterwards" }
+    ));
     let mut sorted = gaps.clone();
     sorted.sort_by(f64::total_cmp);
     let us: Vec<u64> = sorted.iter().map(|ms| (ms * 1000.0) as u64).collect();
@@ -150,5 +189,29 @@ pub async fn run(o: &Opts, summary: &mut Vec<String>) -> anyhow::Result<Value> {
         "samples_ms": gaps.iter().map(|g| crate::stats::round(*g)).collect::<Vec<_>>(),
         "no_recovery_within_15s": failures,
         "writes_acked": acked.load(Ordering::Relaxed),
+        "hosts_attached": {
+            "hosts": hostloss::HOSTS,
+            "vms": hostloss::VMS,
+            "vms_fenced": fenced,
+            "hosts_declared_down": downs,
+            "vms_restarted_or_moved": vms_moved,
+            "all_running_after": running_after,
+        },
     }))
+}
+
+/// Each VM's generation, from a linearizable `GET /v1/vms`.
+async fn generations(
+    http: &reqwest::Client,
+    url: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+    let r = http.get(format!("{url}/v1/vms")).send().await?;
+    anyhow::ensure!(r.status().is_success(), "GET /v1/vms: HTTP {}", r.status());
+    let v: Vec<Value> = r.json().await?;
+    Ok(v.iter()
+        .filter_map(|vm| {
+            let name = vm.pointer("/spec/name")?.as_str()?.to_string();
+            Some((name, vm.get("generation")?.as_u64()?))
+        })
+        .collect())
 }

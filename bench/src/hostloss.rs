@@ -27,11 +27,11 @@ pub const VMS: usize = 6;
 /// How long one round may take before it counts as not recovered.
 const ROUND_DEADLINE: Duration = Duration::from_secs(30);
 
-fn host_name(i: usize) -> String {
+pub fn host_name(i: usize) -> String {
     format!("loss-h{}", i + 1)
 }
 
-fn vm_body(name: &str) -> String {
+pub fn vm_body(name: &str) -> String {
     format!(
         r#"{{"name":"{name}","vcpus":1,"memory_mib":64,"hypervisor":"process","restart_policy":"always"}}"#
     )
@@ -81,7 +81,7 @@ async fn applied_index(http: &reqwest::Client, url: &str) -> anyhow::Result<u64>
 }
 
 /// Starts host `i` with its agent and waits until the cluster shows it `up`.
-async fn start_host(
+pub async fn start_host(
     i: usize,
     c: &BlixardCluster,
     http: &reqwest::Client,
@@ -89,6 +89,8 @@ async fn start_host(
 ) -> anyhow::Result<SimHost> {
     let name = host_name(i);
     let mut h = SimHost::start(&name).await?;
+    // As production runs it: a unit of the host's manager, with its fence switch.
+    h.agent_as_unit = true;
     h.spawn_agent(&c.urls(), "")?;
     procs::wait_for(
         &format!("host {name} to be up"),
@@ -97,6 +99,38 @@ async fn start_host(
     )
     .await?;
     Ok(h)
+}
+
+/// Creates the [`VMS`] `process` VMs `loss-N`, restart policy `always`.
+pub async fn create_vms(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+    for v in 0..VMS {
+        let r = http
+            .post(format!("{url}/v1/vms"))
+            .header("content-type", "application/json")
+            .body(vm_body(&format!("loss-{v}")))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            r.status().as_u16() == 201,
+            "creating loss-{v}: HTTP {}",
+            r.status()
+        );
+    }
+    Ok(())
+}
+
+/// Every VM running before the kill.
+pub async fn wait_all_running(
+    http: &reqwest::Client,
+    url: &str,
+) -> anyhow::Result<Vec<(String, String, String)>> {
+    procs::wait_for("every VM to be running", ROUND_DEADLINE, || async {
+        let mut v = vms(http, url).await.ok()?;
+        // Only this figure's VMs (another figure's load may have created others).
+        v.retain(|(n, _, _)| n.starts_with("loss-"));
+        (v.len() == VMS && v.iter().all(|(_, h, s)| s == "running" && !h.is_empty())).then_some(v)
+    })
+    .await
 }
 
 /// What one kill measured.
@@ -118,29 +152,11 @@ pub async fn run(o: &Opts, summary: &mut Vec<String>) -> anyhow::Result<Value> {
     for i in 0..HOSTS {
         hosts.push(Some(start_host(i, &c, &http, &url).await?));
     }
-    for v in 0..VMS {
-        let r = http
-            .post(format!("{url}/v1/vms"))
-            .header("content-type", "application/json")
-            .body(vm_body(&format!("loss-{v}")))
-            .send()
-            .await?;
-        anyhow::ensure!(
-            r.status().as_u16() == 201,
-            "creating loss-{v}: HTTP {}",
-            r.status()
-        );
-    }
+    create_vms(&http, &url).await?;
 
     let mut rounds = Vec::new();
     for k in 0..kills {
-        // Every VM running before the kill.
-        let before = procs::wait_for("every VM to be running", ROUND_DEADLINE, || async {
-            let v = vms(&http, &url).await.ok()?;
-            (v.len() == VMS && v.iter().all(|(_, h, s)| s == "running" && !h.is_empty()))
-                .then_some(v)
-        })
-        .await?;
+        let before = wait_all_running(&http, &url).await?;
         let mut per_host: HashMap<&str, usize> = HashMap::new();
         for (_, h, _) in &before {
             *per_host.entry(h.as_str()).or_default() += 1;

@@ -204,6 +204,11 @@ impl BlixardCluster {
         self.spawn(i)
     }
 
+    /// Node `i`'s whole log (appended to across its restarts).
+    pub fn log_text(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
+    }
+
     /// `GET /v1/cluster/status` of node `i`.
     pub async fn status(&self, i: usize) -> Option<Value> {
         let r = http()
