@@ -53,10 +53,10 @@ fn print_plan(plan: &Plan) {
         (None, None) => String::new(),
     };
     for c in &plan.create {
-        println!("+ create {} {}", c.name, place(&c.host, &c.pending_reason));
+        outln!("+ create {} {}", c.name, place(&c.host, &c.pending_reason));
     }
     for u in &plan.update {
-        println!(
+        outln!(
             "~ update {} ({}) {}",
             u.name,
             u.changes.join(", "),
@@ -64,9 +64,9 @@ fn print_plan(plan: &Plan) {
         );
     }
     for d in &plan.delete {
-        println!("- delete {}", d.name);
+        outln!("- delete {}", d.name);
     }
-    println!(
+    outln!(
         "{} to create, {} to change, {} to delete, {} unchanged",
         plan.create.len(),
         plan.update.len(),
@@ -127,7 +127,7 @@ pub async fn run(
         r.with_context(|| format!("deleting {}", d.name))?;
     }
     if out == Format::Table {
-        println!("applied");
+        outln!("applied");
     }
     Ok(())
 }

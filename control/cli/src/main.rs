@@ -3,8 +3,21 @@
 //! Every command talks to the control plane through `blixard_api::Client`, prints a table or
 //! JSON (`-o json`), and exits with a code scripts can trust (see `--help`).
 
+/// `println!` for everything the CLI prints on stdout, through [`stdout::line`]: a reader
+/// that went away (`blixardctl vm list | head -1`) ends the program quietly instead of the
+/// panic `println!` gives.
+macro_rules! outln {
+    () => {
+        $crate::stdout::line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::stdout::line(format_args!($($arg)*))
+    };
+}
+
 mod apply;
 mod output;
+mod stdout;
 mod wait;
 
 use std::collections::BTreeMap;
@@ -410,11 +423,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             // Into a buffer first: generate() panics on a write error (e.g. a closed pipe).
             let mut buf = Vec::new();
             clap_complete::generate(shell, &mut cmd, "blixardctl", &mut buf);
-            let _ = std::io::Write::write_all(&mut std::io::stdout(), &buf);
+            stdout::bytes(&buf);
         }
         Cmd::Man => {
             let cmd = <Cli as clap::CommandFactory>::command();
-            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+            let mut buf = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut buf)?;
+            stdout::bytes(&buf);
         }
         Cmd::Cluster(c) => {
             let client = client()?;
@@ -460,7 +475,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let text = serde_json::to_string_pretty(&snap)?;
                     std::fs::write(&file, text)
                         .with_context(|| format!("cannot write {}", file.display()))?;
-                    println!(
+                    outln!(
                         "saved {} hosts and {} VMs at index {} to {}",
                         snap.hosts.len(),
                         snap.vms.len(),
@@ -477,7 +492,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     match out {
                         Format::Json => print_json(&r),
                         Format::Table => {
-                            println!("restored {} VMs from {}", snap.vms.len(), file.display())
+                            outln!("restored {} VMs from {}", snap.vms.len(), file.display())
                         }
                     }
                 }
@@ -517,7 +532,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let vm = client.delete_vm(&name).await?;
                     match out {
                         Format::Json => print_json(&vm),
-                        Format::Table => println!("deleted {}", vm.spec.name),
+                        Format::Table => outln!("deleted {}", vm.spec.name),
                     }
                 }
                 VmCmd::Start { name, wait } => {
@@ -554,7 +569,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             .into_iter()
                             .filter(|v| v.host.as_deref() == Some(name.as_str()))
                             .collect();
-                        println!();
+                        outln!();
                         print_vms(out, &vms);
                     }
                 }
@@ -572,18 +587,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .collect();
                     let host = client.declare_host_gone(&name).await?;
                     if out == Format::Table {
-                        println!(
+                        outln!(
                             "host {name} declared gone: it stays down until its agent registers again."
                         );
                         if moved.is_empty() {
-                            println!("no VMs were assigned to it.");
+                            outln!("no VMs were assigned to it.");
                         } else {
-                            println!(
+                            outln!(
                                 "{} VMs taken off it and placed on other hosts now: {}",
                                 moved.len(),
                                 moved.join(", ")
                             );
-                            println!(
+                            outln!(
                                 "if {name} is in fact still running, they may run twice until its agent comes back and is told to stop them."
                             );
                         }
@@ -639,26 +654,26 @@ async fn last_console_lines(client: &Client, name: &str) -> Result<Vec<String>, 
 
 fn print_console_tail(lines: &Result<Vec<String>, String>) {
     match lines {
-        Ok(l) if l.is_empty() => println!("console:     (no lines yet)"),
+        Ok(l) if l.is_empty() => outln!("console:     (no lines yet)"),
         Ok(l) => {
-            println!("console:     (last {} lines)", l.len());
+            outln!("console:     (last {} lines)", l.len());
             for m in l {
-                println!("  {m}");
+                outln!("  {m}");
             }
         }
-        Err(why) => println!("console:     unavailable: {why}"),
+        Err(why) => outln!("console:     unavailable: {why}"),
     }
 }
 
 fn print_log_line(out: Format, line: &blixard_api::LogLine) {
     match out {
         Format::Json => match serde_json::to_string(line) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => outln!("{s}"),
             Err(e) => eprintln!("blixardctl: cannot encode output: {e}"),
         },
         Format::Table => match line.source {
-            blixard_api::LogSource::Console => println!("{}", line.message),
-            blixard_api::LogSource::Unit => println!("[unit] {}", line.message),
+            blixard_api::LogSource::Console => outln!("{}", line.message),
+            blixard_api::LogSource::Unit => outln!("[unit] {}", line.message),
         },
     }
 }

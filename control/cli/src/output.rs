@@ -12,7 +12,7 @@ pub enum Format {
 
 pub fn print_json<T: Serialize + ?Sized>(v: &T) {
     match serde_json::to_string_pretty(v) {
-        Ok(s) => println!("{s}"),
+        Ok(s) => outln!("{s}"),
         Err(e) => eprintln!("blixardctl: cannot encode output: {e}"),
     }
 }
@@ -33,7 +33,7 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
             .enumerate()
             .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        outln!("{}", s.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
     for r in rows {
@@ -88,24 +88,24 @@ pub fn print_vm(f: Format, vm: &Vm) {
     if f == Format::Json {
         return print_json(vm);
     }
-    println!("name:        {}", vm.spec.name);
-    println!(
+    outln!("name:        {}", vm.spec.name);
+    outln!(
         "state:       {} (since {})",
         vm.state.as_str(),
         ago(vm.since_ms)
     );
-    println!(
+    outln!(
         "desired:     {}",
         format!("{:?}", vm.desired).to_lowercase()
     );
-    println!("host:        {}", dash(vm.host.as_deref()));
+    outln!("host:        {}", dash(vm.host.as_deref()));
     if let Some(r) = &vm.reason {
-        println!("reason:      {r}");
+        outln!("reason:      {r}");
     }
-    println!("hypervisor:  {}", vm.spec.hypervisor.as_str());
-    println!("vcpus:       {}", vm.spec.vcpus);
-    println!("memory:      {} MiB", vm.spec.memory_mib);
-    println!("generation:  {}", vm.generation);
+    outln!("hypervisor:  {}", vm.spec.hypervisor.as_str());
+    outln!("vcpus:       {}", vm.spec.vcpus);
+    outln!("memory:      {} MiB", vm.spec.memory_mib);
+    outln!("generation:  {}", vm.generation);
 }
 
 pub fn print_hosts(f: Format, hosts: &[Host]) {
@@ -162,17 +162,17 @@ pub fn print_status(f: Format, s: &ClusterStatus) {
     if f == Format::Json {
         return print_json(s);
     }
-    println!("node:          {} ({})", s.node_id, s.state);
+    outln!("node:          {} ({})", s.node_id, s.state);
     match (s.leader, &s.leader_addr) {
-        (Some(l), Some(a)) => println!("leader:        {l} ({a})"),
-        (Some(l), None) => println!("leader:        {l}"),
-        _ => println!("leader:        none"),
+        (Some(l), Some(a)) => outln!("leader:        {l} ({a})"),
+        (Some(l), None) => outln!("leader:        {l}"),
+        _ => outln!("leader:        none"),
     }
-    println!("term:          {}", s.term);
-    println!("commit index:  {}", s.commit_index);
-    println!("applied index: {}", s.applied_index);
-    println!("members:");
+    outln!("term:          {}", s.term);
+    outln!("commit index:  {}", s.commit_index);
+    outln!("applied index: {}", s.applied_index);
+    outln!("members:");
     for m in &s.members {
-        println!("  {} {} {}", m.id, m.role, m.addr);
+        outln!("  {} {} {}", m.id, m.role, m.addr);
     }
 }

@@ -1,7 +1,8 @@
 //! `--wait`: follow a VM through the event stream until it reaches a state, with a progress
-//! line on stderr.
+//! line on stderr: redrawn in place on a terminal, one plain line per change otherwise (a
+//! log file or CI output gets no `\r` or escape sequences).
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use blixard_api::{Client, ClientError, Vm, VmState};
@@ -25,15 +26,52 @@ pub struct Failed {
     pub reason: String,
 }
 
-fn progress(vm: &Vm) {
+/// The progress line: the VM's state, host and reason.
+fn progress_line(vm: &Vm) -> String {
     let host = vm.host.as_deref().unwrap_or("-");
-    let reason = vm.reason.as_deref().unwrap_or("");
-    eprint!(
-        "\r\x1b[2K{}: {} on {host} {reason}",
-        vm.spec.name,
-        vm.state.as_str()
-    );
-    let _ = std::io::stderr().flush();
+    let line = format!("{}: {} on {host}", vm.spec.name, vm.state.as_str());
+    match vm.reason.as_deref() {
+        Some(reason) if !reason.is_empty() => format!("{line} {reason}"),
+        _ => line,
+    }
+}
+
+/// Writes progress to stderr: on a terminal one line redrawn in place, elsewhere a plain
+/// line each time it changes.
+struct Progress {
+    tty: bool,
+    last: Option<String>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            tty: std::io::stderr().is_terminal(),
+            last: None,
+        }
+    }
+
+    fn show(&mut self, vm: &Vm) {
+        let line = progress_line(vm);
+        if self.last.as_deref() == Some(line.as_str()) {
+            return;
+        }
+        let mut err = std::io::stderr().lock();
+        // stderr going away is no reason to fail the wait
+        let _ = if self.tty {
+            write!(err, "\r\x1b[2K{line}").and_then(|()| err.flush())
+        } else {
+            writeln!(err, "{line}")
+        };
+        self.last = Some(line);
+    }
+
+    /// Ends the redrawn line on a terminal (plain lines are ended already).
+    fn finish(&self) {
+        if self.tty && self.last.is_some() {
+            let _ = writeln!(std::io::stderr());
+        }
+    }
 }
 
 /// Waits until `vm` is in `target`. Fails when it ends `failed` (or `stopped` while waiting
@@ -48,10 +86,11 @@ pub async fn until_state(
     let name = vm.spec.name.clone();
     let mut since = vm.mod_index;
     let mut vm = vm;
+    let mut progress = Progress::new();
     loop {
-        progress(&vm);
+        progress.show(&vm);
         if vm.state == target {
-            eprintln!();
+            progress.finish();
             return Ok(vm);
         }
         let gave_up = vm.state == VmState::Failed
@@ -59,7 +98,7 @@ pub async fn until_state(
                 && vm.state == VmState::Stopped
                 && vm.desired == blixard_api::DesiredState::Running);
         if gave_up {
-            eprintln!();
+            progress.finish();
             return Err(Failed {
                 vm: name,
                 state: vm.state.as_str(),
@@ -72,7 +111,7 @@ pub async fn until_state(
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            eprintln!();
+            progress.finish();
             return Err(Timeout {
                 vm: name,
                 target: target.as_str(),
