@@ -19,6 +19,7 @@ pub mod node;
 pub mod plan;
 pub mod raft_types;
 pub mod scheduler;
+pub mod sd_status;
 pub mod state_machine;
 pub mod store;
 
@@ -124,7 +125,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         NotifyState::Ready,
         NotifyState::Status("serving; waiting for a leader"),
     ]);
-    let status = tokio::spawn(status_loop(node.clone()));
+    let status = tokio::spawn(sd_status::run(node.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(RunError::Signal)?;
@@ -156,41 +157,5 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     match fatal {
         Some(e) => Err(RunError::RaftStopped(e)),
         None => Ok(()),
-    }
-}
-
-/// Keeps systemd's STATUS= current and pets the watchdog while Raft is alive.
-async fn status_loop(node: std::sync::Arc<ControlNode>) {
-    let watchdog = sd_notify::watchdog_enabled();
-    let period = match watchdog {
-        Some(interval) => (interval / 2).max(Duration::from_millis(100)),
-        None => Duration::from_secs(5),
-    };
-    loop {
-        let m = node.raft.metrics().borrow().clone();
-        if m.running_state.is_err() {
-            // A fatal Raft error: stop petting, let systemd restart us.
-            tracing::error!("raft stopped: {:?}", m.running_state);
-            return;
-        }
-        let status = match m.current_leader {
-            Some(l) if l == node.id => format!(
-                "leader, term {}, applied {:?}",
-                m.current_term,
-                m.last_applied.map(|l| l.index)
-            ),
-            Some(l) => format!(
-                "follower of {l}, term {}, applied {:?}",
-                m.current_term,
-                m.last_applied.map(|l| l.index)
-            ),
-            None => format!("no leader, term {}", m.current_term),
-        };
-        let mut states = vec![NotifyState::Status(&status)];
-        if watchdog.is_some() {
-            states.push(NotifyState::Watchdog);
-        }
-        notify(&states);
-        tokio::time::sleep(period).await;
     }
 }
