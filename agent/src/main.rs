@@ -10,10 +10,15 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "blixard-agent",
     version,
-    about = "Blixard host agent: runs assigned VMs as systemd units"
+    about = "Blixard host agent: runs assigned VMs as systemd units",
+    after_help = "Without --config the agent reads no file: the options above and their defaults \
+                  apply. The packaged unit (blixard-agent.service) runs it with \
+                  --config /etc/blixard/agent.toml; check that file with \
+                  `blixard-agent check-config /etc/blixard/agent.toml`. Flags override the file."
 )]
 struct Cli {
-    /// Configuration file (TOML).
+    /// Configuration file (TOML); the packaged unit uses /etc/blixard/agent.toml. Without
+    /// it, no file is read.
     #[arg(long, short = 'c', env = "BLIXARD_AGENT_CONFIG")]
     config: Option<PathBuf>,
     /// This host's name in the cluster.
@@ -22,17 +27,26 @@ struct Cli {
     /// Control-plane endpoints, comma-separated (http://host:port,…).
     #[arg(long, value_delimiter = ',')]
     control_endpoints: Option<Vec<String>>,
+    /// Where the agent keeps its state; the disk capacity reported is this file system's
+    /// (default /var/lib/blixard-agent).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Per-boot files: the lease file, VM sockets and pid files (default /run/blixard-agent).
     #[arg(long)]
     runtime_dir: Option<PathBuf>,
+    /// Kernels, initrds and disk images; every path in a VM spec is resolved inside it
+    /// (default /var/lib/blixard/images).
     #[arg(long)]
     image_dir: Option<PathBuf>,
     /// Bus of the systemd manager: system or session.
     #[arg(long)]
     systemd_bus: Option<SystemdBus>,
+    /// How often the agent heartbeats to the control plane, in milliseconds (default 500).
     #[arg(long)]
     heartbeat_interval_ms: Option<u64>,
+    /// How long a confirmed heartbeat keeps this host's lease, in milliseconds (default
+    /// 2000, at least twice the heartbeat interval); once it runs out, `move` VMs here are
+    /// stopped (fenced).
     #[arg(long)]
     lease_ms: Option<u64>,
     /// Log to stderr even when the journal is there.

@@ -10,10 +10,15 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "blixard-control",
     version,
-    about = "Blixard control-plane node"
+    about = "Blixard control-plane node",
+    after_help = "Without --config the node reads no file: the options above and their defaults apply. \
+                  The packaged unit (blixard-control.service) runs it with \
+                  --config /etc/blixard/control.toml; check that file with \
+                  `blixard-control check-config /etc/blixard/control.toml`."
 )]
 struct Cli {
-    /// TOML configuration file; flags override it.
+    /// TOML configuration file; flags override it. The packaged unit uses
+    /// /etc/blixard/control.toml; without it, no file is read.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
     #[command(flatten)]
