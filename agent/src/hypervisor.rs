@@ -10,8 +10,8 @@
 //! said yes and `tcg` otherwise, with the serial console on stdout (the unit's journal) and a
 //! QMP socket in the runtime directory for a graceful stop, and a pvpanic device so that a
 //! guest kernel panic ends QEMU with a failure. Under TCG with `microvm` the
-//! kernel command line gets `tsc_early_khz=` (without it most boots hang, see
-//! `shared/environment.md`).
+//! kernel command line gets `tsc_early_khz=`: without it the kernel's TSC calibration
+//! against the PIT fails in most boots ("Marking TSC unstable") and the guest hangs.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

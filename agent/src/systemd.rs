@@ -522,7 +522,7 @@ impl SystemdClient for Systemd {
                 let msg = match msg {
                     Ok(m) => m,
                     Err(e) => {
-                        tracing::warn!(error = %e, "bad message from systemd");
+                        tracing::warn!(error = %e, "bad message from systemd: {e}");
                         continue;
                     }
                 };

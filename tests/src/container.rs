@@ -2,7 +2,8 @@
 //! rootfs with a real system manager as PID 1, a system bus and journald, so that
 //! `dpkg -i`, `systemctl start` and `journalctl` are tested as a user would run them.
 //!
-//! How it boots (see ../shared/environment.md; this machine's PID 1 is not systemd):
+//! How it boots (the test machines' PID 1 is not systemd and they have no system bus, so
+//! the container brings its own):
 //! - the rootfs is built once by `tests/ct/rootfs.sh` and cached (`$BLIXARD_CT_ROOTFS`,
 //!   default `/var/cache/blixard-test/rootfs`); `--volatile=overlay` keeps it pristine;
 //! - nspawn starts in its own cgroup (unified and `name=systemd` hierarchies), in a private

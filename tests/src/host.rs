@@ -7,7 +7,8 @@
 //! parallel (nextest runs each test as its own process). The cgroups nest under the test
 //! process's own, in every hierarchy the host joins: the unified one, `name=systemd`, and the
 //! v1 `memory pids cpu cpuacct blkio devices freezer` controllers, without which the manager
-//! silently ignores `MemoryMax=` (see `shared/environment.md`).
+//! silently ignores `MemoryMax=` (in hybrid cgroup mode systemd applies it through the v1
+//! memory controller, so two managers sharing one subtree would also share `/app.slice`).
 //!
 //! The shell side lives in `tests/sim/`: `host-start.sh` joins the cgroups and unshares,
 //! `host-inner.sh` sets up `/run/systemd`, journald and the cgroup mounts and execs the
