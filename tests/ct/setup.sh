@@ -12,6 +12,8 @@
 #                                   thereby upgrade systemd itself
 #   nix-bin                         `nix-instantiate --parse` on nixos-module/ and packaging/
 #   dpkg-dev                        dpkg-deb and friends, used by cargo-deb
+#   help2man                        the daemons' man pages (packaging/build-deb.sh)
+#   lintian                         the package's lint check (t60 deb_is_lintian_clean)
 #   cargo-deb                       builds the .deb (cargo install --locked)
 # Builds (unless BLIXARD_CT_NO_ROOTFS=1): the Debian rootfs the container test boots, at
 # ${BLIXARD_CT_ROOTFS:-/var/cache/blixard-test/rootfs} (1-3 min, ~160 MB).
@@ -21,7 +23,7 @@ t0=$(date +%s)
 
 SDV=$(dpkg-query -W -f='${Version}' systemd)
 need=()
-for p in debootstrap nix-bin dpkg-dev; do
+for p in debootstrap nix-bin dpkg-dev help2man lintian; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
 done
 if [ "$(dpkg-query -W -f='${Version}' systemd-container 2>/dev/null || true)" != "$SDV" ]; then

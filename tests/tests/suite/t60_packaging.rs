@@ -6,7 +6,9 @@
 //! - `nix-instantiate --parse` on every .nix file;
 //! - the .deb built from the workspace's binaries, installed with `dpkg -i` in a booted
 //!   Debian container (systemd-nspawn), both services started with `systemctl`, a VM
-//!   created with `blixardctl`, the agent restarted under it, everything stopped, purged.
+//!   created with `blixardctl`, the agent restarted under it, everything stopped, purged
+//!   (which stops the VM, while its `ExecStop=` binary is still there);
+//! - `lintian` on that .deb: no errors and no warnings.
 //!
 //! Prerequisites come from `tests/ct/setup.sh`; a missing one fails the test with a message
 //! saying so.
@@ -200,7 +202,7 @@ async fn nix_files_parse() -> anyhow::Result<()> {
         ),
         (
             "packaging/package.nix",
-            "{ installShellFiles = false; lib = false; rustPlatform = false; }",
+            "{ help2man = false; installShellFiles = false; lib = false; rustPlatform = false; }",
         ),
     ] {
         let expr = format!(
@@ -512,7 +514,15 @@ async fn install_and_run(ct: &Container, deb_name: &str) -> anyhow::Result<()> {
     );
     stop_cleanly(ct, "blixard-control.service").await?;
 
-    // removal: the maintainer scripts run, the units are gone
+    // the shipped man pages render
+    for page in ["blixard-control", "blixard-agent", "blixardctl"] {
+        ct.run(&["test", "-s", &format!("/usr/share/man/man1/{page}.1.gz")])
+            .await
+            .with_context(|| format!("man page {page}.1 missing from the package"))?;
+    }
+
+    // removal: the maintainer scripts run, the units are gone, and so is the VM: prerm
+    // stopped it while its ExecStop= binary was still installed
     ct.run(&["dpkg", "--purge", "blixard"]).await?;
     let cat = ct
         .exec(&["systemctl", "cat", "blixard-agent.service"])
@@ -521,7 +531,78 @@ async fn install_and_run(ct: &Container, deb_name: &str) -> anyhow::Result<()> {
         !cat.success(),
         "blixard-agent.service still known after dpkg --purge"
     );
-    ct.run(&["systemctl", "stop", VM_UNIT]).await?;
+    let state = ct.unit_property(VM_UNIT, "ActiveState").await?;
+    ensure!(
+        state == "inactive" || state == "failed",
+        "{VM_UNIT} is {state} after dpkg --purge; removing the package must stop its VMs"
+    );
+    let result = ct.unit_property(VM_UNIT, "Result").await?;
+    ensure!(
+        result == "success",
+        "{VM_UNIT} stopped with Result={result} on dpkg --purge, not a clean stop"
+    );
+    Ok(())
+}
+
+/// Lintian's verdict lines (`E: ...`, `W: ...`); informational tags (`I:`) and lintian's own
+/// notices ("running with root privileges ...") are not failures.
+fn lintian_failures(output: &str) -> Vec<&str> {
+    output
+        .lines()
+        .filter(|l| l.starts_with("E: ") || l.starts_with("W: "))
+        .collect()
+}
+
+#[test]
+fn lintian_parser_keeps_errors_and_warnings_only() {
+    let out = "E: blixard: no-changelog x\nW: blixard: no-manual-page [usr/bin/a]\n\
+               I: blixard: hardening-no-fortify-functions [usr/bin/a]\n\
+               running with root privileges is not recommended!\n";
+    assert_eq!(
+        lintian_failures(out),
+        [
+            "E: blixard: no-changelog x",
+            "W: blixard: no-manual-page [usr/bin/a]"
+        ]
+    );
+}
+
+/// The .deb passes lintian with no errors and no warnings (the one override, in
+/// packaging/debian/blixard.lintian-overrides, says why it is there).
+#[tokio::test]
+async fn deb_is_lintian_clean() -> anyhow::Result<()> {
+    require_tools(&[
+        "lintian",
+        "cargo-deb",
+        "dpkg-shlibdeps",
+        "dpkg-deb",
+        "help2man",
+        "jq",
+    ])?;
+    let work = tempfile::Builder::new()
+        .prefix("blixard-lintian-")
+        .tempdir()?;
+    let deb = build_deb(work.path()).await?;
+    let out = output(
+        tokio::process::Command::new("lintian")
+            .args(["--tag-display-limit", "0", "--fail-on", "error,warning"])
+            .arg(&deb),
+    )
+    .await?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let failures = lintian_failures(&text);
+    ensure!(
+        out.status.success() && failures.is_empty(),
+        "lintian {} ({}): {} errors, {} warnings:\n{text}",
+        deb.display(),
+        out.status,
+        failures.iter().filter(|l| l.starts_with("E: ")).count(),
+        failures.iter().filter(|l| l.starts_with("W: ")).count(),
+    );
     Ok(())
 }
 
