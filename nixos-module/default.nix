@@ -3,14 +3,34 @@
 #   imports = [ ./nixos-module ];
 #   services.blixard.control = {
 #     enable = true;
-#     settings = { node_id = 1; listen = "10.0.0.1:7001"; initial_cluster = "1=http://10.0.0.1:7001"; };
+#     settings = {
+#       node_id = 1;
+#       listen = "10.0.0.1:7001";
+#       advertise_url = "https://10.0.0.1:7001";
+#       initial_cluster = "1=https://10.0.0.1:7001";
+#       tls_cert_file = "/etc/blixard/node1.pem"; # public; the key is a credential
+#       tls_ca_file = "/etc/blixard/ca.pem";
+#     };
+#     credentialFiles = {
+#       operator-token = "/run/keys/blixard-operator-token";
+#       agent-tokens = "/run/keys/blixard-agent-tokens";
+#       peer-token = "/run/keys/blixard-peer-token";
+#       tls-key = "/run/keys/blixard-tls-key";
+#     };
 #     openFirewall = true;
 #   };
 #   services.blixard.agent = {
 #     enable = true;
-#     settings = { host_id = "h1"; control_endpoints = [ "http://10.0.0.1:7001" ]; };
+#     settings = {
+#       host_id = "h1";
+#       control_endpoints = [ "https://10.0.0.1:7001" ];
+#       ca_file = "/etc/blixard/ca.pem";
+#     };
 #     credentialFiles.agent-token = "/run/keys/blixard-agent-token";
 #   };
+#
+# A control node listening beyond loopback needs tokens and TLS (as above) or
+# `settings.insecure = true`; an assertion says so at evaluation time.
 #
 # Needs NixOS 23.05 or later (systemd.services.<name>.overrideStrategy).
 #
@@ -37,6 +57,15 @@ let
     ;
 
   cfg = config.services.blixard;
+
+  # networking.hostName may hold uppercase letters and `_`; a host id may not.
+  defaultHostId = lib.toLower (lib.replaceStrings [ "_" ] [ "-" ] config.networking.hostName);
+  isHostId = id: builtins.match "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?" id != null;
+
+  # "127.x.y.z:port" or "[::1]:port": reachable from this machine only.
+  isLoopbackListen =
+    listen:
+    builtins.match "127\\.[0-9.]+:[0-9]+" listen != null || builtins.match "[[]::1[]]:[0-9]+" listen != null;
   settingsFormat = pkgs.formats.toml { };
 
   # TOML has no null: unset optional keys are left out.
@@ -215,10 +244,16 @@ in
           freeformType = settingsFormat.type;
           options = {
             host_id = mkOption {
-              type = types.strMatching "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?";
-              default = config.networking.hostName;
-              defaultText = literalExpression "config.networking.hostName";
-              description = "This host's name in the cluster: a DNS label, unique among hosts.";
+              type = types.str;
+              default = defaultHostId;
+              defaultText = literalExpression ''
+                lib.toLower (lib.replaceStrings [ "_" ] [ "-" ] config.networking.hostName)
+              '';
+              description = ''
+                This host's name in the cluster: a DNS label (lowercase letters, digits and
+                `-`, at most 63), unique among hosts. The default is the host name, lowercased
+                and with `_` as `-`; with an empty `networking.hostName` it must be set.
+              '';
             };
             control_endpoints = mkOption {
               type = types.nonEmptyListOf types.str;
@@ -332,6 +367,26 @@ in
             '';
           }
           {
+            # the same rule blixard-control applies at start-up, checked at evaluation time
+            assertion =
+              isLoopbackListen s.listen
+              || (s.insecure or false)
+              || lib.all (key: (s.${key} or null) != null) [
+                "operator_token_file"
+                "peer_token_file"
+                "tls_cert_file"
+                "tls_key_file"
+                "tls_ca_file"
+              ];
+            message = ''
+              services.blixard.control: listen = "${s.listen}" is reachable from other machines, so
+              the node needs tokens and TLS: credentialFiles.operator-token, credentialFiles.peer-token
+              and credentialFiles.tls-key (or the matching settings.*_file keys) plus
+              settings.tls_cert_file and settings.tls_ca_file. Or set settings.insecure = true
+              to allow plain, unauthenticated HTTP.
+            '';
+          }
+          {
             assertion = !cfg.control.openFirewall || builtins.match ".*:[0-9]+" s.listen != null;
             message = "services.blixard.control: openFirewall needs a port in listen (host:port), got \"${s.listen}\".";
           }
@@ -383,6 +438,15 @@ in
       in
       {
         assertions = [
+          {
+            assertion = isHostId s.host_id;
+            message = ''
+              services.blixard.agent: settings.host_id "${s.host_id}" is not a DNS label (lowercase
+              letters, digits and '-', at most 63, not starting or ending with '-'). It defaults to
+              networking.hostName ("${config.networking.hostName}") lowercased; set
+              services.blixard.agent.settings.host_id explicitly.
+            '';
+          }
           {
             assertion = s.systemd_bus == "system";
             message = ''

@@ -7,6 +7,7 @@
   lib,
   rustPlatform,
   installShellFiles,
+  help2man,
 }:
 
 let
@@ -26,6 +27,8 @@ rustPlatform.buildRustPackage {
         ../Cargo.lock
         ../units
         ../packaging/etc
+        ../packaging/README.md
+        ../LICENSE
       ]
       ++ map (member: ../. + "/${member}") workspace.workspace.members
     );
@@ -33,7 +36,10 @@ rustPlatform.buildRustPackage {
 
   cargoLock.lockFile = ../Cargo.lock;
 
-  nativeBuildInputs = [ installShellFiles ];
+  nativeBuildInputs = [
+    installShellFiles
+    help2man
+  ];
 
   # rusqlite is built with its bundled SQLite: no system library needed.
   # the three programs; not the suite's or the benchmarks' binaries
@@ -63,6 +69,13 @@ rustPlatform.buildRustPackage {
       --replace-fail /usr/bin/blixard-control $out/bin/blixard-control
     substituteInPlace $out/lib/systemd/system/blixard-agent.service \
       --replace-fail /usr/bin/blixard-agent $out/bin/blixard-agent
+    # every unit's Documentation= names the README; here it is in the store
+    install -Dm644 packaging/README.md $out/share/doc/blixard/README.md
+    install -Dm644 LICENSE $out/share/doc/blixard/LICENSE
+    for unit in blixard-control.service blixard-agent.service blixard-vms.slice; do
+      substituteInPlace $out/lib/systemd/system/$unit \
+        --replace-fail file:///usr/share/doc/blixard/README.md file://$out/share/doc/blixard/README.md
+    done
     install -Dm644 units/sysusers.d/blixard.conf $out/lib/sysusers.d/blixard.conf
     install -Dm644 units/tmpfiles.d/blixard.conf $out/lib/tmpfiles.d/blixard.conf
     install -Dm644 -t $out/share/blixard/examples packaging/etc/control.toml packaging/etc/agent.toml
@@ -77,6 +90,14 @@ rustPlatform.buildRustPackage {
     if $out/bin/blixardctl man > blixardctl.1 2> /dev/null && grep -q '^\.TH' blixardctl.1; then
       installManPage blixardctl.1
     fi
+    # the daemons' man pages from their --help, as packaging/build-deb.sh makes them
+    help2man --no-info --section 1 --source Blixard \
+      --name "a node of the Blixard control plane (Raft, scheduler, HTTP API)" \
+      --output blixard-control.1 $out/bin/blixard-control
+    help2man --no-info --section 1 --source Blixard \
+      --name "the Blixard host agent (runs assigned VMs as systemd units)" \
+      --output blixard-agent.1 $out/bin/blixard-agent
+    installManPage blixard-control.1 blixard-agent.1
   '';
 
   meta = {
