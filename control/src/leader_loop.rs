@@ -59,6 +59,8 @@ pub async fn run(node: Arc<ControlNode>, overcommit: Overcommit) {
             continue;
         }
         let clock = node.clock_ms();
+        // Every decision below is this term's, proposed in it or not at all.
+        let term = metrics.current_term;
         // A new term starts every host's silence now: a full TTL before anything is down.
         if node.with_leases(|l| l.lead(metrics.current_term, clock)) {
             tracing::info!(
@@ -85,13 +87,12 @@ pub async fn run(node: Arc<ControlNode>, overcommit: Overcommit) {
             tracing::warn!(host = %host, silent_ms = ?silent, "lease expired; declaring the host down");
             let node = &node;
             async move {
-                let r = node
-                    .propose(Command::SetHostStatus {
-                        host: host.clone(),
-                        status: HostStatus::Down,
-                        now_ms: 0,
-                    })
-                    .await;
+                let cmd = Command::SetHostStatus {
+                    host: host.clone(),
+                    status: HostStatus::Down,
+                    now_ms: 0,
+                };
+                let r = node.propose_in_term(cmd, term).await;
                 if let Err(e) = r {
                     tracing::warn!(host = %host, error = %e, "marking a host down failed");
                 }
@@ -111,15 +112,20 @@ pub async fn run(node: Arc<ControlNode>, overcommit: Overcommit) {
                 now_ms: 0,
                 keep_on_live_host: Some(true),
             };
-            if let Err(e) = node.propose(cmd).await {
+            if let Err(e) = node.propose_in_term(cmd, term).await {
                 tracing::warn!(error = %e, "unassigning overdue evictions failed");
             }
         }
-        place(&node, overcommit, &mut cursor).await;
+        place(&node, term, overcommit, &mut cursor).await;
     }
 }
 
-async fn place(node: &ControlNode, overcommit: Overcommit, cursor: &mut scheduler::Cursor) {
+async fn place(
+    node: &ControlNode,
+    term: u64,
+    overcommit: Overcommit,
+    cursor: &mut scheduler::Cursor,
+) {
     let (placements, unplaced) = node.state.read(|s| {
         if !scheduler::any_pending(s) {
             *cursor = scheduler::Cursor::default();
@@ -139,15 +145,13 @@ async fn place(node: &ControlNode, overcommit: Overcommit, cursor: &mut schedule
         return;
     }
     let n = placements.len();
-    match node
-        .propose(Command::Place {
-            placements,
-            unplaced,
-            now_ms: 0,
-            overcommit: Some(overcommit),
-        })
-        .await
-    {
+    let cmd = Command::Place {
+        placements,
+        unplaced,
+        now_ms: 0,
+        overcommit: Some(overcommit),
+    };
+    match node.propose_in_term(cmd, term).await {
         Ok(r) => tracing::debug!(proposed = n, result = ?r, "placement round"),
         Err(e) => {
             tracing::warn!(error = %e, "placement round failed");

@@ -23,7 +23,11 @@
 //!   is down until its proposal is resolved, the host is *going down* and no heartbeat renews
 //!   it (the heartbeat waits, then finds the host down and brings it back up through the
 //!   log). Otherwise a heartbeat confirmed while the down entry is in flight would renew the
-//!   agent's lease, the agent would resume, and the entry would then move its VMs.
+//!   agent's lease, the agent would resume, and the entry would then move its VMs;
+//! - a decision is its term's: the leader proposes it on itself, in the term it was made in,
+//!   or not at all (`ControlNode::propose_in_term`). A leader cut off from the others decides
+//!   every host is down (it hears no heartbeats); once it steps down, that decision must not
+//!   reach the new leader, whose leases the hosts hold.
 //!
 //! Everything here is pure: times are milliseconds on the leader's monotonic clock, passed in.
 

@@ -38,7 +38,9 @@ const MAX_BATCH: usize = 256;
 const BATCHES_IN_FLIGHT: usize = 2;
 
 /// A proposal waiting for the batcher, and where its outcome goes.
-type QueuedProposal = (Command, oneshot::Sender<ForwardReply>);
+/// A command to propose, the term it must be appended in (a leader's own decision, see
+/// [`ControlNode::propose_in_term`]), and where its answer goes.
+type QueuedProposal = (Command, Option<u64>, oneshot::Sender<ForwardReply>);
 
 /// Errors of node operations.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +51,8 @@ pub enum NodeError {
     LeaderUnreachable(String),
     #[error("raft: {0}")]
     Raft(String),
+    #[error("this node no longer leads term {0}: its decision is not proposed")]
+    LeadershipLost(u64),
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
@@ -174,6 +178,7 @@ pub struct ControlNode {
 /// lone proposal goes out at once and a crowd shares one fsync and one replication round.
 async fn propose_batched(
     raft: Raft,
+    id: NodeId,
     metrics: Arc<Metrics>,
     mut rx: mpsc::Receiver<QueuedProposal>,
 ) {
@@ -192,6 +197,23 @@ async fn propose_batched(
                 Err(_) => break,
             }
         }
+        // A leader's own decisions are appended in the term they were made in or not at all:
+        // checked as late as this process can, just before the write.
+        let (leader, term) = {
+            let m = raft.metrics().borrow().clone();
+            (m.current_leader, m.current_term)
+        };
+        batch.retain_mut(|p| match p.1 {
+            Some(t) if leader != Some(id) || term != t => {
+                let (tx, _) = oneshot::channel();
+                let _ = std::mem::replace(&mut p.2, tx).send(ForwardReply::NotLeader);
+                false
+            }
+            _ => true,
+        });
+        if batch.is_empty() {
+            continue;
+        }
         let (raft, metrics) = (raft.clone(), metrics.clone());
         tokio::spawn(async move {
             write_batch(&raft, &metrics, batch).await;
@@ -203,7 +225,7 @@ async fn propose_batched(
 /// Proposes `batch` as one entry (a lone command as itself) and answers every caller.
 async fn write_batch(raft: &Raft, metrics: &Metrics, batch: Vec<QueuedProposal>) {
     let (cmds, replies): (Vec<Command>, Vec<oneshot::Sender<ForwardReply>>) =
-        batch.into_iter().unzip();
+        batch.into_iter().map(|(c, _, r)| (c, r)).unzip();
     let kinds: Vec<&'static str> = cmds.iter().map(Command::kind).collect();
     let entry = match <[Command; 1]>::try_from(cmds) {
         Ok([cmd]) => cmd,
@@ -281,7 +303,12 @@ impl ControlNode {
             .map_err(|e| NodeError::Raft(e.to_string()))?;
         let metrics = Arc::new(Metrics::new());
         let (proposals, queued) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(propose_batched(raft.clone(), metrics.clone(), queued));
+        tokio::spawn(propose_batched(
+            raft.clone(),
+            config.node_id,
+            metrics.clone(),
+            queued,
+        ));
         let leader_check = LeaderCheck::new(raft.clone(), config.node_id);
         let liveness = LivenessConfig {
             default_ttl_ms: config.host_ttl_ms,
@@ -528,10 +555,16 @@ impl ControlNode {
     }
 
     /// Stamps `cmd` with the leader's clock and hands it to the batcher; the applied outcome.
-    async fn propose_here(&self, mut cmd: Command) -> ForwardReply {
+    async fn propose_here(&self, cmd: Command) -> ForwardReply {
+        self.propose_guarded(cmd, None).await
+    }
+
+    /// Queues `cmd` for the batcher; with `term`, only if this node still leads that term
+    /// when the batch is written.
+    async fn propose_guarded(&self, mut cmd: Command, term: Option<u64>) -> ForwardReply {
         cmd.stamp(now_ms());
         let (tx, rx) = oneshot::channel();
-        if self.proposals.send((cmd, tx)).await.is_err() {
+        if self.proposals.send((cmd, term, tx)).await.is_err() {
             return ForwardReply::Error("the proposal queue is closed".into());
         }
         rx.await
@@ -660,6 +693,22 @@ impl ControlNode {
 
     /// Proposes a command through Raft (on the leader, wherever that is) and returns the
     /// applied outcome.
+    /// Proposes a decision this node made as the leader of `term` (a host is down, an
+    /// eviction is overdue, a placement round): on this node and in that term only, never
+    /// forwarded to a later leader. A decision outlives its leadership otherwise: a leader
+    /// cut off from the others decides a host is down (it hears no heartbeats), steps down
+    /// when the cut heals, and its stuck proposal, retried through the new leader, would take
+    /// down a host whose agent holds a lease from that new leader (an overlap the host fault
+    /// suite caught).
+    pub async fn propose_in_term(&self, cmd: Command, term: u64) -> Result<Response, NodeError> {
+        match self.propose_guarded(cmd, Some(term)).await {
+            ForwardReply::Response(r) => Ok(r),
+            ForwardReply::NotLeader => Err(NodeError::LeadershipLost(term)),
+            ForwardReply::Error(e) => Err(NodeError::Raft(e)),
+            other => Err(NodeError::Raft(format!("unexpected reply {other:?}"))),
+        }
+    }
+
     pub async fn propose(&self, cmd: Command) -> Result<Response, NodeError> {
         match self.on_leader(Forward::Propose(Box::new(cmd))).await? {
             ForwardReply::Response(r) => Ok(r),
