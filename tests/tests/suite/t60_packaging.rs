@@ -637,3 +637,221 @@ async fn deb_installs_and_runs_in_a_booted_debian() -> anyhow::Result<()> {
     result?;
     down
 }
+
+/// How a README's command block is checked, from the `<!-- readme-test: ... -->` line
+/// right above its fence.
+#[derive(Debug, PartialEq, Eq)]
+enum BlockCheck {
+    /// `run`: executed as it is in a booted Debian container with the package installed.
+    Run,
+    /// `host: REASON`: needs a real host or cluster; the README says why.
+    Host(String),
+    /// No marker: the test fails, so that every block says which it is.
+    Unmarked,
+}
+
+#[derive(Debug)]
+struct CommandBlock {
+    /// 1-based line of the opening fence.
+    line: usize,
+    check: BlockCheck,
+    body: String,
+}
+
+/// The fenced `sh` blocks of a Markdown text, with their markers.
+fn command_blocks(markdown: &str) -> Vec<CommandBlock> {
+    let mut blocks = Vec::new();
+    let mut previous = "";
+    let mut open: Option<(usize, BlockCheck, String)> = None;
+    for (i, line) in markdown.lines().enumerate() {
+        match &mut open {
+            Some((_, _, body)) => {
+                if line.trim_start().starts_with("```") {
+                    if let Some((start, check, body)) = open.take() {
+                        blocks.push(CommandBlock {
+                            line: start,
+                            check,
+                            body,
+                        });
+                    }
+                } else {
+                    body.push_str(line);
+                    body.push('\n');
+                }
+            }
+            None => {
+                let fence = line.trim_start();
+                if let Some(lang) = fence.strip_prefix("```") {
+                    let marker = previous
+                        .trim()
+                        .strip_prefix("<!-- readme-test:")
+                        .and_then(|m| m.strip_suffix("-->"))
+                        .map(str::trim);
+                    let check = match marker {
+                        Some(m) if m == "run" || m.starts_with("run ") => BlockCheck::Run,
+                        Some(m) => match m.strip_prefix("host:") {
+                            Some(reason) if !reason.trim().is_empty() => {
+                                BlockCheck::Host(reason.trim().to_string())
+                            }
+                            _ => BlockCheck::Unmarked,
+                        },
+                        None => BlockCheck::Unmarked,
+                    };
+                    if matches!(lang.trim(), "sh" | "bash" | "console" | "") {
+                        open = Some((i + 1, check, String::new()));
+                    } else {
+                        // another language (toml, json...): not commands; skip to its end
+                        open = Some((
+                            i + 1,
+                            BlockCheck::Host("not commands".into()),
+                            String::new(),
+                        ));
+                    }
+                }
+            }
+        }
+        previous = line;
+    }
+    blocks
+}
+
+#[test]
+fn command_blocks_are_found_with_their_markers() {
+    let md = "text\n\n<!-- readme-test: run -->\n```sh\necho a\necho b\n```\n\n\
+              <!-- readme-test: host: needs three machines -->\n```sh\nssh x\n```\n\n\
+              ```sh\nunmarked\n```\n";
+    let blocks = command_blocks(md);
+    assert_eq!(blocks.len(), 3);
+    assert_eq!(blocks[0].check, BlockCheck::Run);
+    assert_eq!(blocks[0].body, "echo a\necho b\n");
+    assert_eq!(blocks[0].line, 4);
+    assert_eq!(
+        blocks[1].check,
+        BlockCheck::Host("needs three machines".into())
+    );
+    assert_eq!(blocks[2].check, BlockCheck::Unmarked);
+}
+
+/// The READMEs whose commands must run as written.
+const READMES: [&str; 2] = ["README.md", "packaging/README.md"];
+
+/// Every command block of the READMEs either runs in the container test below or says
+/// which kind of host it needs.
+#[test]
+fn readme_command_blocks_say_how_they_are_checked() -> anyhow::Result<()> {
+    let mut unmarked = Vec::new();
+    let mut runnable = 0;
+    for readme in READMES {
+        let text = std::fs::read_to_string(workspace_root().join(readme))
+            .with_context(|| format!("reading {readme}"))?;
+        for b in command_blocks(&text) {
+            match b.check {
+                BlockCheck::Unmarked => unmarked.push(format!("{readme}:{}", b.line)),
+                BlockCheck::Run => runnable += 1,
+                BlockCheck::Host(_) => {}
+            }
+        }
+    }
+    ensure!(
+        unmarked.is_empty(),
+        "command blocks without a `<!-- readme-test: run -->` or \
+         `<!-- readme-test: host: REASON -->` line above them: {}",
+        unmarked.join(", ")
+    );
+    ensure!(runnable > 0, "no README block is marked to run");
+    Ok(())
+}
+
+/// The `run` blocks of the READMEs, executed as they are (`sh -e -x`, as root) in a booted
+/// Debian container right after `dpkg -i` of the package: what a new user would type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_commands_run_in_a_booted_debian() -> anyhow::Result<()> {
+    container::require_root()?;
+    require_tools(&[
+        "systemd-nspawn",
+        "unshare",
+        "nsenter",
+        "cargo-deb",
+        "dpkg-shlibdeps",
+        "dpkg-deb",
+        "help2man",
+        "jq",
+    ])?;
+    let mut scripts = Vec::new();
+    for readme in READMES {
+        let text = std::fs::read_to_string(workspace_root().join(readme))
+            .with_context(|| format!("reading {readme}"))?;
+        for b in command_blocks(&text) {
+            if b.check == BlockCheck::Run {
+                scripts.push((format!("{readme}:{}", b.line), b.body));
+            }
+        }
+    }
+    let work = tempfile::Builder::new()
+        .prefix("blixard-readme-")
+        .tempdir()?;
+    let deb_dir = work.path().join("deb");
+    let deb = build_deb(&deb_dir).await?;
+    let deb_name = deb
+        .file_name()
+        .context("deb without a file name")?
+        .to_string_lossy()
+        .into_owned();
+    let rootfs = container::rootfs().await?;
+    let ct = Container::boot(&rootfs, &[(&deb_dir, "/mnt/blixard")]).await?;
+    let result = run_readme_blocks(&ct, &deb_name, &scripts).await;
+    let result = match result {
+        Ok(()) => Ok(()),
+        Err(e) => Err(anyhow::anyhow!("{e:#}\n\n{}", ct.diagnostics().await)),
+    };
+    let down = ct.shutdown().await;
+    result?;
+    down
+}
+
+async fn run_readme_blocks(
+    ct: &Container,
+    deb_name: &str,
+    scripts: &[(String, String)],
+) -> anyhow::Result<()> {
+    ct.run(&["dpkg", "-i", &format!("/mnt/blixard/{deb_name}")])
+        .await?;
+    for (at, script) in scripts {
+        let out = ct.exec(&["sh", "-e", "-x", "-c", script]).await?;
+        eprintln!("{at}:\n{}{}", out.stdout, out.stderr);
+        ensure!(
+            out.success(),
+            "the commands of {at} failed ({:?}):\n{script}\nstdout:\n{}\nstderr:\n{}",
+            out.code,
+            out.stdout,
+            out.stderr
+        );
+        // not a terminal: plain lines only (`--wait` used to redraw with \r and \e[2K)
+        ensure!(
+            !out.stderr.contains('\r') && !out.stderr.contains('\u{1b}'),
+            "the commands of {at} wrote terminal control characters to a non-terminal:\n{:?}",
+            out.stderr
+        );
+    }
+    // systemctl status shows the node's role, term and applied index, and keeps it current
+    wait::until(
+        "blixard-control's STATUS= to name it leader",
+        Duration::from_secs(10),
+        || async {
+            let status = ct
+                .unit_property("blixard-control.service", "StatusText")
+                .await
+                .map_err(|e| e.to_string())?;
+            let applied = status
+                .strip_prefix("leader, term ")
+                .and_then(|rest| rest.split_once(", applied "))
+                .and_then(|(_, applied)| applied.parse::<u64>().ok());
+            match applied {
+                Some(a) if a > 0 => Ok(Some(())),
+                _ => Err(format!("StatusText={status:?}")),
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
