@@ -420,3 +420,54 @@ async fn t16_api_rejects_bad_input() -> anyhow::Result<()> {
     assert_eq!(c.node_client(0).health().await?.status, "ok");
     Ok(())
 }
+
+/// `blixardctl` writing to a pipe whose reader has gone (`blixardctl vm list | head -1`)
+/// exits 0 without a word, and `--wait` into a file (not a terminal) prints plain lines.
+#[tokio::test]
+async fn t17_cli_output_to_a_closed_pipe_and_to_a_file() -> anyhow::Result<()> {
+    use std::process::{Command, Stdio};
+    let c = Cluster::start(1).await?;
+    let client = c.client();
+    create(&client, "cli-1").await?;
+    let ctl = blixard_tests::binaries::binary("blixardctl");
+    let endpoints = c.endpoints().join(",");
+    for args in [
+        &["vm", "list"][..],
+        &["vm", "list", "-o", "json"],
+        &["vm", "show", "cli-1"],
+    ] {
+        // the read end is closed before the CLI starts: its first write gets EPIPE
+        let (read, write) = nix::unistd::pipe()?;
+        drop(read);
+        let out = Command::new(&ctl)
+            .env("BLIXARD_ENDPOINTS", &endpoints)
+            .args(args)
+            .stdout(Stdio::from(write))
+            .stderr(Stdio::piped())
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stderr.is_empty(),
+            "blixardctl {} into a closed pipe: {} {stderr}",
+            args.join(" "),
+            out.status
+        );
+    }
+    // no host runs VMs, so this waits out its timeout: exit 6, progress on stderr
+    let out = Command::new(&ctl)
+        .env("BLIXARD_ENDPOINTS", &endpoints)
+        .args(["vm", "create", "cli-2", "--vcpus", "1", "--memory", "64"])
+        .args(["--hypervisor", "process", "--wait", "--timeout", "1"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "--wait should time out: {stderr}"
+    );
+    assert!(
+        stderr.contains("cli-2: pending") && !stderr.contains('\r') && !stderr.contains('\u{1b}'),
+        "--wait into a non-terminal must print plain lines: {stderr:?}"
+    );
+    Ok(())
+}
