@@ -9,6 +9,7 @@
 pub mod config;
 pub mod election_trigger;
 pub mod faults;
+pub mod heartbeat_forward;
 pub mod http;
 pub mod leader_check;
 pub mod leader_loop;

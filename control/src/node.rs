@@ -53,6 +53,9 @@ pub enum NodeError {
     Raft(String),
     #[error("this node no longer leads term {0}: its decision is not proposed")]
     LeadershipLost(u64),
+    /// The leader could not read the forward (a node of an older version).
+    #[error("the leader refused the forward: {0}")]
+    PeerRefused(String),
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
@@ -78,6 +81,9 @@ pub enum Forward {
     /// How long each host has been silent, per the leader's leases (for host reads).
     /// Appended; older nodes do not know it.
     Silence,
+    /// Many hosts' heartbeats at once, each answered as [`Forward::Heartbeat`] would be (see
+    /// [`crate::heartbeat_forward`]). Appended; older nodes refuse it.
+    Heartbeats(Vec<String>),
 }
 
 /// The leader's answer to a [`Forward`].
@@ -91,6 +97,8 @@ pub enum ForwardReply {
     /// Per host, milliseconds since its last confirmed heartbeat on the leader.
     Silence(Vec<(String, u64)>),
     Error(String),
+    /// The answers to [`Forward::Heartbeats`], in its order.
+    Heartbeats(Vec<ForwardReply>),
 }
 
 /// The HTTP client for peer traffic: the peer token on every request, and with TLS the
@@ -163,6 +171,8 @@ pub struct ControlNode {
     leader_check: LeaderCheck,
     /// Hosts' leases while this node leads (see [`crate::liveness`]).
     pub leases: std::sync::Mutex<Leases>,
+    /// Heartbeats on their way to the leader (see [`crate::heartbeat_forward`]).
+    heartbeat_queue: mpsc::Sender<crate::heartbeat_forward::Queued>,
     /// Woken when the leader loop resolves the proposals of hosts going down, for heartbeats
     /// that wait for them ([`crate::liveness::Renewal::GoingDown`]).
     pub downs_resolved: tokio::sync::Notify,
@@ -310,11 +320,12 @@ impl ControlNode {
             queued,
         ));
         let leader_check = LeaderCheck::new(raft.clone(), config.node_id);
+        let (heartbeat_queue, heartbeats_queued) = crate::heartbeat_forward::queue();
         let liveness = LivenessConfig {
             default_ttl_ms: config.host_ttl_ms,
             margin_ms: config.host_lease_margin_ms,
         };
-        Ok(Arc::new(ControlNode {
+        let node = Arc::new(ControlNode {
             id: config.node_id,
             config,
             raft,
@@ -329,9 +340,15 @@ impl ControlNode {
             leader_check,
             leases: std::sync::Mutex::new(Leases::default()),
             downs_resolved: tokio::sync::Notify::new(),
+            heartbeat_queue,
             liveness,
             clock_origin: std::time::Instant::now(),
-        }))
+        });
+        tokio::spawn(crate::heartbeat_forward::run(
+            Arc::downgrade(&node),
+            heartbeats_queued,
+        ));
+        Ok(node)
     }
 
     /// Forms the cluster from `initial_cluster` if this node's store is pristine and it is not
@@ -434,7 +451,7 @@ impl ControlNode {
     }
 
     /// Runs `req` on the leader: here if this node leads, otherwise over HTTP.
-    async fn on_leader(&self, req: Forward) -> Result<ForwardReply, NodeError> {
+    pub(crate) async fn on_leader(&self, req: Forward) -> Result<ForwardReply, NodeError> {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
         let mut last = NodeError::NoLeader;
         loop {
@@ -510,7 +527,14 @@ impl ControlNode {
                     NodeError::Raft(format!("the leader did not answer ({url}): {e}"))
                 }
             })?;
-        if !resp.status().is_success() {
+        let status = resp.status();
+        if status == reqwest::StatusCode::BAD_REQUEST
+            || status == reqwest::StatusCode::UNPROCESSABLE_ENTITY
+        {
+            // It could not read the request: nothing was done, and retrying will not help.
+            return Err(NodeError::PeerRefused(format!("{url}: HTTP {status}")));
+        }
+        if !status.is_success() {
             return Err(NodeError::LeaderUnreachable(format!(
                 "{url}: HTTP {}",
                 resp.status()
@@ -536,6 +560,17 @@ impl ControlNode {
                 Err(e) => ForwardReply::Error(e.to_string()),
             },
             Forward::Heartbeat(host) => self.heartbeat_here(&host).await,
+            Forward::Heartbeats(hosts) => {
+                if self.leader() != Some(self.id) {
+                    return ForwardReply::NotLeader;
+                }
+                let each = hosts.iter().map(|h| self.heartbeat_here(h));
+                let replies = futures::future::join_all(each).await;
+                if replies.iter().all(|r| matches!(r, ForwardReply::NotLeader)) {
+                    return ForwardReply::NotLeader;
+                }
+                ForwardReply::Heartbeats(replies)
+            }
             Forward::Silence => {
                 if self.leader() != Some(self.id) {
                     return ForwardReply::NotLeader;
@@ -719,10 +754,21 @@ impl ControlNode {
     /// A host's heartbeat, answered by the leader once it has confirmed it leads (here or
     /// over a forward): the host's record, or `Response::Error(NotFound)`.
     pub async fn heartbeat(&self, host: &str) -> Result<Response, NodeError> {
-        match self.on_leader(Forward::Heartbeat(host.to_string())).await? {
-            ForwardReply::Response(r) => Ok(r),
-            other => Err(NodeError::Raft(format!("unexpected reply {other:?}"))),
+        if self.leader() == Some(self.id) {
+            match self.heartbeat_here(host).await {
+                // Lost the leadership meanwhile: on to the new leader, below.
+                ForwardReply::NotLeader => {}
+                r => return crate::heartbeat_forward::answer(r),
+            }
         }
+        // A follower's heartbeats travel to the leader together.
+        let (tx, rx) = oneshot::channel();
+        self.heartbeat_queue
+            .send((host.to_string(), tx))
+            .await
+            .map_err(|_| NodeError::Raft("the heartbeat queue is closed".into()))?;
+        rx.await
+            .unwrap_or_else(|_| Err(NodeError::Raft("the heartbeat was dropped".into())))
     }
 
     /// Per host, how long ago the leader last confirmed a heartbeat of it (or began to lead,

@@ -213,3 +213,55 @@ async fn t92_a_silent_host_is_declared_down_after_its_lease() -> anyhow::Result<
     .await?;
     Ok(())
 }
+
+/// Hosts that reach only a follower are leased by the leader all the same: the follower
+/// gathers their heartbeats into forwards (`Forward::Heartbeats`) and hands each agent the
+/// leader's answer; nothing is written to the log.
+#[tokio::test]
+async fn t93_heartbeats_through_a_follower_are_gathered_and_answered() -> anyhow::Result<()> {
+    let c = Cluster::start(3).await?;
+    let leader = c.wait_converged(DEADLINE).await?;
+    let follower = (leader + 1) % 3;
+    let only_follower = vec![c.nodes[follower].url.clone()];
+    let mut hs = Vec::new();
+    for i in 1..=3 {
+        let mut h = SimHost::start(&format!("fw{i}")).await?;
+        h.spawn_agent(&only_follower, "")?;
+        hs.push(h);
+    }
+    let refs: Vec<&SimHost> = hs.iter().collect();
+    with_logs(&refs, async {
+        let client = c.client();
+        for h in &hs {
+            wait_registered(&client, h.name(), 1).await?;
+        }
+        let start = metric(&c, leader, "blixard_host_heartbeats_total").await?;
+        let index = c
+            .status(leader)
+            .await
+            .ok_or_else(|| anyhow::anyhow!("the leader does not answer"))?
+            .last_log_index;
+        // 3 hosts every 0.5 s: 30 heartbeats in about 5 s, every one through the follower.
+        wait::until("30 heartbeats answered by the leader", DEADLINE, || async {
+            let beats = metric(&c, leader, "blixard_host_heartbeats_total")
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok((beats >= start + 30.0).then_some(()))
+        })
+        .await?;
+        assert_eq!(metric(&c, leader, "blixard_leased_hosts").await?, 3.0);
+        for h in &hs {
+            let host = client.get_host(h.name()).await?;
+            assert_eq!(host.status, blixard_api::HostStatus::Up, "{}", h.name());
+            assert!(!h.agent_log().contains("fencing VM"), "{} fenced", h.name());
+        }
+        let after = c
+            .status(leader)
+            .await
+            .ok_or_else(|| anyhow::anyhow!("the leader does not answer"))?
+            .last_log_index;
+        assert_eq!(after, index, "forwarded heartbeats wrote to the log");
+        Ok(())
+    })
+    .await
+}
