@@ -107,7 +107,11 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         }
     };
     let systemd = Systemd::connect(config.systemd_bus).await?;
-    tracing::info!(bus = config.systemd_bus.as_str(), "connected to systemd");
+    tracing::info!(
+        bus = config.systemd_bus.as_str(),
+        "connected to the {} bus of systemd",
+        config.systemd_bus.as_str()
+    );
     run_with(config, systemd, shutdown).await
 }
 
@@ -133,7 +137,7 @@ where
         if u.active.is_up() {
             tracker.adopt(&u.vm, u.generation.unwrap_or(0));
         }
-        tracing::info!(vm = %u.vm, host = %host, state = ?u.active, generation = ?u.generation, main_pid = pid, "adopting VM unit");
+        tracing::info!(vm = %u.vm, host = %host, state = ?u.active, generation = ?u.generation, main_pid = pid, "adopting VM {} on {host} (unit {:?}, generation {:?}, main PID {pid})", u.vm, u.active, u.generation);
     }
 
     // The lease a previous run left, if any.
@@ -142,7 +146,7 @@ where
         Ok(l) => l,
         Err(e) => {
             // Unreadable: as if it ran out (the switch keeps its last good reading).
-            tracing::warn!(host = %host, error = %crate::error_chain(&e), "cannot read the lease file; starting fenced");
+            tracing::warn!(host = %host, error = %crate::error_chain(&e), "host {host}: cannot read the lease file ({}); starting fenced", crate::error_chain(&e));
             Some(LeaseFile {
                 expires_boottime_ms: 0,
                 grace_ms: config.fence_grace_ms,
@@ -159,17 +163,17 @@ where
     );
     match lease.state() {
         LeaseState::Never => {
-            tracing::info!(host = %host, "no lease held this boot; waiting for a confirmed heartbeat")
+            tracing::info!(host = %host, "host {host}: no lease held this boot; waiting for a confirmed heartbeat")
         }
         LeaseState::Held { until } => tracing::info!(
             host = %host,
             remaining_ms = until.saturating_sub(now),
-            "the previous run's lease still holds; adopting its VMs"
+            "host {host}: the previous run's lease still holds for {} ms; adopting its VMs", until.saturating_sub(now)
         ),
         LeaseState::Fenced { since } => tracing::warn!(
             host = %host,
             expired_ms_ago = now.saturating_sub(since),
-            "the previous run's lease ran out; starting fenced: stopping every move VM"
+            "host {host}: the previous run's lease ran out {} ms ago; starting fenced: stopping every move VM", now.saturating_sub(since)
         ),
     }
     let stay = previous.map(|l| l.stay).unwrap_or_default();
@@ -184,12 +188,17 @@ where
         disk_gib = probe.capacity.disk_gib,
         kvm = probe.capacity.kvm,
         kvm_note = %probe.kvm_note,
-        "host capacity"
+        "host {host}: {} vCPUs, {} MiB memory, {} GiB disk, KVM {} ({})",
+        probe.capacity.vcpus,
+        probe.capacity.memory_mib,
+        probe.capacity.disk_gib,
+        if probe.capacity.kvm { "yes" } else { "no" },
+        probe.kvm_note
     );
     for (hv, status) in
         CommandBuilders::availability(&config, probe.capacity.kvm, &crate::command::is_executable)
     {
-        tracing::info!(hypervisor = hv.as_str(), status = %status, "hypervisor");
+        tracing::info!(hypervisor = hv.as_str(), status = %status, "hypervisor {}: {status}", hv.as_str());
     }
     let builders = CommandBuilders::from_config(&config, probe.capacity.kvm);
     let token = match &config.token_file {
@@ -212,7 +221,7 @@ where
                 .as_deref()
                 .zip(config.api_tls_key_file.as_deref());
             let bound = agent_api::bind(addr, tls).await?;
-            tracing::info!(url = %bound.url, "agent API listening");
+            tracing::info!(url = %bound.url, "agent API listening on {}", bound.url);
             let url = bound.url.clone();
             let task = tokio::spawn(agent_api::serve(
                 bound,
@@ -327,7 +336,7 @@ async fn start_fence_unit<S: SystemdClient>(
     let spec = unit_spec::fence_unit(argv, environment);
     match systemd.start_transient_unit(&spec).await {
         Ok(StartOutcome::Started { job }) => {
-            tracing::info!(unit = unit_spec::FENCE_UNIT, job = %job, "started the dead man's switch");
+            tracing::info!(unit = unit_spec::FENCE_UNIT, job = %job, "started the dead man's switch {} (job {job})", unit_spec::FENCE_UNIT);
             Ok(())
         }
         Ok(StartOutcome::AlreadyExists) => {
@@ -394,7 +403,7 @@ async fn control_link(
             match client.register_host(&registration).await {
                 Ok(h) => break h,
                 Err(e) => {
-                    tracing::warn!(host = %host, error = %e, "cannot register the host; retrying");
+                    tracing::warn!(host = %host, error = %e, "cannot register host {host}: {e}; retrying");
                     if tx
                         .send(LinkEvent::Unreachable(e.to_string()))
                         .await
@@ -407,7 +416,7 @@ async fn control_link(
             }
         };
         backoff.reset();
-        tracing::info!(host = %host, epoch = record.epoch, "registered with the control plane");
+        tracing::info!(host = %host, epoch = record.epoch, "registered host {host} with the control plane (epoch {})", record.epoch);
         if tx.send(LinkEvent::Registered(record)).await.is_err() {
             return;
         }
@@ -452,11 +461,11 @@ async fn control_link(
                     }
                 }
                 Err(e) if e.is_not_found() => {
-                    tracing::warn!(host = %host, "the control plane does not know this host");
+                    tracing::warn!(host = %host, "the control plane does not know host {host}");
                     break;
                 }
                 Err(e) => {
-                    tracing::warn!(host = %host, error = %e, "cannot fetch assignments; retrying");
+                    tracing::warn!(host = %host, error = %e, "cannot fetch the assignments of host {host}: {e}; retrying");
                     if tx
                         .send(LinkEvent::Unreachable(e.to_string()))
                         .await
@@ -660,7 +669,7 @@ impl<S: SystemdClient> Agent<S> {
                 true
             }
             Some(Change::FetchAssignments) => {
-                tracing::info!(host = %self.host, "heartbeat confirmed while fenced; fetching assignments");
+                tracing::info!(host = %self.host, "host {}: heartbeat confirmed while fenced; fetching assignments", self.host);
                 self.refetch.notify_one();
                 false
             }
@@ -700,7 +709,7 @@ impl<S: SystemdClient> Agent<S> {
             Ok(()) => self.published = Some(file),
             // The switch then fences at the last expiry it read: early, never late.
             Err(e) => {
-                tracing::warn!(host = %self.host, error = %crate::error_chain(&e), "cannot write the lease file")
+                tracing::warn!(host = %self.host, error = %crate::error_chain(&e), "host {}: cannot write the lease file: {}", self.host, crate::error_chain(&e))
             }
         }
     }
@@ -737,7 +746,7 @@ impl<S: SystemdClient> Agent<S> {
                 let now = boottime_ms();
                 let change = match self.lease.assignments(a.index, sent_at, now) {
                     Verdict::Regressed { seen } => {
-                        tracing::warn!(host = %self.host, index = a.index, seen, "ignoring assignments older than ones already seen");
+                        tracing::warn!(host = %self.host, index = a.index, seen, "host {}: ignoring assignments at index {} older than index {seen} already seen", self.host, a.index);
                         return false;
                     }
                     Verdict::Accept { change } => change,
@@ -771,7 +780,7 @@ impl<S: SystemdClient> Agent<S> {
             }
             LinkEvent::Unreachable(e) => {
                 if self.link_ok {
-                    tracing::warn!(host = %self.host, error = %e, "control plane unreachable; VMs keep running until the lease runs out");
+                    tracing::warn!(host = %self.host, error = %e, "host {}: control plane unreachable ({e}); VMs keep running until the lease runs out", self.host);
                 }
                 self.link_ok = false;
                 self.link_error = Some(e);
@@ -834,13 +843,13 @@ impl<S: SystemdClient> Agent<S> {
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(vm = %vm, error = %crate::error_chain(&e), "cannot read the VM's journal");
+                        tracing::warn!(vm = %vm, error = %crate::error_chain(&e), "cannot read the journal of VM {vm}: {}", crate::error_chain(&e));
                         break;
                     }
                 }
             }
             let (state, reason) = guest_end::explain(end.state, &end.reason, console.as_ref());
-            tracing::info!(vm = %vm, host = %self.host, state = state.as_str(), reason = %reason, "VM end explained");
+            tracing::info!(vm = %vm, host = %self.host, state = state.as_str(), reason = %reason, "VM {vm} on {} ended {}: {reason}", self.host, state.as_str());
             self.tracker.record(
                 &vm,
                 Ended {
@@ -867,11 +876,11 @@ impl<S: SystemdClient> Agent<S> {
             self.tracker.fence_killed(vm);
             match self.systemd.kill_unit(&unit_name(vm), signal).await {
                 Ok(true) => {
-                    tracing::warn!(vm = %vm, host = %self.host, signal = name, "fencing VM")
+                    tracing::warn!(vm = %vm, host = %self.host, signal = name, "fencing VM {vm} on {}: {name}", self.host)
                 }
                 Ok(false) => tracing::debug!(vm = %vm, host = %self.host, "fenced VM already gone"),
                 Err(e) => {
-                    tracing::warn!(vm = %vm, host = %self.host, error = %crate::error_chain(&e), "cannot fence VM")
+                    tracing::warn!(vm = %vm, host = %self.host, error = %crate::error_chain(&e), "cannot fence VM {vm} on {}: {}", self.host, crate::error_chain(&e))
                 }
             }
         }
@@ -882,7 +891,7 @@ impl<S: SystemdClient> Agent<S> {
         let observed = match self.systemd.list_vm_units().await {
             Ok(u) => u,
             Err(e) => {
-                tracing::warn!(host = %self.host, error = %crate::error_chain(&e), "cannot list VM units");
+                tracing::warn!(host = %self.host, error = %crate::error_chain(&e), "host {}: cannot list VM units: {}", self.host, crate::error_chain(&e));
                 return true;
             }
         };
@@ -910,21 +919,23 @@ impl<S: SystemdClient> Agent<S> {
             let end = self.tracker.ended().get(vm);
             let reason = end.map(|e| e.reason.as_str()).unwrap_or("");
             match note.kind {
-                EndKind::Stopped => tracing::info!(vm = %vm, host = %self.host, "VM stopped"),
+                EndKind::Stopped => {
+                    tracing::info!(vm = %vm, host = %self.host, "VM {vm} stopped on {}", self.host)
+                }
                 EndKind::Fenced => {
-                    tracing::warn!(vm = %vm, host = %self.host, reason = %reason, "VM fenced")
+                    tracing::warn!(vm = %vm, host = %self.host, reason = %reason, "VM {vm} fenced on {}: {reason}", self.host)
                 }
                 EndKind::Duplicate => {
                     tracing::debug!(vm = %vm, host = %self.host, "late signals of a recorded end")
                 }
                 EndKind::Exited | EndKind::Unseen => {
                     if note.kind == EndKind::Unseen {
-                        tracing::warn!(vm = %vm, host = %self.host, "unit ended without signals");
+                        tracing::warn!(vm = %vm, host = %self.host, "the unit of VM {vm} on {} ended without signals", self.host);
                     }
                     if end.is_some_and(|e| e.state == VmState::Failed) {
-                        tracing::warn!(vm = %vm, host = %self.host, reason = %reason, "VM failed");
+                        tracing::warn!(vm = %vm, host = %self.host, reason = %reason, "VM {vm} failed on {}: {reason}", self.host);
                     } else {
-                        tracing::info!(vm = %vm, host = %self.host, reason = %reason, "VM exited");
+                        tracing::info!(vm = %vm, host = %self.host, reason = %reason, "VM {vm} exited on {}: {reason}", self.host);
                     }
                     if self.hypervisor_of(vm) == Some(Hypervisor::Qemu) {
                         self.unexplained.insert(vm.clone(), note.started_at);
@@ -958,7 +969,7 @@ impl<S: SystemdClient> Agent<S> {
             self.tracker
                 .ended_while_down(&assignments.vms, &observed, self.started.generations())
         {
-            tracing::warn!(vm = %vm, host = %self.host, "the VM's unit ended while the agent was not running; reporting it failed");
+            tracing::warn!(vm = %vm, host = %self.host, "the unit of VM {vm} on {} ended while the agent was not running; reporting it failed", self.host);
         }
         self.tracker.retain(&assigned, &observed);
         self.started.retain(|vm| assigned.contains(vm));
@@ -1007,7 +1018,7 @@ impl<S: SystemdClient> Agent<S> {
                 let spec = match unit_spec::build(&a.spec, &self.builders, &self.config.vm_unit) {
                     Ok(s) => unit_spec::with_generation(s, a.generation),
                     Err(e) => {
-                        tracing::warn!(vm = %vm, host = %self.host, error = %e, "cannot build the VM unit");
+                        tracing::warn!(vm = %vm, host = %self.host, error = %e, "cannot build the unit of VM {vm} on {}: {e}", self.host);
                         self.tracker.record(
                             &vm,
                             Ended {
@@ -1021,12 +1032,12 @@ impl<S: SystemdClient> Agent<S> {
                 };
                 if let Err(e) = self.started.record(&vm, a.generation) {
                     // Without the record a restarted agent could start it again on its own.
-                    tracing::warn!(vm = %vm, host = %self.host, error = %crate::error_chain(&e), "cannot record the start; not starting");
+                    tracing::warn!(vm = %vm, host = %self.host, error = %crate::error_chain(&e), "cannot record the start of VM {vm} on {}: {}; not starting it", self.host, crate::error_chain(&e));
                     return true;
                 }
                 match self.systemd.start_transient_unit(&spec).await {
                     Ok(StartOutcome::Started { job }) => {
-                        tracing::info!(vm = %vm, host = %self.host, generation = a.generation, job = %job, "starting VM");
+                        tracing::info!(vm = %vm, host = %self.host, generation = a.generation, job = %job, "starting VM {vm} on {}, generation {} (job {job})", self.host, a.generation);
                         self.tracker
                             .started(&vm, a.generation, std::time::SystemTime::now());
                         false
@@ -1037,7 +1048,7 @@ impl<S: SystemdClient> Agent<S> {
                             Some(m) => format!("cannot start the unit: {m}"),
                             None => format!("cannot start the unit: {e}"),
                         };
-                        tracing::warn!(vm = %vm, host = %self.host, reason = %reason, "VM start failed");
+                        tracing::warn!(vm = %vm, host = %self.host, reason = %reason, "VM {vm} failed to start on {}: {reason}", self.host);
                         self.tracker.record(
                             &vm,
                             Ended {
@@ -1060,7 +1071,7 @@ impl<S: SystemdClient> Agent<S> {
                     }
                     Err(e) if e.status() == Some(409) || e.is_not_found() => {
                         // The cluster gave this VM to another host, or deleted it.
-                        tracing::warn!(vm = %vm, host = %self.host, error = %e, "VM no longer assigned here; stopping it");
+                        tracing::warn!(vm = %vm, host = %self.host, error = %e, "VM {vm} is no longer assigned to {} ({e}); stopping it", self.host);
                         if let Some(a) = self.assignments.as_mut() {
                             a.vms.retain(|x| x.spec.name != vm);
                         }
@@ -1084,11 +1095,11 @@ impl<S: SystemdClient> Agent<S> {
         self.tracker.stop_requested(vm);
         match self.systemd.stop_unit(&unit_name(vm)).await {
             Ok(outcome) => {
-                tracing::info!(vm = %vm, host = %self.host, outcome = ?outcome, "stopping VM");
+                tracing::info!(vm = %vm, host = %self.host, outcome = ?outcome, "stopping VM {vm} on {} ({outcome:?})", self.host);
                 false
             }
             Err(e) => {
-                tracing::warn!(vm = %vm, host = %self.host, error = %crate::error_chain(&e), "cannot stop VM");
+                tracing::warn!(vm = %vm, host = %self.host, error = %crate::error_chain(&e), "cannot stop VM {vm} on {}: {}", self.host, crate::error_chain(&e));
                 true
             }
         }

@@ -399,7 +399,7 @@ async fn t40_qemu_stubborn_guest_ends_on_sigterm_after_the_timeout() -> anyhow::
         let ends = host
             .agent_log()
             .lines()
-            .filter(|l| l.contains("VM end explained") && l.contains("vm=mule"))
+            .filter(|l| l.contains("VM mule on ") && l.contains(" ended "))
             .count();
         anyhow::ensure!(ends == 1, "the end was recorded {ends} times");
         Ok(())
