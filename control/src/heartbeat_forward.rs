@@ -11,9 +11,9 @@
 //! A leader from before `Forward::Heartbeats` refuses it (HTTP 4xx); the batch is then sent
 //! one heartbeat per forward, as before.
 
-use std::sync::{Arc, Weak};
+use std::sync::Weak;
 
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::node::{ControlNode, Forward, ForwardReply, NodeError};
 use crate::state_machine::Response;
@@ -32,30 +32,12 @@ pub fn queue() -> (mpsc::Sender<Queued>, mpsc::Receiver<Queued>) {
 }
 
 /// Gathers the heartbeats queued on `rx` into forwards until the node is gone.
-pub async fn run(node: Weak<ControlNode>, mut rx: mpsc::Receiver<Queued>) {
-    let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
-    loop {
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            return;
-        };
-        let Some(first) = rx.recv().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(q) => batch.push(q),
-                Err(_) => break,
-            }
-        }
-        let Some(node) = node.upgrade() else {
-            return;
-        };
-        tokio::spawn(async move {
-            forward(&node, batch).await;
-            drop(permit);
-        });
-    }
+pub async fn run(node: Weak<ControlNode>, rx: mpsc::Receiver<Queued>) {
+    crate::gather::batches(rx, MAX_BATCH, IN_FLIGHT, |batch| {
+        let node = node.upgrade()?;
+        Some(async move { forward(&node, batch).await })
+    })
+    .await
 }
 
 /// Sends `batch` on and answers each heartbeat.

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod election_trigger;
 pub mod faults;
+pub mod gather;
 pub mod heartbeat_forward;
 pub mod http;
 pub mod leader_check;

@@ -14,7 +14,7 @@ use blixard_api::{AddMember, ClusterStatus, Member};
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
 use crate::leader_check::{LeaderCheck, LeaderCheckError};
@@ -190,23 +190,9 @@ async fn propose_batched(
     raft: Raft,
     id: NodeId,
     metrics: Arc<Metrics>,
-    mut rx: mpsc::Receiver<QueuedProposal>,
+    rx: mpsc::Receiver<QueuedProposal>,
 ) {
-    let in_flight = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
-    loop {
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            return;
-        };
-        let Some(first) = rx.recv().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
+    crate::gather::batches(rx, MAX_BATCH, BATCHES_IN_FLIGHT, |mut batch| {
         // A leader's own decisions are appended in the term they were made in or not at all:
         // checked as late as this process can, just before the write.
         let (leader, term) = {
@@ -221,15 +207,14 @@ async fn propose_batched(
             }
             _ => true,
         });
-        if batch.is_empty() {
-            continue;
-        }
         let (raft, metrics) = (raft.clone(), metrics.clone());
-        tokio::spawn(async move {
-            write_batch(&raft, &metrics, batch).await;
-            drop(permit);
-        });
-    }
+        Some(async move {
+            if !batch.is_empty() {
+                write_batch(&raft, &metrics, batch).await;
+            }
+        })
+    })
+    .await
 }
 
 /// Proposes `batch` as one entry (a lone command as itself) and answers every caller.
