@@ -6,6 +6,7 @@
 //! SQLite user), [`network`] (Raft RPC client), [`node`] (the Raft runtime), [`http`] (axum
 //! routes), [`leader_loop`] and [`election_trigger`] around them; [`run`] wires them together for the binary.
 
+pub mod admission;
 pub mod config;
 pub mod election_trigger;
 pub mod faults;

@@ -171,6 +171,8 @@ pub struct ControlNode {
     leader_check: LeaderCheck,
     /// Hosts' leases while this node leads (see [`crate::liveness`]).
     pub leases: std::sync::Mutex<Leases>,
+    /// Where the leader places creates as it admits them, and their reservations.
+    admission: std::sync::Mutex<crate::admission::Admission>,
     /// Heartbeats on their way to the leader (see [`crate::heartbeat_forward`]).
     heartbeat_queue: mpsc::Sender<crate::heartbeat_forward::Queued>,
     /// Woken when the leader loop resolves the proposals of hosts going down, for heartbeats
@@ -326,6 +328,7 @@ impl ControlNode {
             leases: std::sync::Mutex::new(Leases::default()),
             downs_resolved: tokio::sync::Notify::new(),
             heartbeat_queue,
+            admission: Default::default(),
             liveness,
             clock_origin: std::time::Instant::now(),
         });
@@ -537,7 +540,7 @@ impl ControlNode {
                 if matches!(*cmd, Command::Batch { .. }) {
                     return ForwardReply::Error("batches are formed by the leader".into());
                 }
-                self.propose_here(*cmd).await
+                self.propose_admitted(*cmd).await
             }
             Forward::ReadIndex => match self.leader_check.confirm().await {
                 Ok(c) => ForwardReply::ReadIndex(c.read_index),
@@ -575,6 +578,36 @@ impl ControlNode {
     }
 
     /// Stamps `cmd` with the leader's clock and hands it to the batcher; the applied outcome.
+    /// A client's proposal on the leader; a create is placed first (see [`crate::admission`]),
+    /// so its placement travels in its own entry.
+    async fn propose_admitted(&self, mut cmd: Command) -> ForwardReply {
+        let Command::CreateVm {
+            spec,
+            placement: placement @ None,
+            ..
+        } = &mut cmd
+        else {
+            return self.propose_here(cmd).await;
+        };
+        let name = spec.name.clone();
+        let oc = crate::scheduler::Overcommit::default();
+        let applied = self.state.applied_index();
+        let host = self.state.read(|s| {
+            let mut adm = self.admission.lock().unwrap_or_else(|p| p.into_inner());
+            adm.place(s, applied, oc, spec)
+        });
+        let Some(decided) = host else {
+            return self.propose_here(cmd).await;
+        };
+        *placement = Some(decided);
+        let reply = self.propose_here(cmd).await;
+        self.admission
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .release(&name);
+        reply
+    }
+
     async fn propose_here(&self, cmd: Command) -> ForwardReply {
         self.propose_guarded(cmd, None).await
     }

@@ -147,16 +147,19 @@ mod tests {
                 spec: spec("keep", 100),
                 now_ms: 1,
                 idempotency_key: None,
+                placement: None,
             },
             Command::CreateVm {
                 spec: spec("grow", 100),
                 now_ms: 1,
                 idempotency_key: None,
+                placement: None,
             },
             Command::CreateVm {
                 spec: spec("gone", 100),
                 now_ms: 1,
                 idempotency_key: None,
+                placement: None,
             },
         ];
         for (i, c) in cmds.iter().enumerate() {

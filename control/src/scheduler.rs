@@ -227,7 +227,7 @@ pub fn pending(state: &ClusterState) -> Vec<&Vm> {
 }
 
 /// Waits for a host: unplaced, meant to run, and not ended.
-fn is_pending(vm: &Vm) -> bool {
+pub fn is_pending(vm: &Vm) -> bool {
     vm.host.is_none() && vm.desired == DesiredState::Running && vm.state == VmState::Pending
 }
 
@@ -342,23 +342,26 @@ pub fn schedule_window(
                 });
             }
             None => {
-                let reason = if state.hosts.is_empty() {
-                    "no hosts registered".to_string()
-                } else {
-                    let parts: Vec<String> = rejects
-                        .iter()
-                        .map(|(r, n)| format!("{n} {} {}", host_word(*n), r.describe()))
-                        .collect();
-                    format!("no host fits: {}", parts.join(", "))
-                };
                 unplaced.push(Unplaced {
                     vm: vm.spec.name.clone(),
-                    reason,
+                    reason: no_fit_reason(state.hosts.is_empty(), &rejects),
                 });
             }
         }
     }
     (placements, unplaced, next)
+}
+
+/// Why a VM fits no host: the hosts that rejected it, counted by the rule they broke.
+pub fn no_fit_reason(no_hosts: bool, rejects: &BTreeMap<Reject, usize>) -> String {
+    if no_hosts {
+        return "no hosts registered".to_string();
+    }
+    let parts: Vec<String> = rejects
+        .iter()
+        .map(|(r, n)| format!("{n} {} {}", host_word(*n), r.describe()))
+        .collect();
+    format!("no host fits: {}", parts.join(", "))
 }
 
 fn host_word(n: usize) -> &'static str {

@@ -39,6 +39,19 @@ pub struct Placement {
     pub generation: u64,
 }
 
+/// What the leader decided for a VM when it admitted its create (see `crate::admission`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Admitted {
+    /// Placed on `host`, under these ratios.
+    Placed {
+        host: String,
+        overcommit: Overcommit,
+    },
+    /// No host fits, and why.
+    Unplaced { reason: String },
+}
+
 /// A VM the scheduler could not place, with the reason.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Unplaced {
@@ -63,6 +76,11 @@ pub enum Command {
         now_ms: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         idempotency_key: Option<String>,
+        /// Where the leader placed the VM when it admitted the create (see
+        /// `crate::admission`), re-checked on apply as a `Place` would be: one Raft round per
+        /// create. Absent from older entries and when nothing was decided: the VM is pending.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        placement: Option<Admitted>,
     },
     DeleteVm {
         name: String,
@@ -1079,8 +1097,40 @@ pub fn apply(state: &mut ClusterState, index: u64, cmd: &Command) -> (Response, 
         Command::CreateVm {
             spec,
             idempotency_key,
+            placement,
             ..
-        } => a.create_vm(spec, idempotency_key),
+        } => {
+            let created = a.create_vm(spec, idempotency_key);
+            match (placement, &created) {
+                // Only a VM this entry created (not an idempotent repeat) is placed, checked as
+                // the placement loop's would be; one that no longer fits stays pending.
+                (Some(p), Response::Vm(_)) => {
+                    let name = spec.name.clone();
+                    match p {
+                        Admitted::Placed { host, overcommit } => {
+                            let at = Placement {
+                                vm: name,
+                                host: host.clone(),
+                                generation: 1,
+                            };
+                            a.place(&[at], &[], Some(*overcommit));
+                        }
+                        Admitted::Unplaced { reason } => {
+                            let why = Unplaced {
+                                vm: name,
+                                reason: reason.clone(),
+                            };
+                            a.place(&[], &[why], None);
+                        }
+                    }
+                    a.s.vms
+                        .get(&spec.name)
+                        .map(|v| Response::Vm(Box::new(v.clone())))
+                        .unwrap_or(created)
+                }
+                _ => created,
+            }
+        }
         Command::DeleteVm {
             name,
             expected_generation,

@@ -211,6 +211,8 @@ async fn create_vm(
             spec,
             now_ms: 0,
             idempotency_key,
+            // The leader places it when it admits it (`admission`).
+            placement: None,
         })
         .await?
     {

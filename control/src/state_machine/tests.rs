@@ -46,6 +46,7 @@ fn create(name: &str) -> Command {
         spec: spec(name),
         now_ms: 1,
         idempotency_key: None,
+        placement: None,
     }
 }
 
@@ -195,16 +196,19 @@ fn idempotent_create_returns_the_first_vm() {
                 spec: spec("a"),
                 now_ms: 1,
                 idempotency_key: k.clone(),
+                placement: None,
             },
             Command::CreateVm {
                 spec: spec("a"),
                 now_ms: 2,
                 idempotency_key: k.clone(),
+                placement: None,
             },
             Command::CreateVm {
                 spec: spec("a"),
                 now_ms: 3,
                 idempotency_key: Some("other".into()),
+                placement: None,
             },
         ],
     );
@@ -370,6 +374,7 @@ fn host_loss_moves_or_fails_its_vms() {
             },
             now_ms: 1,
             idempotency_key: None,
+            placement: None,
         }],
     );
     run(&mut s, &[place("n", "h1", 1)]);
@@ -763,6 +768,7 @@ fn command_encoding_is_stable() {
         },
         now_ms: 1,
         idempotency_key: None,
+        placement: None,
     };
     assert_eq!(
         serde_json::to_string(&stay_cmd).ok().as_deref(),
@@ -1169,6 +1175,7 @@ fn placements_are_checked_again_when_applied() {
             spec: spec.clone(),
             now_ms: 1,
             idempotency_key: None,
+            placement: None,
         }));
         cmds.extend(c.between);
         run(&mut s, &cmds);
@@ -1238,6 +1245,7 @@ fn running_move_and_stay() -> ClusterState {
                 spec: stay,
                 now_ms: 1,
                 idempotency_key: None,
+                placement: None,
             },
             place("mv", "h1", 1),
             place("st", "h1", 1),
@@ -1443,4 +1451,43 @@ fn declare_host_gone_frees_every_vm_and_keeps_the_host_down() {
         }],
     );
     assert!(matches!(r[0], Response::Error(ApplyError::NotFound(_))));
+}
+
+/// A create carrying the leader's placement is placed in the same entry, checked as a `Place`
+/// would be; one that no longer fits stays pending with the reason.
+#[test]
+fn a_create_with_its_placement_is_placed_in_the_same_entry_if_it_still_fits() {
+    let with = |name: &str, host: &str| Command::CreateVm {
+        spec: spec(name),
+        now_ms: 1,
+        idempotency_key: None,
+        placement: Some(crate::state_machine::Admitted::Placed {
+            host: host.into(),
+            overcommit: Overcommit::default(),
+        }),
+    };
+    let mut s = ClusterState::default();
+    let out = run(
+        &mut s,
+        &[
+            Command::RegisterHost {
+                registration: reg("h1"),
+                now_ms: 1,
+            },
+            with("a", "h1"),
+            with("b", "nowhere"),
+        ],
+    );
+    assert!(matches!(&out[1], Response::Vm(v) if v.host.as_deref() == Some("h1")));
+    let a = &s.vms["a"];
+    assert_eq!((a.state, a.generation), (VmState::Scheduled, 2));
+    let b = &s.vms["b"];
+    assert_eq!((b.state, b.host.as_deref()), (VmState::Pending, None));
+    assert!(
+        b.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("no longer fits")),
+        "{:?}",
+        b.reason
+    );
 }
