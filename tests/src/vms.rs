@@ -1,9 +1,14 @@
 //! API helpers the test areas share: creating VMs through leader changes, waiting for states
 //! and registrations, and printing agent logs when a test fails.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use blixard_api::{Capacity, Client, Host, HostRegistration, Hypervisor, Vm, VmSpec, VmState};
+use anyhow::Context;
+
+use blixard_api::{
+    Capacity, Client, ClientError, Host, HostRegistration, Hypervisor, Vm, VmSpec, VmState,
+};
 
 use crate::host::SimHost;
 use crate::wait;
@@ -41,19 +46,37 @@ pub fn process_spec(name: &str, memory_mib: u64) -> VmSpec {
     .unwrap_or_else(|e| panic!("spec {name}: {e}"))
 }
 
-/// Creates `spec`, retrying while the cluster has no leader; a 409 after a retry means an
-/// earlier attempt landed.
-pub async fn create(c: &Client, spec: &VmSpec) -> anyhow::Result<()> {
+/// Creates `spec` and returns the VM, retrying only while the cluster cannot act on it: a 503
+/// (no leader, or the leader unreachable: nothing was done) or no answer at all. Every attempt
+/// carries the same idempotency key, so a retry after an attempt that did land returns the VM
+/// it made; any other refusal (400, 409, ...) fails at once instead of waiting out the
+/// deadline.
+pub async fn create(c: &Client, spec: &VmSpec) -> anyhow::Result<Vm> {
+    static ATTEMPTS: AtomicU64 = AtomicU64::new(0);
+    let key = format!(
+        "test-create-{}-{}",
+        std::process::id(),
+        ATTEMPTS.fetch_add(1, Ordering::Relaxed)
+    );
     let r = wait::until(&format!("create {}", spec.name), DEADLINE, || async {
-        match c.create_vm(spec).await {
-            Ok(_) => Ok(Some(Ok(()))),
-            Err(e) if e.status() == Some(409) => Ok(Some(Ok(()))),
-            Err(e) if e.status() == Some(503) || e.status().is_none() => Err(e.to_string()),
+        match c.create_vm_idempotent(spec, &key).await {
+            Ok(vm) => Ok(Some(Ok(vm))),
+            Err(e) if retryable(&e) => Err(e.to_string()),
             Err(e) => Ok(Some(Err(e))),
         }
     })
     .await?;
-    Ok(r?)
+    r.with_context(|| format!("create {}", spec.name))
+}
+
+/// Whether a create may be sent again: the cluster said it did nothing (503) or nobody
+/// answered (the key makes a repeat of one that landed harmless).
+fn retryable(e: &ClientError) -> bool {
+    match e {
+        ClientError::Api { status, .. } => *status == 503,
+        ClientError::Unreachable(_) => true,
+        ClientError::Decode { .. } | ClientError::Config(_) => false,
+    }
 }
 
 /// Waits until the API shows `vm` in `state` (on `host` if given) and returns it.
@@ -119,5 +142,28 @@ pub async fn with_logs<T>(
             }
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(status: u16) -> ClientError {
+        ClientError::Api {
+            status,
+            code: "x".into(),
+            message: "x".into(),
+        }
+    }
+
+    #[test]
+    fn creates_are_retried_only_when_nothing_was_done_or_nobody_answered() {
+        assert!(retryable(&api(503)));
+        assert!(retryable(&ClientError::Unreachable("refused".into())));
+        for status in [400, 401, 403, 404, 409, 413, 429, 500] {
+            assert!(!retryable(&api(status)), "{status}");
+        }
+        assert!(!retryable(&ClientError::Config("no endpoints".into())));
     }
 }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use blixard_api::{AddMember, Client, Hypervisor, PlacementStrategy, RestartPolicy, VmSpec};
 use blixard_tests::cluster::{Cluster, ClusterOptions};
-use blixard_tests::wait;
+use blixard_tests::{vms, wait};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -28,21 +28,6 @@ fn spec(name: &str) -> VmSpec {
         max_restarts: None,
         restart_window_secs: None,
     }
-}
-
-/// Creates `name`, retrying while the cluster has no leader (a 503 means nothing happened);
-/// a 409 after a retry means an earlier attempt landed.
-async fn create(c: &Client, name: &str) -> anyhow::Result<()> {
-    let r = wait::until(&format!("create {name}"), DEADLINE, || async {
-        match c.create_vm(&spec(name)).await {
-            Ok(_) => Ok(Some(Ok(()))),
-            Err(e) if e.status() == Some(409) => Ok(Some(Ok(()))),
-            Err(e) if e.status() == Some(503) || e.status().is_none() => Err(e.to_string()),
-            Err(e) => Ok(Some(Err(e))),
-        }
-    })
-    .await?;
-    Ok(r?)
 }
 
 #[tokio::test]
@@ -101,13 +86,13 @@ async fn t11_write_on_follower_reads_back_on_every_node() -> anyhow::Result<()> 
 async fn t12_leader_kill_elects_new_leader_and_old_one_catches_up() -> anyhow::Result<()> {
     let mut c = Cluster::start(3).await?;
     let client = c.client();
-    create(&client, "before").await?;
+    vms::create(&client, &spec("before")).await?;
     let old = c.wait_converged(DEADLINE).await?;
     let killed_at = Instant::now();
     c.kill(old);
     let new = c.wait_converged(DEADLINE).await?;
     assert_ne!(new, old);
-    create(&client, "after").await?;
+    vms::create(&client, &spec("after")).await?;
     eprintln!(
         "leader kill → write accepted again: {:?}",
         killed_at.elapsed()
@@ -150,7 +135,7 @@ async fn t13_remove_and_add_members() -> anyhow::Result<()> {
         .await?;
     }
     // Writes still work with two voters.
-    create(&client, "two-voters").await?;
+    vms::create(&client, &spec("two-voters")).await?;
 
     // A new node started with --join becomes a voter.
     let j = c.spawn_joiner()?;
@@ -207,7 +192,7 @@ async fn t14_node_down_across_snapshots_catches_up() -> anyhow::Result<()> {
     c.kill(down);
     let client = c.client();
     for i in 0..120 {
-        create(&client, &format!("vm-{i}")).await?;
+        vms::create(&client, &spec(&format!("vm-{i}"))).await?;
     }
     let s = c
         .status(leader)
@@ -428,7 +413,7 @@ async fn t17_cli_output_to_a_closed_pipe_and_to_a_file() -> anyhow::Result<()> {
     use std::process::{Command, Stdio};
     let c = Cluster::start(1).await?;
     let client = c.client();
-    create(&client, "cli-1").await?;
+    vms::create(&client, &spec("cli-1")).await?;
     let ctl = blixard_tests::binaries::binary("blixardctl");
     let endpoints = c.endpoints().join(",");
     for args in [

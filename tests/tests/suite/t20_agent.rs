@@ -10,11 +10,10 @@ use blixard_agent::systemd::{
 };
 use blixard_agent::unit_spec::{self, UnitSpec};
 use blixard_api::{unit_name, VmSpec, VmState};
-use blixard_api::{Client, Vm};
 use blixard_tests::binaries::binary;
 use blixard_tests::cluster::Cluster;
 use blixard_tests::host::{get_property, SimHost};
-use blixard_tests::vms::{wait_registered, wait_state as wait_vm_state, with_logs};
+use blixard_tests::vms::{self, wait_registered, wait_state as wait_vm_state, with_logs};
 use blixard_tests::wait;
 use zbus::{OwnedVariant, Variant};
 
@@ -383,18 +382,6 @@ async fn t20_adapter_vm_output_reaches_the_journal() -> anyhow::Result<()> {
 
 // ---- the real agent against real control nodes -------------------------------------------
 
-/// Creates `spec`, retrying while the cluster has no leader.
-async fn create_vm(c: &Client, spec: &VmSpec) -> anyhow::Result<Vm> {
-    wait::until(&format!("create {}", spec.name), DEADLINE, || async {
-        match c.create_vm(spec).await {
-            Ok(vm) => Ok(Some(vm)),
-            Err(e) if e.status() == Some(503) || e.status().is_none() => Err(e.to_string()),
-            Err(e) => Err(format!("refused: {e}")),
-        }
-    })
-    .await
-}
-
 /// Creating a VM through the API puts its unit on the host's manager with the expected
 /// properties, and the API follows the unit's state. Prints the placement → unit-active
 /// latency.
@@ -412,7 +399,7 @@ async fn t21_agent_runs_a_created_vm() -> anyhow::Result<()> {
         vm_spec.vcpus = 2;
         vm_spec.memory_mib = 96;
         let t0 = Instant::now();
-        create_vm(&client, &vm_spec).await?;
+        vms::create(&client, &vm_spec).await?;
         let created = t0.elapsed();
         let unit = unit_name("web");
         wait_active_tight(&sd, &unit, t0).await?;
@@ -447,7 +434,7 @@ async fn t21_agent_runs_a_created_vm() -> anyhow::Result<()> {
         for i in 0..9 {
             let name = format!("lat-{i}");
             let t0 = Instant::now();
-            create_vm(&client, &spec(&name)).await?;
+            vms::create(&client, &spec(&name)).await?;
             wait_active_tight(&sd, &unit_name(&name), t0).await?;
             samples.push(t0.elapsed());
             // Make room: the host has 2 vCPUs to overcommit.
@@ -493,7 +480,7 @@ async fn t22_agent_stops_starts_and_deletes() -> anyhow::Result<()> {
         wait_registered(&client, "h1", 1).await?;
         let sd = Systemd::connect_address(&h.bus_address()).await?;
         let unit = unit_name("db");
-        create_vm(&client, &spec("db")).await?;
+        vms::create(&client, &spec("db")).await?;
         wait_vm_state(&client, "db", VmState::Running, Some("h1")).await?;
         let pid1 = wait_active(&sd, &unit).await?;
 
@@ -539,7 +526,7 @@ async fn t23_agent_restart_adopts_running_vms() -> anyhow::Result<()> {
     let unit = unit_name("keep");
     let pid = with_logs(&[&host], async {
         wait_registered(&client, "h1", 1).await?;
-        create_vm(&client, &spec("keep")).await?;
+        vms::create(&client, &spec("keep")).await?;
         wait_vm_state(&client, "keep", VmState::Running, Some("h1")).await?;
         wait_active(&sd, &unit).await
     })
@@ -600,7 +587,7 @@ async fn t24_agent_reports_a_failed_vm_with_its_reason() -> anyhow::Result<()> {
     let h = &host;
     with_logs(&[h], async {
         wait_registered(&client, "h1", 1).await?;
-        create_vm(&client, &spec("broken")).await?;
+        vms::create(&client, &spec("broken")).await?;
         let vm = wait_vm_state(&client, "broken", VmState::Failed, Some("h1")).await?;
         let reason = vm.reason.unwrap_or_default();
         eprintln!("failed VM reason: {reason}");
@@ -628,8 +615,8 @@ async fn t24_agent_reports_exits() -> anyhow::Result<()> {
     let h = &host;
     with_logs(&[h], async {
         wait_registered(&client, "h1", 1).await?;
-        create_vm(&client, &spec("clean")).await?;
-        create_vm(&client, &spec("dirty")).await?;
+        vms::create(&client, &spec("clean")).await?;
+        vms::create(&client, &spec("dirty")).await?;
         let clean = wait_vm_state(&client, "clean", VmState::Stopped, Some("h1")).await?;
         assert_eq!(clean.reason.as_deref(), Some("exited status=0"));
         let dirty = wait_vm_state(&client, "dirty", VmState::Failed, Some("h1")).await?;
@@ -655,7 +642,7 @@ async fn t25_two_hosts_each_run_only_their_own_vms() -> anyhow::Result<()> {
         wait_registered(&client, "h2", 1).await?;
         let names = ["a1", "a2", "a3", "a4"];
         for n in names {
-            create_vm(&client, &spec(n)).await?;
+            vms::create(&client, &spec(n)).await?;
         }
         let mut placed = std::collections::BTreeMap::new();
         for n in names {
@@ -707,7 +694,7 @@ async fn t26_control_plane_outage_leaves_vms_running() -> anyhow::Result<()> {
     let unit = unit_name("steady");
     let pid = with_logs(&[&host], async {
         wait_registered(&client, "h1", 1).await?;
-        create_vm(&client, &spec_with("steady", "stay")).await?;
+        vms::create(&client, &spec_with("steady", "stay")).await?;
         wait_vm_state(&client, "steady", VmState::Running, Some("h1")).await?;
         wait_active(&sd, &unit).await
     })
@@ -763,8 +750,8 @@ async fn t26_fenced_agent_stops_its_move_vms_and_the_cluster_restarts_them() -> 
     let unit = unit_name("fenced");
     let (pid, stay_pid, generation) = with_logs(&[&host], async {
         wait_registered(&client, "h1", 1).await?;
-        create_vm(&client, &spec_with("fenced", "move")).await?;
-        create_vm(&client, &spec_with("kept", "stay")).await?;
+        vms::create(&client, &spec_with("fenced", "move")).await?;
+        vms::create(&client, &spec_with("kept", "stay")).await?;
         let vm = wait_vm_state(&client, "fenced", VmState::Running, Some("h1")).await?;
         wait_vm_state(&client, "kept", VmState::Running, Some("h1")).await?;
         let pid = wait_active(&sd, &unit).await?;
@@ -837,8 +824,8 @@ async fn t26_killed_agent_is_fenced_by_its_dead_mans_switch() -> anyhow::Result<
     let stay_pid = with_logs(&[&host], async {
         wait_registered(&client, "h1", 1).await?;
         wait_fence_unit(&sd).await?;
-        create_vm(&client, &spec_with("mover", "move")).await?;
-        create_vm(&client, &spec_with("stayer", "stay")).await?;
+        vms::create(&client, &spec_with("mover", "move")).await?;
+        vms::create(&client, &spec_with("stayer", "stay")).await?;
         wait_vm_state(&client, "mover", VmState::Running, Some("h1")).await?;
         wait_vm_state(&client, "stayer", VmState::Running, Some("h1")).await?;
         wait_active(&sd, &unit_name("mover")).await?;
@@ -1015,7 +1002,7 @@ async fn t29_agent_stops_units_deleted_while_it_was_down() -> anyhow::Result<()>
     with_logs(&[&host], async {
         wait_registered(&client, "h1", 1).await?;
         for n in ["gone", "stays"] {
-            create_vm(&client, &spec(n)).await?;
+            vms::create(&client, &spec(n)).await?;
             wait_vm_state(&client, n, VmState::Running, Some("h1")).await?;
         }
         Ok(())
@@ -1056,7 +1043,7 @@ async fn t29_host_loss_moves_the_vm_and_the_old_copy_is_fenced() -> anyhow::Resu
     let mobile = spec_with("mobile", "move");
     with_logs(&[&h1], async {
         wait_registered(&client, "h1", 1).await?;
-        create_vm(&client, &mobile).await?;
+        vms::create(&client, &mobile).await?;
         wait_vm_state(&client, "mobile", VmState::Running, Some("h1")).await?;
         wait_active(&sd1, &unit).await
     })
@@ -1140,7 +1127,7 @@ async fn t29_vm_that_ended_while_the_agent_was_down_is_reported_not_restarted() 
     let unit = unit_name("lost");
     with_logs(&[&host], async {
         wait_registered(&client, "h1", 1).await?;
-        create_vm(&client, &spec("lost")).await?;
+        vms::create(&client, &spec("lost")).await?;
         wait_vm_state(&client, "lost", VmState::Running, Some("h1")).await?;
         wait_active(&sd, &unit).await
     })
@@ -1179,7 +1166,7 @@ async fn t29_restart_policy_restarts_through_the_agent() -> anyhow::Result<()> {
     let h = &host;
     with_logs(&[h], async {
         wait_registered(&client, "h1", 1).await?;
-        create_vm(&client, &flaky).await?;
+        vms::create(&client, &flaky).await?;
         let vm = wait::until("flaky to be given up on", DEADLINE, || async {
             match client.get_vm("flaky").await {
                 Ok(v) if v.reason.as_deref().is_some_and(|r| r.contains("giving up")) => {
@@ -1229,7 +1216,7 @@ async fn t29_agent_on_a_secure_cluster() -> anyhow::Result<()> {
     let h = &host;
     with_logs(&[h], async {
         wait_registered(&client, "h1", 1).await?;
-        create_vm(&client, &spec("tls")).await?;
+        vms::create(&client, &spec("tls")).await?;
         wait_vm_state(&client, "tls", VmState::Running, Some("h1")).await?;
         Ok(())
     })

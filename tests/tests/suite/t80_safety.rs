@@ -8,7 +8,7 @@ use std::time::Duration;
 use blixard_api::VmSpec;
 use blixard_tests::binaries::binary;
 use blixard_tests::cluster::{Cluster, ClusterOptions, AGENT_TOKENS, OPERATOR_TOKEN};
-use blixard_tests::vms::process_host;
+use blixard_tests::vms::{self, process_host};
 use blixard_tests::wait;
 
 /// Sends `n` requests at once from `client`; returns (succeeded, refused with 429).
@@ -199,19 +199,6 @@ fn spec(name: &str) -> anyhow::Result<VmSpec> {
     }))?)
 }
 
-/// Creates `name`, retrying while there is no leader; a 409 means an earlier try landed.
-async fn create(client: &blixard_api::Client, name: &str) -> anyhow::Result<()> {
-    let spec = spec(name)?;
-    wait::until(&format!("create {name}"), DEADLINE, || async {
-        match client.create_vm(&spec).await {
-            Ok(_) => Ok(Some(())),
-            Err(e) if e.status() == Some(409) => Ok(Some(())),
-            Err(e) => Err(e.to_string()),
-        }
-    })
-    .await
-}
-
 const DEADLINE: Duration = Duration::from_secs(60);
 
 /// Starts node `i` and expects it to refuse, naming `file` as damaged.
@@ -251,7 +238,7 @@ async fn t81_corrupted_node_is_rebuilt_from_its_peers() -> anyhow::Result<()> {
     let mut acked = Vec::new();
     for i in 0..40 {
         let name = format!("before-{i}");
-        create(&client, &name).await?;
+        vms::create(&client, &spec(&name)?).await?;
         acked.push(name);
     }
     let leader = c.wait_converged(DEADLINE).await?;
@@ -261,7 +248,7 @@ async fn t81_corrupted_node_is_rebuilt_from_its_peers() -> anyhow::Result<()> {
     // Writes go on without it.
     for i in 0..10 {
         let name = format!("during-{i}");
-        create(&client, &name).await?;
+        vms::create(&client, &spec(&name)?).await?;
         acked.push(name);
     }
 
@@ -345,7 +332,7 @@ async fn t81_corrupted_node_is_rebuilt_from_its_peers() -> anyhow::Result<()> {
     .await?;
     // A write after the rebuild, then every acknowledged VM read through the rebuilt node
     // (reads are linearizable: read index through the leader, then applied here).
-    create(&client, "after").await?;
+    vms::create(&client, &spec("after")?).await?;
     acked.push("after".into());
     let rebuilt = c.node_client(victim);
     let vms = rebuilt.list_vms().await?;
@@ -511,7 +498,7 @@ async fn t82_full_disk_fails_cleanly_and_loses_nothing() -> anyhow::Result<()> {
     let mut acked = Vec::new();
     for k in 0..10 {
         let name = format!("before-{k}");
-        create(&client, &name).await?;
+        vms::create(&client, &spec(&name)?).await?;
         acked.push(name);
     }
 
@@ -534,7 +521,7 @@ async fn t82_full_disk_fails_cleanly_and_loses_nothing() -> anyhow::Result<()> {
         );
         // The two others go on.
         let name = format!("{role}-after");
-        create(&client, &name).await?;
+        vms::create(&client, &spec(&name)?).await?;
         acked.push(name);
         disks[full].free()?;
         rejoin_and_check(&mut c, full, &acked).await?;
