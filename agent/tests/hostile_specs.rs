@@ -179,13 +179,17 @@ fn one_argument(field: &str, v: &str) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(4096))]
+    // Most random specs are refused by validation and skipped (`prop_assume!`): allow as many
+    // rejects as it takes for 4096 accepted cases.
+    #![proptest_config(ProptestConfig {
+        cases: 4096,
+        max_global_rejects: 1 << 20,
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn valid_specs_cannot_escape_their_fields(s in spec()) {
-        if validate::vm_spec(&s).is_err() {
-            return Ok(());
-        }
+        prop_assume!(validate::vm_spec(&s).is_ok(), "refused by validation");
         let dir = Path::new(IMAGE_DIR);
         let mut paths: Vec<(&str, &str)> = s.disks.iter().map(|d| ("disk", d.path.as_str())).collect();
         paths.extend(s.kernel.as_deref().map(|k| ("kernel", k)));
@@ -209,11 +213,10 @@ proptest! {
         // command, with the name as the one journal field and environment entry.
         let mut builders = CommandBuilders::default();
         builders.insert(Box::new(ProcessCommand { command: COMMAND.iter().map(|c| c.to_string()).collect() }));
-        let unit = match unit_spec::build(&s, &builders, &VmUnitConfig::default()) {
-            Ok(u) => u,
-            // Hypervisors without a builder, or resources beyond the unit's counters.
-            Err(_) => return Ok(()),
-        };
+        let unit = unit_spec::build(&s, &builders, &VmUnitConfig::default());
+        // Hypervisors without a builder, or resources beyond the unit's counters.
+        prop_assume!(unit.is_ok(), "no unit for this spec");
+        let unit = unit.map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert!(unit.is_vm_unit());
         prop_assert_eq!(&unit.unit, &format!("blixard-vm-{}.service", s.name));
         prop_assert!(!s.name.contains(['/', '.', '\\', '@']));
@@ -314,7 +317,13 @@ fn inside(p: &str) -> bool {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(4096))]
+    // Most random specs are refused by validation and skipped (`prop_assume!`): allow as many
+    // rejects as it takes for 4096 accepted cases.
+    #![proptest_config(ProptestConfig {
+        cases: 4096,
+        max_global_rejects: 1 << 20,
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn valid_specs_make_well_formed_hypervisor_argv(
@@ -324,9 +333,7 @@ proptest! {
         kvm in any::<bool>(),
     ) {
         s.hypervisor = if qemu { Hypervisor::Qemu } else { Hypervisor::CloudHypervisor };
-        if validate::vm_spec(&s).is_err() {
-            return Ok(());
-        }
+        prop_assume!(validate::vm_spec(&s).is_ok(), "refused by validation");
         let argv = if qemu {
             QemuCommand {
                 paths: host_paths(),
@@ -339,10 +346,9 @@ proptest! {
         } else {
             CloudHypervisorCommand { paths: host_paths() }.argv(&s)
         };
-        let Ok(argv) = argv else {
-            // Refused (e.g. an absolute path outside the image directory): nothing starts.
-            return Ok(());
-        };
+        // Refused (e.g. an absolute path outside the image directory): nothing starts.
+        prop_assume!(argv.is_ok(), "argv refused");
+        let argv = argv.map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(&argv[0], "/usr/bin/qemu-system-x86_64");
         for a in &argv {
             one_argument("argument", a)?;
