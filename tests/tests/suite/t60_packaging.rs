@@ -606,19 +606,32 @@ async fn deb_is_lintian_clean() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What building the package and booting a Debian container with it need.
+const DEBIAN_TOOLS: &[&str] = &[
+    "systemd-nspawn",
+    "unshare",
+    "nsenter",
+    "cargo-deb",
+    "dpkg-shlibdeps",
+    "dpkg-deb",
+    "jq",
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deb_installs_and_runs_in_a_booted_debian() -> anyhow::Result<()> {
     container::require_root()?;
-    require_tools(&[
-        "systemd-nspawn",
-        "unshare",
-        "nsenter",
-        "cargo-deb",
-        "dpkg-shlibdeps",
-        "dpkg-deb",
-        "jq",
-    ])?;
-    let work = tempfile::Builder::new().prefix("blixard-t60-").tempdir()?;
+    require_tools(DEBIAN_TOOLS)?;
+    let (_work, ct, deb_name) = debian_with_the_package("blixard-t60-").await?;
+    let result = install_and_run(&ct, &deb_name).await;
+    end_in_debian(ct, result).await
+}
+
+/// Builds the package under a temporary directory (kept while the first value lives) and
+/// boots a Debian container with it at `/mnt/blixard`; the deb's file name.
+async fn debian_with_the_package(
+    prefix: &str,
+) -> anyhow::Result<(tempfile::TempDir, Container, String)> {
+    let work = tempfile::Builder::new().prefix(prefix).tempdir()?;
     let deb_dir = work.path().join("deb");
     let deb = build_deb(&deb_dir).await?;
     let deb_name = deb
@@ -628,7 +641,11 @@ async fn deb_installs_and_runs_in_a_booted_debian() -> anyhow::Result<()> {
         .into_owned();
     let rootfs = container::rootfs().await?;
     let ct = Container::boot(&rootfs, &[(&deb_dir, "/mnt/blixard")]).await?;
-    let result = install_and_run(&ct, &deb_name).await;
+    Ok((work, ct, deb_name))
+}
+
+/// Shuts the container down; a failed `result` carries the container's diagnostics.
+async fn end_in_debian(ct: Container, result: anyhow::Result<()>) -> anyhow::Result<()> {
     let result = match result {
         Ok(()) => Ok(()),
         Err(e) => Err(anyhow::anyhow!("{e:#}\n\n{}", ct.diagnostics().await)),
@@ -767,16 +784,8 @@ fn readme_command_blocks_say_how_they_are_checked() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readme_commands_run_in_a_booted_debian() -> anyhow::Result<()> {
     container::require_root()?;
-    require_tools(&[
-        "systemd-nspawn",
-        "unshare",
-        "nsenter",
-        "cargo-deb",
-        "dpkg-shlibdeps",
-        "dpkg-deb",
-        "help2man",
-        "jq",
-    ])?;
+    require_tools(DEBIAN_TOOLS)?;
+    require_tools(&["help2man"])?;
     let mut scripts = Vec::new();
     for readme in READMES {
         let text = std::fs::read_to_string(workspace_root().join(readme))
@@ -787,26 +796,9 @@ async fn readme_commands_run_in_a_booted_debian() -> anyhow::Result<()> {
             }
         }
     }
-    let work = tempfile::Builder::new()
-        .prefix("blixard-readme-")
-        .tempdir()?;
-    let deb_dir = work.path().join("deb");
-    let deb = build_deb(&deb_dir).await?;
-    let deb_name = deb
-        .file_name()
-        .context("deb without a file name")?
-        .to_string_lossy()
-        .into_owned();
-    let rootfs = container::rootfs().await?;
-    let ct = Container::boot(&rootfs, &[(&deb_dir, "/mnt/blixard")]).await?;
+    let (_work, ct, deb_name) = debian_with_the_package("blixard-readme-").await?;
     let result = run_readme_blocks(&ct, &deb_name, &scripts).await;
-    let result = match result {
-        Ok(()) => Ok(()),
-        Err(e) => Err(anyhow::anyhow!("{e:#}\n\n{}", ct.diagnostics().await)),
-    };
-    let down = ct.shutdown().await;
-    result?;
-    down
+    end_in_debian(ct, result).await
 }
 
 async fn run_readme_blocks(
