@@ -8,7 +8,8 @@
 //! under load), `footprint` (RSS/CPU of an idle agent and of a control node with 10,000 VMs),
 //! `hostloss` (kill a whole simulated host; time until its VMs run elsewhere) and `liveness`
 //! (10,000 heartbeating hosts: log entries, heartbeat rate and latency, leader CPU, create p99
-//! with and without the load, time to detect a silent host).
+//! with and without the load, time to detect a silent host) and `stall` (1 s fsync stalls on
+//! one follower under write load: leader changes, the goal being none).
 //!
 //! Build with `bench/setup.sh` (etcd, then `cargo build --release` of this and the daemons);
 //! run `target/release/blixard-bench` as root (the agent figures need cgroups and namespaces).
@@ -23,6 +24,7 @@ mod liveness;
 mod load;
 mod placement;
 mod procs;
+mod stall;
 mod stats;
 mod writes;
 
@@ -32,7 +34,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use serde_json::{json, Value};
 
-const FIGURES: [&str; 7] = [
+const FIGURES: [&str; 8] = [
     "writes",
     "placement",
     "start",
@@ -40,6 +42,7 @@ const FIGURES: [&str; 7] = [
     "footprint",
     "hostloss",
     "liveness",
+    "stall",
 ];
 
 #[derive(Parser, Debug)]
@@ -51,7 +54,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Only these figures (comma-separated): writes, placement, start, failover, footprint,
-    /// hostloss, liveness.
+    /// hostloss, liveness, stall.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Runs per figure (default 3, quick 2).
@@ -235,6 +238,11 @@ fn main() -> anyhow::Result<()> {
             eprintln!("== liveness ({} simulated hosts)", opts.liveness_hosts);
             let r = liveness::run(&opts, &mut summary).await;
             record("liveness", r, &mut out);
+        }
+        if selected("stall") {
+            eprintln!("== stall (fsync stalls on one follower)");
+            let r = stall::run(&opts, &mut summary).await;
+            record("stall", r, &mut out);
         }
         if selected("footprint") {
             summarise_footprint(&footprint, &mut summary);

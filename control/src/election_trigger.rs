@@ -1,23 +1,30 @@
-//! Starts an election as soon as the leader's lease has run out, rather than waiting for
-//! openraft 0.9's own election timer, so a dead leader is replaced in well under a second.
+//! Starts elections for this node: the only thing that does (openraft 0.9's own election
+//! timer is switched off, `enable_elect: false`), so a dead leader is replaced in well under a
+//! second and a healthy one is never deposed.
 //!
-//! Why openraft's timer alone is slow: a follower stands only after `leader_lease`
+//! Why not openraft's timer: a follower stands only after `leader_lease`
 //! (= `election_timeout_max`) *plus* a random election timeout; it adds
 //! `2 × election_timeout_max` whenever it saw a greater log in its last campaign, a flag
 //! cleared only by its next campaign, so it goes stale and slows the next failover too; and a
 //! candidate refused for its short log keeps its self-vote for that term, so the up-to-date
 //! follower's campaign in the same term fails and waits out another timeout. Killing the
-//! leader under load measured p50 1.9 s, p99 2.9 s that way.
+//! leader under load measured p50 1.9 s, p99 2.9 s that way. Worse, it campaigns without
+//! asking: openraft has no pre-vote, and a leader steps down on any higher term it sees, so a
+//! follower that merely could not hear the leader for a while (a stalled fsync, a paused
+//! process) deposes a leader everyone else hears.
 //!
-//! What this does, on every voter that does not lead: once no AppendEntries from a leader
-//! arrived for `lease + heartbeat + jitter`, it triggers a campaign. The Raft network client
-//! reports why vote requests were refused ([`VoteNews`]): a voter with a longer log means
-//! this node cannot win, so it stops and lets that voter campaign; a voter that voted for
-//! itself in the same term (two campaigns crossed) means the next term can win, so it
-//! retries within a few milliseconds; otherwise it retries after two heartbeats. After a few
-//! tries it leaves it to openraft's timer. Only the timing of elections changes, never their
-//! safety. A node that cannot hear a leader that the others hear is refused by their leases,
-//! as it would be with openraft's own timer.
+//! What this does, on every voter that does not lead: once no request from a leader
+//! *arrived* for `lease + heartbeat + jitter` (contact is recorded on arrival, before the
+//! entries reach this node's disk, see [`ControlNode::leader_request_arrived`]), it runs a
+//! pre-vote round ([`crate::pre_vote`]): only if a quorum would grant it a vote does it
+//! trigger a campaign. The Raft network client reports why real vote requests were refused
+//! ([`VoteNews`]), and the pre-vote why it was turned down: a voter with a longer log means
+//! this node cannot win, so it waits a few leases and lets that voter campaign; a voter that
+//! voted for itself in the same term (two campaigns crossed) means the next term can win, so
+//! it retries within a few milliseconds; otherwise it retries after two heartbeats, and after
+//! [`FAST_TRIES`] every lease. A node that stops leading counts that moment as contact, so a
+//! deposed leader does not campaign at once on a stale clock. Only the timing of elections
+//! changes, never their safety.
 //!
 //! [`decide`] and [`refusal`] are the pure rules; [`run`] feeds them the node's state.
 
@@ -30,7 +37,7 @@ use openraft::raft::{VoteRequest, VoteResponse};
 use crate::node::ControlNode;
 use crate::raft_types::NodeId;
 
-/// Campaigns after a leader went silent; after these openraft's own timer takes over.
+/// Tries two heartbeats apart after a leader went silent; after these, one per lease.
 pub const FAST_TRIES: u32 = 6;
 
 /// Why a voter refused this node's vote request; ordered from least to most telling.
@@ -104,11 +111,14 @@ impl Timing {
         self.lease + self.heartbeat + jitter
     }
 
-    /// Pause between campaigns: two heartbeats for the votes to come back, or a few
-    /// milliseconds after crossing a rival's campaign in the same term.
-    fn retry_after(&self, jitter: Duration, last: Option<Refusal>) -> Duration {
+    /// Pause between tries: two heartbeats for the votes to come back (a lease once the fast
+    /// tries are used up), a few milliseconds after crossing a rival's campaign in the same
+    /// term, or a few leases when a voter's log is longer (it should win, not this node).
+    fn retry_after(&self, jitter: Duration, last: Option<Refusal>, tries: u32) -> Duration {
         match last {
             Some(Refusal::SameTermRival) => self.heartbeat / 5 + jitter / 4,
+            Some(Refusal::Behind) => 4 * self.lease + jitter,
+            _ if tries >= FAST_TRIES => self.lease + jitter,
             _ => 2 * self.heartbeat + jitter,
         }
     }
@@ -143,14 +153,14 @@ pub struct View {
 
 /// Whether to trigger a campaign now; `jitter` is drawn in `0..timing.max_jitter()`.
 pub fn decide(v: &View, t: &Timing, jitter: Duration) -> bool {
-    if v.leading || !v.voter || v.tries >= FAST_TRIES || v.refused == Some(Refusal::Behind) {
+    if v.leading || !v.voter {
         return false;
     }
     if v.silence < t.silence_needed(jitter) {
         return false;
     }
     match v.since_try {
-        Some(since) => since >= t.retry_after(jitter, v.refused),
+        Some(since) => since >= t.retry_after(jitter, v.refused, v.tries),
         None => true,
     }
 }
@@ -167,19 +177,9 @@ pub async fn run(node: Arc<ControlNode>) {
     let mut tries = 0u32;
     let mut refused: Option<Refusal> = None;
     let mut jitter = draw(&timing);
+    let mut was_leading = false;
     loop {
         tick.tick().await;
-        let contact = node.last_leader_contact();
-        if let Some(r) = node.vote_news.take() {
-            // Keep the most telling refusal of this silence: once behind, stay put.
-            refused = refused.max(Some(r));
-        }
-        if last_try.is_none_or(|t| contact > t) {
-            // A leader spoke since the last campaign (or there was none): start over.
-            last_try = None;
-            tries = 0;
-            refused = None;
-        }
         let (leading, voter) = {
             let m = node.raft.metrics();
             let m = m.borrow();
@@ -190,6 +190,22 @@ pub async fn run(node: Arc<ControlNode>) {
                 .any(|v| v == node.id);
             (m.current_leader == Some(node.id), voter)
         };
+        if was_leading && !leading {
+            // Its own leadership is the last word from a leader this node heard.
+            node.heard_from_leader();
+        }
+        was_leading = leading;
+        let contact = node.last_leader_contact();
+        if let Some(r) = node.vote_news.take() {
+            // Keep the most telling refusal of this silence.
+            refused = refused.max(Some(r));
+        }
+        if last_try.is_none_or(|t| contact > t) {
+            // A leader spoke since the last campaign (or there was none): start over.
+            last_try = None;
+            tries = 0;
+            refused = None;
+        }
         let now = Instant::now();
         let view = View {
             leading,
@@ -202,23 +218,39 @@ pub async fn run(node: Arc<ControlNode>) {
         if !decide(&view, &timing, jitter) {
             continue;
         }
+        last_try = Some(Instant::now());
+        tries += 1;
+        jitter = draw(&timing);
+        match node.pre_vote_round().await {
+            Ok(crate::pre_vote::Outcome::Campaign) => {}
+            Ok(crate::pre_vote::Outcome::Refused(why)) => {
+                tracing::debug!(node_id = node.id, ?why, "pre-vote refused; not campaigning");
+                refused = refused.max(Some(match why {
+                    Some(crate::pre_vote::PreVoteRefusal::Behind) => Refusal::Behind,
+                    _ => Refusal::Other,
+                }));
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot run a pre-vote round");
+                continue;
+            }
+        }
         tracing::info!(
             node_id = node.id,
             silence_ms = view.silence.as_millis() as u64,
-            try_no = tries + 1,
+            try_no = tries,
             last_refusal = ?refused,
-            "no word from a leader past its lease; starting an election"
+            "no word from a leader for {} ms and a quorum would vote for this node; starting an election",
+            view.silence.as_millis()
         );
+        // This campaign's refusals are news; an older one's are not.
+        refused = None;
+        let _ = node.vote_news.take();
         if let Err(e) = node.raft.trigger().elect().await {
             tracing::warn!(error = %e, "cannot start an election");
             return;
         }
-        last_try = Some(Instant::now());
-        tries += 1;
-        // This campaign's refusals are news; an older one's are not.
-        refused = None;
-        let _ = node.vote_news.take();
-        jitter = draw(&timing);
     }
 }
 
@@ -330,9 +362,9 @@ mod tests {
                 false,
             ),
             (
-                "behind in the log: leave it to the voter with the longer log",
+                "behind in the log: leave it to the voter with the longer log for a while",
                 View {
-                    since_try: Some(ms(10_000)),
+                    since_try: Some(ms(1_999)),
                     tries: 1,
                     refused: Some(Refusal::Behind),
                     ..follower(20_000)
@@ -341,14 +373,35 @@ mod tests {
                 false,
             ),
             (
-                "fast tries used up: openraft's timer takes over",
+                "behind, but that voter did not win within four leases: try again",
                 View {
-                    since_try: Some(ms(10_000)),
+                    since_try: Some(ms(2_000)),
+                    tries: 1,
+                    refused: Some(Refusal::Behind),
+                    ..follower(20_000)
+                },
+                0,
+                true,
+            ),
+            (
+                "fast tries used up: one try per lease",
+                View {
+                    since_try: Some(ms(499)),
                     tries: FAST_TRIES,
                     ..follower(20_000)
                 },
                 0,
                 false,
+            ),
+            (
+                "fast tries used up, a lease passed: try again (never give up)",
+                View {
+                    since_try: Some(ms(500)),
+                    tries: FAST_TRIES + 20,
+                    ..follower(20_000)
+                },
+                0,
+                true,
             ),
         ];
         for (name, view, jitter, want) in cases {

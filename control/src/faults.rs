@@ -1,18 +1,32 @@
-//! Fault switches for tests: the set of peers this process must not talk to.
+//! Fault switches for tests: the set of peers this process must not talk to, and a stall
+//! added to every commit of the Raft log (a disk whose fsync is slow).
 //!
-//! Only a node started with `--fault-injection` lets `POST /raft/faults` change the set, so a
-//! production node always has it empty. Outgoing Raft RPCs ([`crate::network`]) and forwards
+//! Only a node started with `--fault-injection` lets `POST /raft/faults` change them, so a
+//! production node always has none. Outgoing Raft RPCs ([`crate::network`]) and forwards
 //! to the leader ([`crate::node`]) to an isolated peer fail as if it were unreachable, before
 //! anything is sent. A partition between A and B is B isolated on A and A on B; an empty set
 //! heals. The set is process-wide and lives in memory only: a restarted node starts healed.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::RwLock;
+use std::time::Duration;
 
 /// Whether any peer is isolated (a lock-free fast path for every RPC).
 static ACTIVE: AtomicBool = AtomicBool::new(false);
 static ISOLATED: RwLock<BTreeSet<u64>> = RwLock::new(BTreeSet::new());
+/// Milliseconds the log writer sleeps before each commit (0: none).
+static FSYNC_STALL_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Makes every commit of the Raft log take `ms` longer (0 ends the stall).
+pub fn set_fsync_stall(ms: u64) {
+    FSYNC_STALL_MS.store(ms, Ordering::SeqCst);
+}
+
+/// How long the log writer stalls before each commit.
+pub fn fsync_stall() -> Duration {
+    Duration::from_millis(FSYNC_STALL_MS.load(Ordering::Relaxed))
+}
 
 /// Replaces the set of isolated peers (empty heals every partition of this node).
 pub fn set_isolated(peers: impl IntoIterator<Item = u64>) {

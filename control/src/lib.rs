@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod plan;
+pub mod pre_vote;
 pub mod raft_types;
 pub mod scheduler;
 pub mod sd_status;

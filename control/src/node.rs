@@ -157,13 +157,16 @@ pub struct ControlNode {
     pub tokens: Option<crate::http::auth::Tokens>,
     /// Client for calls to peers (carries the peer token and the cluster CA).
     http: reqwest::Client,
+    /// The Raft log (a clone of openraft's), for the last log id a pre-vote compares.
+    log: LogStore,
     /// Client for calls to hosts' agents (a VM's logs): no default credentials, each call
     /// carries that host's agent token.
     pub agent_http: reqwest::Client,
     /// Proposals for [`propose_batched`], which gathers them into log entries.
     proposals: mpsc::Sender<QueuedProposal>,
-    /// When a leader's AppendEntries or snapshot last reached this node (or the node
-    /// opened): what [`crate::election_trigger`] measures silence from.
+    /// When a current leader's AppendEntries or snapshot last arrived at this node (or the
+    /// node opened, or stopped leading): what [`crate::election_trigger`] and
+    /// [`crate::pre_vote`] measure silence from.
     leader_contact: std::sync::Mutex<std::time::Instant>,
     /// Why this node's vote requests were refused, for [`crate::election_trigger`].
     pub vote_news: Arc<crate::election_trigger::VoteNews>,
@@ -272,6 +275,8 @@ impl ControlNode {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
             max_in_snapshot_log_to_keep: (config.snapshot_every / 2).min(1_000),
             max_payload_entries: 1_000,
+            // Elections are started only by `election_trigger`, after a pre-vote round.
+            enable_elect: false,
             ..Default::default()
         };
         let raft_config = Arc::new(
@@ -295,9 +300,15 @@ impl ControlNode {
         let agent_http = agent_client(&config)?;
         let vote_news = Arc::new(crate::election_trigger::VoteNews::default());
         let network = HttpNetwork::from_client(http.clone(), vote_news.clone());
-        let raft = Raft::new(config.node_id, raft_config, network, log, state.clone())
-            .await
-            .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let raft = Raft::new(
+            config.node_id,
+            raft_config,
+            network,
+            log.clone(),
+            state.clone(),
+        )
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
         let metrics = Arc::new(Metrics::new());
         let (proposals, queued) = mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(propose_batched(
@@ -320,6 +331,7 @@ impl ControlNode {
             metrics,
             tokens,
             http,
+            log,
             agent_http,
             proposals,
             leader_contact: std::sync::Mutex::new(std::time::Instant::now()),
@@ -370,11 +382,82 @@ impl ControlNode {
         }
     }
 
-    /// Records that a leader's AppendEntries or snapshot was accepted just now.
+    /// Records that a leader was heard from just now (or, when this node stops leading, that
+    /// its own leadership counts as the last word from a leader).
     pub fn heard_from_leader(&self) {
         if let Ok(mut t) = self.leader_contact.lock() {
             *t = std::time::Instant::now();
         }
+    }
+
+    /// Called as an AppendEntries or snapshot request with `vote` arrives, before it is
+    /// processed (and before its entries reach the disk): contact with a leader that this
+    /// node would follow, so a slow fsync here never reads as a silent leader. A deposed
+    /// leader's request (a lower vote) is not contact.
+    pub fn leader_request_arrived(&self, vote: &openraft::Vote<NodeId>) {
+        let current = self.raft.metrics().borrow().vote;
+        if vote.is_committed() && *vote >= current {
+            self.heard_from_leader();
+        }
+    }
+
+    /// This node's answer to a pre-vote (see [`crate::pre_vote`]).
+    pub async fn answer_pre_vote(
+        &self,
+        req: &crate::pre_vote::PreVoteRequest,
+    ) -> Result<crate::pre_vote::PreVoteResponse, NodeError> {
+        let leading = self.leader() == Some(self.id);
+        let last_log_id = self.last_log_id().await?;
+        let voter = crate::pre_vote::Voter {
+            leading,
+            silence: self.last_leader_contact().elapsed(),
+            lease: Duration::from_millis(self.config.election_timeout_max_ms),
+            last_log_id,
+        };
+        let answer = crate::pre_vote::judge(req, &voter);
+        if answer.granted {
+            tracing::info!(
+                candidate = req.candidate,
+                silence_ms = voter.silence.as_millis() as u64,
+                "pre-vote granted to node {}: no word from a leader for {} ms",
+                req.candidate,
+                voter.silence.as_millis()
+            );
+        }
+        Ok(answer)
+    }
+
+    /// Runs a pre-vote round for this node among the other voters.
+    pub async fn pre_vote_round(&self) -> Result<crate::pre_vote::Outcome, NodeError> {
+        let (voters, peers) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            let voters: Vec<NodeId> = membership.voter_ids().collect();
+            let peers: Vec<(NodeId, String)> = voters
+                .iter()
+                .filter(|id| **id != self.id)
+                .filter_map(|id| membership.get_node(id).map(|n| (*id, n.addr.clone())))
+                .collect();
+            (voters.len(), peers)
+        };
+        let req = crate::pre_vote::PreVoteRequest {
+            candidate: self.id,
+            last_log_id: self.last_log_id().await?,
+        };
+        let timeout = Duration::from_millis(self.config.election_timeout_max_ms / 2);
+        let answers = crate::pre_vote::ask(&self.http, &peers, &req, timeout).await;
+        Ok(crate::pre_vote::tally(voters, &answers))
+    }
+
+    /// The last log id this node accepted (maybe not yet on its disk).
+    async fn last_log_id(&self) -> Result<Option<openraft::LogId<NodeId>>, NodeError> {
+        use openraft::storage::RaftLogStorage;
+        let mut log = self.log.clone();
+        log.get_log_state()
+            .await
+            .map(|s| s.last_log_id)
+            .map_err(|e| NodeError::Raft(e.to_string()))
     }
 
     /// When a leader was last heard from (see [`Self::heard_from_leader`]).

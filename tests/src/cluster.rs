@@ -314,17 +314,29 @@ impl Cluster {
 
     /// Makes node `i` refuse all Raft traffic to `peers` (node ids; empty heals), through
     /// `POST /raft/faults` with the peer token. Needs [`ClusterOptions::fault_injection`]. A
-    /// partition between A and B is B isolated on A and A on B; a restart heals a node.
+    /// partition between A and B is B isolated on A and A on B; a restart heals a node. Ends
+    /// any fsync stall on that node (the body replaces every switch).
     pub async fn set_isolated(&self, i: usize, peers: &[u64]) -> anyhow::Result<()> {
+        self.set_faults(i, peers, 0).await
+    }
+
+    /// Sets node `i`'s fault switches: the peers it must not talk to, and milliseconds added
+    /// to every commit of its Raft log (a disk with a slow fsync). Replaces the previous ones.
+    pub async fn set_faults(
+        &self,
+        i: usize,
+        isolate: &[u64],
+        fsync_stall_ms: u64,
+    ) -> anyhow::Result<()> {
         let mut b = reqwest::Client::builder().timeout(Duration::from_secs(5));
         if let Some(ca) = self.ca_file() {
             b = blixard_api::tls::trust_only(b, &ca)?;
         }
         let url = format!("{}/raft/faults", self.nodes[i].url);
-        let mut req = b
-            .build()?
-            .post(&url)
-            .json(&serde_json::json!({ "isolate": peers }));
+        let mut req = b.build()?.post(&url).json(&serde_json::json!({
+            "isolate": isolate,
+            "fsync_stall_ms": fsync_stall_ms,
+        }));
         if self.opts.secure {
             req = req.bearer_auth(PEER_TOKEN);
         }

@@ -1,4 +1,5 @@
-//! Peer routes: Raft RPC (`append`, `vote`, `snapshot`) and `forward`, through which a
+//! Peer routes: Raft RPC (`append`, `vote`, `snapshot`), `prevote` (see
+//! [`crate::pre_vote`]) and `forward`, through which a
 //! follower runs a proposal, a read index or a membership change on the leader; and `faults`,
 //! which sets this node's fault switches when it runs with `--fault-injection` (404 otherwise).
 
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::api::ApiJson;
 use super::error::ApiError;
 use crate::node::{ControlNode, Forward, ForwardReply};
+use crate::pre_vote::{PreVoteRequest, PreVoteResponse};
 use crate::raft_types::{NodeId, TypeConfig};
 
 /// Snapshot chunks and large appends are bigger than client requests.
@@ -27,6 +29,7 @@ pub fn routes() -> Router<Arc<ControlNode>> {
     Router::new()
         .route("/raft/append", post(append))
         .route("/raft/vote", post(vote))
+        .route("/raft/prevote", post(pre_vote))
         .route("/raft/snapshot", post(snapshot))
         .route("/raft/forward", post(forward))
         .route("/raft/faults", post(faults))
@@ -37,6 +40,7 @@ async fn append(
     State(node): State<Arc<ControlNode>>,
     Json(req): Json<AppendEntriesRequest<TypeConfig>>,
 ) -> Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
+    node.leader_request_arrived(&req.vote);
     let res = node.raft.append_entries(req).await;
     if matches!(
         res,
@@ -60,11 +64,19 @@ async fn snapshot(
     State(node): State<Arc<ControlNode>>,
     Json(req): Json<InstallSnapshotRequest<TypeConfig>>,
 ) -> Json<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>> {
+    node.leader_request_arrived(&req.vote);
     let res = node.raft.install_snapshot(req).await;
     if res.is_ok() {
         node.heard_from_leader();
     }
     Json(res)
+}
+
+async fn pre_vote(
+    State(node): State<Arc<ControlNode>>,
+    ApiJson(req): ApiJson<PreVoteRequest>,
+) -> Result<Json<PreVoteResponse>, ApiError> {
+    Ok(Json(node.answer_pre_vote(&req).await?))
 }
 
 async fn forward(
@@ -77,12 +89,17 @@ async fn forward(
     Json(node.handle_forward(req).await)
 }
 
-/// Body of `POST /raft/faults`, and its answer: the peers this node must not talk to
-/// (replacing the previous set; empty heals).
+/// Body of `POST /raft/faults`, and its answer: the switches replace the previous ones (an
+/// empty body heals everything).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Faults {
+    /// Peers this node must not talk to.
+    #[serde(default)]
     pub isolate: Vec<NodeId>,
+    /// Milliseconds added to every commit of this node's Raft log (a slow fsync).
+    #[serde(default)]
+    pub fsync_stall_ms: u64,
 }
 
 async fn faults(
@@ -93,7 +110,16 @@ async fn faults(
         return Err(ApiError::not_found("no such route"));
     }
     crate::faults::set_isolated(req.isolate);
+    crate::faults::set_fsync_stall(req.fsync_stall_ms);
     let isolate = crate::faults::isolated();
-    tracing::warn!(?isolate, "fault injection: isolated peers set");
-    Ok(Json(Faults { isolate }))
+    let fsync_stall_ms = crate::faults::fsync_stall().as_millis() as u64;
+    tracing::warn!(
+        ?isolate,
+        fsync_stall_ms,
+        "fault injection: isolated peers {isolate:?}, log commits stalled by {fsync_stall_ms} ms"
+    );
+    Ok(Json(Faults {
+        isolate,
+        fsync_stall_ms,
+    }))
 }

@@ -260,6 +260,11 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>, tail: Arc<Mutex<Ta
             }
             continue;
         }
+        let stall = crate::faults::fsync_stall();
+        if !stall.is_zero() {
+            // Fault injection: a disk whose fsync takes this long.
+            std::thread::sleep(stall);
+        }
         let res = write_batch(&mut conn, &jobs, lazy.take()).map_err(|e| e.to_string());
         if res.is_ok() {
             if let Ok(mut t) = tail.lock() {

@@ -272,6 +272,94 @@ async fn t15_kill_during_writes_loses_no_acknowledged_write() -> anyhow::Result<
     Ok(())
 }
 
+/// A follower whose disk stalls every log commit for a second (under write load) must not
+/// depose the healthy leader: it hears the leader on arrival, not after its fsync, and it asks
+/// the others before it campaigns (a pre-vote), who still hear the leader and say no.
+#[tokio::test]
+async fn t18_fsync_stalls_on_a_follower_never_depose_the_leader() -> anyhow::Result<()> {
+    let c = Cluster::start_with(
+        3,
+        ClusterOptions {
+            fault_injection: true,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let leader = c.wait_converged(DEADLINE).await?;
+    let term = c.status(leader).await.map(|s| s.term).unwrap_or(0);
+    let stalled = (leader + 1) % 3;
+    c.set_faults(stalled, &[], 1_000).await?;
+    // Load on the leader for a bounded time and count, while the follower's disk stalls.
+    let load_for = Duration::from_secs(6);
+    let leader_url = c.nodes[leader].url.clone();
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let client = Client::new(std::slice::from_ref(&leader_url))?;
+        writers.push(tokio::spawn(async move {
+            let start = Instant::now();
+            let (mut ok, mut n) = (0u32, 0u32);
+            while n < 5_000 && start.elapsed() < load_for {
+                n += 1;
+                if client.create_vm(&spec(&format!("s{w}-{n}"))).await.is_ok() {
+                    ok += 1;
+                }
+            }
+            (ok, n)
+        }));
+    }
+    let mut changes = Vec::new();
+    let watch_start = Instant::now();
+    let mut polls = 0;
+    while watch_start.elapsed() < load_for {
+        polls += 1;
+        for i in 0..3 {
+            // The stalled node answers slowly: a poll that takes too long is skipped.
+            let poll = tokio::time::timeout(Duration::from_millis(300), c.status(i));
+            if let Ok(Some(s)) = poll.await {
+                if s.term != term || s.leader != Some(c.nodes[leader].id) {
+                    changes.push(format!(
+                        "node {} at {:?}: term {} leader {:?}",
+                        i + 1,
+                        watch_start.elapsed(),
+                        s.term,
+                        s.leader
+                    ));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (mut ok, mut tried) = (0, 0);
+    for w in writers {
+        let (o, n) = w.await?;
+        ok += o;
+        tried += n;
+    }
+    c.set_faults(stalled, &[], 0).await?;
+    eprintln!(
+        "{ok} of {tried} creates acknowledged with node {} stalled; term {term}, {polls} polls",
+        stalled + 1
+    );
+    assert!(
+        changes.is_empty(),
+        "the leader was deposed or a term changed: {changes:?}\n{}",
+        c.log_tail(stalled)
+    );
+    assert_eq!(ok, tried, "every create on the healthy leader succeeds");
+    // The stalled follower catches up once its disk is healthy again.
+    wait::until("the stalled follower to catch up", DEADLINE, || async {
+        let s = c.status(stalled).await.ok_or("not answering")?;
+        let l = c.status(leader).await.ok_or("leader not answering")?;
+        if s.applied_index >= l.commit_index && s.term == term {
+            Ok(Some(()))
+        } else {
+            Err(format!("follower {s:?}, leader {l:?}"))
+        }
+    })
+    .await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn t16_api_rejects_bad_input() -> anyhow::Result<()> {
     let c = Cluster::start(3).await?;
