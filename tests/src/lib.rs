@@ -11,6 +11,8 @@ pub mod container;
 pub mod exactly_once;
 pub mod guest;
 pub mod host;
+pub mod lazy_pages;
+pub mod lazyfs;
 pub mod linearizability;
 pub mod nemesis;
 pub mod proxy;

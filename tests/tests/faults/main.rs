@@ -5,9 +5,15 @@
 //! must be linearizable for each VM key, and every acknowledged create that no delete could
 //! have removed must still exist, exactly once, on every node.
 //!
+//! A second run does the same with every node's data directory on `blixard-lazyfs` (FUSE):
+//! each kill is a power cut, losing whatever the node wrote but had not fsynced.
+//!
 //! `BLIXARD_FAULT_ROUNDS` sets the number of nemesis rounds (default 20, the CI run; the long
-//! run is `BLIXARD_FAULT_ROUNDS=100 cargo nextest run -p blixard-tests --test faults`), and
-//! `BLIXARD_FAULT_SEED` replays the nemesis' choices of a run (its seed is printed).
+//! run is `BLIXARD_FAULT_ROUNDS=100 cargo nextest run -p blixard-tests --test faults -E
+//! 'test(kills)'`), `BLIXARD_POWERCUT_ROUNDS` those of the power-cut run (default 10; long:
+//! `BLIXARD_POWERCUT_ROUNDS=100 cargo nextest run -p blixard-tests --test faults -E
+//! 'test(power_cuts)'`), and `BLIXARD_FAULT_SEED` replays the nemesis' choices of a run (its
+//! seed is printed).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -16,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use blixard_api::{Client, ClientError, Hypervisor, UpdateVm, Vm, VmSpec};
 use blixard_tests::cluster::{Cluster, ClusterOptions};
+use blixard_tests::lazyfs::LazyMount;
 use blixard_tests::linearizability::{self, Call, Op, Outcome, Verdict};
 use blixard_tests::nemesis::{env_u64, leader, wait_answers, Rng};
 use blixard_tests::wait;
@@ -196,6 +203,35 @@ struct Tally {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn faults_history_is_linearizable_under_kills_and_partitions() -> anyhow::Result<()> {
     let rounds = env_u64("BLIXARD_FAULT_ROUNDS").unwrap_or(20) as usize;
+    run(rounds, false).await
+}
+
+/// The same nemesis, but every node's data directory is on `blixard-lazyfs` and every kill is
+/// a power cut: the node is killed and its file system loses whatever was not fsynced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn faults_history_is_linearizable_under_power_cuts_and_partitions() -> anyhow::Result<()> {
+    let rounds = env_u64("BLIXARD_POWERCUT_ROUNDS").unwrap_or(10) as usize;
+    run(rounds, true).await
+}
+
+/// Kills node `i`; with `mounts`, cuts the power of its file system too.
+fn down(c: &mut Cluster, mounts: &mut [LazyMount], i: usize) {
+    c.kill(i);
+    if let Some(m) = mounts.get_mut(i) {
+        m.cut();
+    }
+}
+
+/// Restarts node `i` (remounting what its file system kept, with `mounts`).
+fn up(c: &mut Cluster, mounts: &mut [LazyMount], i: usize) -> anyhow::Result<()> {
+    if let Some(m) = mounts.get_mut(i) {
+        m.remount()?;
+    }
+    c.restart(i)
+}
+
+/// Runs `rounds` of the nemesis; with `power_cuts`, on `blixard-lazyfs` data directories.
+async fn run(rounds: usize, power_cuts: bool) -> anyhow::Result<()> {
     let seed = env_u64("BLIXARD_FAULT_SEED").unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -206,12 +242,29 @@ async fn faults_history_is_linearizable_under_kills_and_partitions() -> anyhow::
         "fault run: {rounds} rounds, seed {seed} (BLIXARD_FAULT_SEED={seed} replays the nemesis)"
     );
     let mut rng = Rng::new(seed);
+    // Declared before the cluster, so its nodes are killed before the mounts go.
+    let disks = tempfile::tempdir()?;
+    let mut mounts = Vec::new();
+    if power_cuts {
+        for i in 0..NODES {
+            let d = disks.path();
+            mounts.push(LazyMount::mount(
+                &d.join(format!("disk{i}")),
+                &d.join(format!("n{i}")),
+            )?);
+        }
+    }
     let mut c = Cluster::start_with(
         NODES,
         ClusterOptions {
             fault_injection: true,
-            // Compact often, so restarted nodes also catch up through snapshots.
+            // Compact often, so restarted nodes also catch up through snapshots (and power
+            // cuts land during snapshot builds and log purges).
             snapshot_every: 100,
+            data_dirs: mounts
+                .iter()
+                .map(|m| m.mountpoint().to_path_buf())
+                .collect(),
             ..Default::default()
         },
     )
@@ -270,9 +323,9 @@ async fn faults_history_is_linearizable_under_kills_and_partitions() -> anyhow::
             0..4 => {
                 tally.kills += 1;
                 sh.up[target].store(false, Ordering::SeqCst);
-                c.kill(target);
+                down(&mut c, &mut mounts, target);
                 tokio::time::sleep(hold).await;
-                c.restart(target)?;
+                up(&mut c, &mut mounts, target)?;
                 wait_answers(&c, target).await?;
                 sh.up[target].store(true, Ordering::SeqCst);
             }
@@ -283,11 +336,11 @@ async fn faults_history_is_linearizable_under_kills_and_partitions() -> anyhow::
                 let other = (target + 1 + rng.below(NODES as u64 - 1) as usize) % NODES;
                 for i in [target, other] {
                     sh.up[i].store(false, Ordering::SeqCst);
-                    c.kill(i);
+                    down(&mut c, &mut mounts, i);
                 }
                 tokio::time::sleep(hold).await;
                 for i in [target, other] {
-                    c.restart(i)?;
+                    up(&mut c, &mut mounts, i)?;
                 }
                 for i in [target, other] {
                     wait_answers(&c, i).await?;
@@ -429,13 +482,14 @@ async fn faults_history_is_linearizable_under_kills_and_partitions() -> anyhow::
 
     let count = |f: &dyn Fn(&Op) -> bool| history.iter().filter(|o| f(o)).count();
     eprintln!(
-        "fault run done: seed {seed}, {rounds} rounds in {:.1?} ({} kills, {} of them quorum losses; \
+        "fault run done: seed {seed}, {rounds} rounds in {:.1?} ({} kills{}, {} of them quorum losses; \
          {} partitions, {} of them one-way; {} faults aimed at the leader, {} leader changes)\n\
          operations: {} ({} creates, {} updates, {} deletes, {} reads) over {} keys; \
          {} ok, {} not found, {} already exists, {} failed (503), {} unknown\n\
          checker: {:.1?}, {} keys linearizable, {} inconclusive, {} violations, {} unexpected answers",
         fault_time,
         tally.kills,
+        if power_cuts { " (power cuts)" } else { "" },
         tally.quorum_losses,
         tally.partitions,
         tally.asymmetric,
