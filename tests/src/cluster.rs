@@ -328,15 +328,28 @@ impl Cluster {
         isolate: &[u64],
         fsync_stall_ms: u64,
     ) -> anyhow::Result<()> {
+        self.post_faults(
+            i,
+            serde_json::json!({ "isolate": isolate, "fsync_stall_ms": fsync_stall_ms }),
+        )
+        .await
+    }
+
+    /// Makes node `i` die at once when it reaches `point` (`snapshot_build`,
+    /// `snapshot_written`, `log_purge`, `save_vote`; see `blixard_control::faults`), with no
+    /// other fault switch set.
+    pub async fn set_crash_point(&self, i: usize, point: &str) -> anyhow::Result<()> {
+        self.post_faults(i, serde_json::json!({ "crash_at": point }))
+            .await
+    }
+
+    async fn post_faults(&self, i: usize, body: serde_json::Value) -> anyhow::Result<()> {
         let mut b = reqwest::Client::builder().timeout(Duration::from_secs(5));
         if let Some(ca) = self.ca_file() {
             b = blixard_api::tls::trust_only(b, &ca)?;
         }
         let url = format!("{}/raft/faults", self.nodes[i].url);
-        let mut req = b.build()?.post(&url).json(&serde_json::json!({
-            "isolate": isolate,
-            "fsync_stall_ms": fsync_stall_ms,
-        }));
+        let mut req = b.build()?.post(&url).json(&body);
         if self.opts.secure {
             req = req.bearer_auth(PEER_TOKEN);
         }

@@ -100,6 +100,9 @@ pub struct Faults {
     /// Milliseconds added to every commit of this node's Raft log (a slow fsync).
     #[serde(default)]
     pub fsync_stall_ms: u64,
+    /// Where this node dies at once (a power cut at a hard moment).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crash_at: Option<crate::faults::CrashPoint>,
 }
 
 async fn faults(
@@ -111,15 +114,19 @@ async fn faults(
     }
     crate::faults::set_isolated(req.isolate);
     crate::faults::set_fsync_stall(req.fsync_stall_ms);
+    crate::faults::set_crash_point(req.crash_at);
     let isolate = crate::faults::isolated();
     let fsync_stall_ms = crate::faults::fsync_stall().as_millis() as u64;
+    let crash_at = crate::faults::crash_point();
     tracing::warn!(
         ?isolate,
         fsync_stall_ms,
-        "fault injection: isolated peers {isolate:?}, log commits stalled by {fsync_stall_ms} ms"
+        ?crash_at,
+        "fault injection: isolated peers {isolate:?}, log commits stalled by {fsync_stall_ms} ms, dying at {crash_at:?}"
     );
     Ok(Json(Faults {
         isolate,
         fsync_stall_ms,
+        crash_at,
     }))
 }

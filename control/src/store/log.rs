@@ -319,6 +319,7 @@ fn write_lazy(conn: &mut Connection, committed: &[u8]) -> rusqlite::Result<()> {
 }
 
 fn write_batch(conn: &mut Connection, jobs: &[Job], lazy: Option<Vec<u8>>) -> rusqlite::Result<()> {
+    use crate::faults::{crash_if, CrashPoint};
     let tx = conn.transaction()?;
     if let Some(v) = lazy {
         put_meta(&tx, "committed", &v)?;
@@ -342,6 +343,13 @@ fn write_batch(conn: &mut Connection, jobs: &[Job], lazy: Option<Vec<u8>>) -> ru
                 tx.prepare_cached("DELETE FROM log WHERE idx <= ?1")?
                     .execute([upto])?;
             }
+        }
+    }
+    for j in jobs {
+        match j {
+            Job::Purge { .. } => crash_if(CrashPoint::LogPurge),
+            Job::Meta { key: "vote", .. } => crash_if(CrashPoint::SaveVote),
+            _ => {}
         }
     }
     tx.commit()

@@ -259,6 +259,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateStore {
             snapshot_id,
         };
         let meta_b = serde_json::to_vec(&meta).map_err(write_err)?;
+        crate::faults::crash_if(crate::faults::CrashPoint::SnapshotBuild);
         {
             let mut conn = self.conn()?;
             synced(&mut conn, |conn| {
@@ -269,6 +270,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateStore {
                 .map_err(write_err)
             })?;
         }
+        crate::faults::crash_if(crate::faults::CrashPoint::SnapshotWritten);
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
