@@ -218,7 +218,13 @@ mod tests {
     }
 
     /// Name, synced content before, operations, what a reader sees, what survives a cut.
-    type Case = (&'static str, &'static [u8], Vec<Op>, &'static [u8], &'static [u8]);
+    type Case = (
+        &'static str,
+        &'static [u8],
+        Vec<Op>,
+        &'static [u8],
+        &'static [u8],
+    );
 
     #[test]
     fn overlay_table() {
