@@ -269,6 +269,7 @@ fn host_paths() -> HostPaths {
         binary: "/usr/bin/qemu-system-x86_64".into(),
         image_dir: IMAGE_DIR.into(),
         runtime_dir: "/run/blixard-agent".into(),
+        per_vm_runtime: false,
         check: Arc::new(|_, _| Ok(())),
     }
 }
@@ -341,6 +342,7 @@ proptest! {
                 kvm,
                 graceful_stop: None,
                 network: None,
+                owner: None,
             }
             .argv(&s)
         } else {
