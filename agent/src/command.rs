@@ -171,6 +171,10 @@ impl CommandBuilders {
                 Manager::System => (Path::new("/run").join(VM_RUNTIME_DIR), true),
                 Manager::User => (config.runtime_dir.clone(), false),
             };
+            let owner = match manager {
+                Manager::System => agent_exe.clone().map(|agent| VmOwner { agent }),
+                Manager::User => None,
+            };
             let paths = HostPaths {
                 binary,
                 image_dir: config.image_dir.clone(),
@@ -192,12 +196,12 @@ impl CommandBuilders {
                         bridges: config.bridges.clone(),
                         exists: Arc::new(crate::hypervisor::bridge_exists),
                     }),
-                    owner: match manager {
-                        Manager::System => agent_exe.clone().map(|agent| VmOwner { agent }),
-                        Manager::User => None,
-                    },
+                    owner: owner.clone(),
                 })),
-                Hypervisor::CloudHypervisor => b.insert(Box::new(CloudHypervisorCommand { paths })),
+                Hypervisor::CloudHypervisor => b.insert(Box::new(CloudHypervisorCommand {
+                    paths,
+                    owner: owner.clone(),
+                })),
                 Hypervisor::Firecracker => b.insert(Box::new(FirecrackerCommand { paths })),
                 Hypervisor::Process => {}
             }

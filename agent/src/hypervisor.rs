@@ -250,6 +250,26 @@ impl VmOwner {
         }
         Ok(c)
     }
+
+    /// Gives `spec`'s writable disks to the VM's user at start, and back to the image
+    /// directory's owner at stop.
+    fn disk_hooks(
+        &self,
+        paths: &HostPaths,
+        hv: Hypervisor,
+        spec: &VmSpec,
+    ) -> Result<UnitHooks, CommandError> {
+        let disks = writable_disks(paths, hv, spec)?;
+        if disks.is_empty() {
+            return Ok(UnitHooks::default());
+        }
+        let image_dir = path_str(hv, "image directory", &paths.image_dir)?;
+        Ok(UnitHooks {
+            start_pre: vec![self.command(hv, &vm_runtime_dir(&spec.name), &disks, &[])?],
+            stop: Vec::new(),
+            stop_post: vec![self.command(hv, &image_dir, &disks, &[])?],
+        })
+    }
 }
 
 /// Whether a bridge exists on this host (real: [`bridge_exists`]).
@@ -501,16 +521,9 @@ impl CommandBuilder for QemuCommand {
             }
         }
         if let Some(o) = &self.owner {
-            let disks = self.writable_disks(spec)?;
-            if !disks.is_empty() {
-                let image_dir = path_str(hv, "image directory", &self.paths.image_dir)?;
-                hooks
-                    .start_pre
-                    .push(o.command(hv, &vm_runtime_dir(&spec.name), &disks, &[])?);
-                hooks
-                    .stop_post
-                    .push(o.command(hv, &image_dir, &disks, &[])?);
-            }
+            let h = o.disk_hooks(&self.paths, hv, spec)?;
+            hooks.start_pre.extend(h.start_pre);
+            hooks.stop_post.extend(h.stop_post);
         }
         if let Some(g) = &self.graceful_stop {
             let agent = g
@@ -527,13 +540,6 @@ impl CommandBuilder for QemuCommand {
             ]);
         }
         Ok(hooks)
-    }
-}
-
-impl QemuCommand {
-    /// The resolved paths of the spec's writable disks.
-    fn writable_disks(&self, spec: &VmSpec) -> Result<Vec<String>, CommandError> {
-        writable_disks(&self.paths, Hypervisor::Qemu, spec)
     }
 }
 
@@ -581,6 +587,8 @@ fn vmm_access(
 #[derive(Debug, Clone)]
 pub struct CloudHypervisorCommand {
     pub paths: HostPaths,
+    /// Hands the VM's writable disks to its dynamic user (see [`VmOwner`]).
+    pub owner: Option<VmOwner>,
 }
 
 impl CommandBuilder for CloudHypervisorCommand {
@@ -590,6 +598,13 @@ impl CommandBuilder for CloudHypervisorCommand {
 
     fn access(&self, spec: &VmSpec) -> Result<HostAccess, CommandError> {
         vmm_access(&self.paths, Hypervisor::CloudHypervisor, spec, true)
+    }
+
+    fn hooks(&self, spec: &VmSpec) -> Result<UnitHooks, CommandError> {
+        match &self.owner {
+            Some(o) => o.disk_hooks(&self.paths, Hypervisor::CloudHypervisor, spec),
+            None => Ok(UnitHooks::default()),
+        }
     }
 
     fn argv(&self, spec: &VmSpec) -> Result<Vec<String>, CommandError> {
@@ -1162,9 +1177,12 @@ mod tests {
         }];
         let mut p = paths(&[]);
         p.binary = "/usr/bin/cloud-hypervisor".into();
-        let argv = CloudHypervisorCommand { paths: p.clone() }
-            .argv(&spec)
-            .expect("argv");
+        let argv = CloudHypervisorCommand {
+            paths: p.clone(),
+            owner: None,
+        }
+        .argv(&spec)
+        .expect("argv");
         assert_eq!(
             argv,
             s(&[
@@ -1191,11 +1209,44 @@ mod tests {
                 "off",
             ])
         );
+        // Under the system manager its writable disks go to the VM's user and back.
+        spec.disks[0].read_only = false;
+        let ch = CloudHypervisorCommand {
+            paths: p.clone(),
+            owner: Some(VmOwner {
+                agent: "/usr/bin/blixard-agent".into(),
+            }),
+        };
+        let h = ch.hooks(&spec).expect("hooks");
+        assert_eq!(
+            (h.start_pre, h.stop_post),
+            (
+                vec![s(&[
+                    "/usr/bin/blixard-agent",
+                    "vm-owner",
+                    "--like",
+                    "/run/blixard-vm/web-1",
+                    "--chown",
+                    "/img/root.img",
+                ])],
+                vec![s(&[
+                    "/usr/bin/blixard-agent",
+                    "vm-owner",
+                    "--like",
+                    "/img",
+                    "--chown",
+                    "/img/root.img",
+                ])],
+            )
+        );
         spec.kernel = None;
         spec.initrd = None;
-        let e = CloudHypervisorCommand { paths: p }
-            .argv(&spec)
-            .expect_err("no kernel");
+        let e = CloudHypervisorCommand {
+            paths: p,
+            owner: None,
+        }
+        .argv(&spec)
+        .expect_err("no kernel");
         assert!(e.to_string().contains("kernel is required"), "{e}");
     }
 

@@ -346,7 +346,7 @@ proptest! {
             }
             .argv(&s)
         } else {
-            CloudHypervisorCommand { paths: host_paths() }.argv(&s)
+            CloudHypervisorCommand { paths: host_paths(), owner: None }.argv(&s)
         };
         // Refused (e.g. an absolute path outside the image directory): nothing starts.
         prop_assume!(argv.is_ok(), "argv refused");

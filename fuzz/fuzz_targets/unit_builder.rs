@@ -147,7 +147,12 @@ fuzz_target!(|i: Input| {
             agent: "/usr/bin/blixard-agent".into(),
         }),
     }));
-    builders.insert(Box::new(CloudHypervisorCommand { paths }));
+    builders.insert(Box::new(CloudHypervisorCommand {
+        paths,
+        owner: Some(VmOwner {
+            agent: "/usr/bin/blixard-agent".into(),
+        }),
+    }));
     // Whatever the spec, building must not panic (it may refuse).
     let built = unit_spec::build(&s, &builders, &cfg);
     if validate::vm_spec(&s).is_err() {
