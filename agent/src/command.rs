@@ -12,11 +12,13 @@ use std::sync::Arc;
 
 use blixard_api::{Hypervisor, VmSpec};
 
-use crate::config::Config;
+use crate::config::{Config, SystemdBus};
 use crate::hypervisor::{
     CloudHypervisorCommand, FirecrackerCommand, GracefulStop, HostPaths, QemuCommand, TapNetwork,
+    VmOwner,
 };
 use crate::image_path;
+use crate::unit_spec::{HostAccess, Manager, VM_RUNTIME_DIR};
 
 /// Whether a hypervisor can run on this host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,6 +88,8 @@ pub trait CommandBuilder: Send + Sync + std::fmt::Debug {
     fn hooks(&self, _spec: &VmSpec) -> Result<UnitHooks, CommandError> {
         Ok(UnitHooks::default())
     }
+    /// What the hypervisor needs from the host: its unit's sandbox allows that and no more.
+    fn access(&self, spec: &VmSpec) -> Result<HostAccess, CommandError>;
 }
 
 /// `process`: the configured command, unchanged, whatever the spec says (for hosts and tests
@@ -106,12 +110,28 @@ impl CommandBuilder for ProcessCommand {
         }
         Ok(self.command.clone())
     }
+
+    /// A plain program of the operator's choosing, which may serve on the host's network (as
+    /// Nomad's `raw_exec` tasks do) and may be a JIT: no device, no file to write, but the
+    /// host's network and IP sockets, and no `MemoryDenyWriteExecute=`.
+    fn access(&self, _spec: &VmSpec) -> Result<HostAccess, CommandError> {
+        Ok(HostAccess {
+            address_families: ["AF_UNIX", "AF_INET", "AF_INET6"]
+                .map(String::from)
+                .to_vec(),
+            host_network: true,
+            ip_sockets: true,
+            write_execute: true,
+            ..HostAccess::default()
+        })
+    }
 }
 
-/// The builders this agent has, by hypervisor.
+/// The builders this agent has, by hypervisor, and the manager that runs their units.
 #[derive(Debug, Default)]
 pub struct CommandBuilders {
     builders: BTreeMap<&'static str, Box<dyn CommandBuilder>>,
+    manager: Manager,
 }
 
 impl CommandBuilders {
@@ -131,7 +151,11 @@ impl CommandBuilders {
         executable: &dyn Fn(&Path) -> bool,
         agent_exe: Option<PathBuf>,
     ) -> Self {
-        let mut b = CommandBuilders::default();
+        let manager = match config.systemd_bus {
+            SystemdBus::System => Manager::System,
+            SystemdBus::Session => Manager::User,
+        };
+        let mut b = CommandBuilders::default().with_manager(manager);
         if let Some(cmd) = &config.process_command {
             b.insert(Box::new(ProcessCommand {
                 command: cmd.clone(),
@@ -141,10 +165,21 @@ impl CommandBuilders {
             let Availability::Available(binary) = status else {
                 continue;
             };
+            // Under the system manager each VM has a runtime directory of its own, owned by
+            // its dynamic user; a user manager's VMs share the agent's.
+            let (runtime_dir, per_vm_runtime) = match manager {
+                Manager::System => (Path::new("/run").join(VM_RUNTIME_DIR), true),
+                Manager::User => (config.runtime_dir.clone(), false),
+            };
+            let owner = match manager {
+                Manager::System => agent_exe.clone().map(|agent| VmOwner { agent }),
+                Manager::User => None,
+            };
             let paths = HostPaths {
                 binary,
                 image_dir: config.image_dir.clone(),
-                runtime_dir: config.runtime_dir.clone(),
+                runtime_dir,
+                per_vm_runtime,
                 check: Arc::new(image_path::fs_check),
             };
             match hv {
@@ -161,8 +196,12 @@ impl CommandBuilders {
                         bridges: config.bridges.clone(),
                         exists: Arc::new(crate::hypervisor::bridge_exists),
                     }),
+                    owner: owner.clone(),
                 })),
-                Hypervisor::CloudHypervisor => b.insert(Box::new(CloudHypervisorCommand { paths })),
+                Hypervisor::CloudHypervisor => b.insert(Box::new(CloudHypervisorCommand {
+                    paths,
+                    owner: owner.clone(),
+                })),
                 Hypervisor::Firecracker => b.insert(Box::new(FirecrackerCommand { paths })),
                 Hypervisor::Process => {}
             }
@@ -203,6 +242,24 @@ impl CommandBuilders {
     /// The hypervisors this host can run, as registered with the control plane.
     pub fn hypervisors(&self) -> Vec<Hypervisor> {
         self.builders.values().map(|b| b.hypervisor()).collect()
+    }
+
+    /// These builders' units run under `manager`.
+    pub fn with_manager(mut self, manager: Manager) -> Self {
+        self.manager = manager;
+        self
+    }
+
+    /// The manager that runs the VM units.
+    pub fn manager(&self) -> Manager {
+        self.manager
+    }
+
+    /// What `spec`'s hypervisor needs from the host (see [`HostAccess`]).
+    pub fn access(&self, spec: &VmSpec) -> Result<HostAccess, CommandError> {
+        let hv = spec.hypervisor.as_str();
+        let builder = self.builders.get(hv).ok_or(CommandError::Unavailable(hv))?;
+        builder.access(spec)
     }
 
     /// The commands around `spec`'s hypervisor (see [`UnitHooks`]).
@@ -318,7 +375,7 @@ pub(crate) mod tests {
         let mut s = spec("web", Hypervisor::Qemu);
         let argv = b.argv(&s).expect("argv");
         assert_eq!(argv[0], "/usr/bin/qemu-system-x86_64");
-        assert!(argv.contains(&"tcg".to_string()));
+        assert!(argv.contains(&"tcg,split-wx=on".to_string()));
         s.initrd = Some("initrd.gz".into());
         let e = b.argv(&s).expect_err("missing initrd");
         assert!(matches!(e, CommandError::Path(_)), "{e:?}");

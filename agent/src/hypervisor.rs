@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::{CommandBuilder, CommandError, UnitHooks};
 use crate::image_path::{self, FileProblem};
+use crate::unit_spec::{vm_runtime_dir, HostAccess};
 
 /// The file check image paths go through (real: [`image_path::fs_check`]).
 pub type FileCheck = Arc<dyn Fn(&Path, &Path) -> Result<(), FileProblem> + Send + Sync>;
@@ -69,7 +70,11 @@ impl QemuMachine {
 pub struct HostPaths {
     pub binary: PathBuf,
     pub image_dir: PathBuf,
+    /// Where the VMs' sockets go: `<runtime_dir>/<vm>.<suffix>`, or, with `per_vm_runtime`,
+    /// `<runtime_dir>/<vm>/<suffix>` (each VM's own `RuntimeDirectory=` under the system
+    /// manager, see [`crate::unit_spec::vm_runtime_dir`]).
     pub runtime_dir: PathBuf,
+    pub per_vm_runtime: bool,
     pub check: FileCheck,
 }
 
@@ -79,6 +84,7 @@ impl std::fmt::Debug for HostPaths {
             .field("binary", &self.binary)
             .field("image_dir", &self.image_dir)
             .field("runtime_dir", &self.runtime_dir)
+            .field("per_vm_runtime", &self.per_vm_runtime)
             .finish_non_exhaustive()
     }
 }
@@ -118,9 +124,9 @@ impl HostPaths {
         path_str(hv, field, &p)
     }
 
-    /// `<runtime_dir>/<vm>.<suffix>`: a socket of this VM.
+    /// `<runtime_dir>/<vm>.<suffix>` (or `<runtime_dir>/<vm>/<suffix>`): a socket of this VM.
     fn socket(&self, hv: Hypervisor, vm: &str, suffix: &str) -> Result<String, CommandError> {
-        let p = self.runtime_dir.join(format!("{vm}.{suffix}"));
+        let p = self.vm_file(vm, suffix);
         let s = path_str(hv, "socket path", &p)?;
         if s.len() > MAX_SOCKET_PATH {
             return Err(unsupported(
@@ -131,17 +137,20 @@ impl HostPaths {
         Ok(s)
     }
 
+    fn vm_file(&self, vm: &str, suffix: &str) -> PathBuf {
+        if self.per_vm_runtime {
+            self.runtime_dir.join(vm).join(suffix)
+        } else {
+            self.runtime_dir.join(format!("{vm}.{suffix}"))
+        }
+    }
+
     fn binary(&self, hv: Hypervisor) -> Result<String, CommandError> {
         self.binary
             .to_str()
             .map(str::to_string)
             .ok_or_else(|| unsupported(hv, "the binary path is not UTF-8"))
     }
-}
-
-/// The QMP socket of VM `vm` under `runtime_dir` (for the graceful stop).
-pub fn qmp_socket(runtime_dir: &Path, vm: &str) -> PathBuf {
-    runtime_dir.join(format!("{vm}.qmp"))
 }
 
 /// FNV-1a, 64 bits: stable across Rust releases, unlike `DefaultHasher`.
@@ -200,6 +209,69 @@ pub struct GracefulStop {
     pub timeout_secs: u64,
 }
 
+/// Under the system manager a VM runs as a dynamic user that only exists while its unit
+/// runs, so what it must own is handed to it at start by `<agent> vm-owner` (see
+/// [`crate::vm_owner`]), in the unit's privileged `ExecStartPre=`: its writable disks, and its
+/// tap devices (`ip tuntap add … user <uid>`, which lets it attach without CAP_NET_ADMIN). The
+/// disks go back to the image directory's owner in `ExecStopPost=`, so that a dynamic uid
+/// given to another unit later owns nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmOwner {
+    /// The agent's own binary.
+    pub agent: PathBuf,
+}
+
+impl VmOwner {
+    /// `<agent> vm-owner --like <dir> [--chown FILE]… [-- ARGV…]`.
+    fn command(
+        &self,
+        hv: Hypervisor,
+        like: &str,
+        chown: &[String],
+        argv: &[String],
+    ) -> Result<Vec<String>, CommandError> {
+        let agent = self
+            .agent
+            .to_str()
+            .ok_or_else(|| unsupported(hv, "the agent's path is not UTF-8"))?;
+        let mut c = vec![
+            agent.to_string(),
+            "vm-owner".into(),
+            "--like".into(),
+            like.into(),
+        ];
+        for f in chown {
+            c.push("--chown".into());
+            c.push(f.clone());
+        }
+        if !argv.is_empty() {
+            c.push("--".into());
+            c.extend(argv.iter().cloned());
+        }
+        Ok(c)
+    }
+
+    /// Gives `spec`'s writable disks to the VM's user at start, and back to the image
+    /// directory's owner at stop.
+    fn disk_hooks(
+        &self,
+        paths: &HostPaths,
+        hv: Hypervisor,
+        spec: &VmSpec,
+    ) -> Result<UnitHooks, CommandError> {
+        let disks = writable_disks(paths, hv, spec)?;
+        if disks.is_empty() {
+            return Ok(UnitHooks::default());
+        }
+        let image_dir = path_str(hv, "image directory", &paths.image_dir)?;
+        Ok(UnitHooks {
+            start_pre: vec![self.command(hv, &vm_runtime_dir(&spec.name), &disks, &[])?],
+            stop: Vec::new(),
+            stop_post: vec![self.command(hv, &image_dir, &disks, &[])?],
+        })
+    }
+}
+
 /// Whether a bridge exists on this host (real: [`bridge_exists`]).
 pub type BridgeCheck = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
@@ -234,7 +306,13 @@ impl std::fmt::Debug for TapNetwork {
 impl TapNetwork {
     /// The start and stop commands of NIC `index` of VM `vm` on `bridge`, after checking the
     /// bridge is allowed and exists.
-    fn hooks(&self, vm: &str, index: usize, bridge: &str) -> Result<UnitHooks, CommandError> {
+    fn hooks(
+        &self,
+        vm: &str,
+        index: usize,
+        bridge: &str,
+        owner: Option<(&VmOwner, &str)>,
+    ) -> Result<UnitHooks, CommandError> {
         let hv = Hypervisor::Qemu;
         if !self.bridges.iter().any(|b| b == bridge) {
             return Err(unsupported(
@@ -266,9 +344,18 @@ impl TapNetwork {
                 .map(String::from)
                 .collect()
         };
+        let add = match owner {
+            None => cmd(&["tuntap", "add", "dev", &tap, "mode", "tap"]),
+            Some((o, like)) => o.command(
+                hv,
+                like,
+                &[],
+                &cmd(&["tuntap", "add", "dev", &tap, "mode", "tap", "user", "{uid}"]),
+            )?,
+        };
         Ok(UnitHooks {
             start_pre: vec![
-                cmd(&["tuntap", "add", "dev", &tap, "mode", "tap"]),
+                add,
                 // The host needs no address of its own on a VM's tap (no IPv6 link-local).
                 cmd(&["link", "set", "dev", &tap, "addrgenmode", "none"]),
                 cmd(&["link", "set", "dev", &tap, "master", bridge, "up"]),
@@ -290,6 +377,9 @@ pub struct QemuCommand {
     pub graceful_stop: Option<GracefulStop>,
     /// Tap devices for NICs; without it specs with NICs are refused.
     pub network: Option<TapNetwork>,
+    /// Hands the VM's disks and taps to its dynamic user (the system manager); `None` under a
+    /// user manager, whose VMs run as the agent's own user.
+    pub owner: Option<VmOwner>,
 }
 
 impl QemuCommand {
@@ -336,7 +426,9 @@ impl CommandBuilder for QemuCommand {
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
         push(&["-name", &format!("guest={},debug-threads=on", spec.name)]);
         push(&["-M", self.machine.as_str()]);
-        push(&["-accel", if self.kvm { "kvm" } else { "tcg" }]);
+        // TCG's code buffer mapped twice, writable and executable apart (split-wx): the JIT
+        // then never needs a writable and executable page, so the unit can deny them.
+        push(&["-accel", if self.kvm { "kvm" } else { "tcg,split-wx=on" }]);
         if self.kvm {
             push(&["-cpu", "host"]);
         }
@@ -406,6 +498,10 @@ impl CommandBuilder for QemuCommand {
         Ok(a)
     }
 
+    fn access(&self, spec: &VmSpec) -> Result<HostAccess, CommandError> {
+        vmm_access(&self.paths, Hypervisor::Qemu, spec, self.kvm)
+    }
+
     fn hooks(&self, spec: &VmSpec) -> Result<UnitHooks, CommandError> {
         let hv = Hypervisor::Qemu;
         let mut hooks = UnitHooks::default();
@@ -416,11 +512,18 @@ impl CommandBuilder for QemuCommand {
                     "this host has no tap networking (no bridges configured)",
                 )
             })?;
+            let like = self.owner.as_ref().map(|o| (o, vm_runtime_dir(&spec.name)));
             for (i, nic) in spec.nics.iter().enumerate() {
-                let h = net.hooks(&spec.name, i, &nic.bridge)?;
+                let owner = like.as_ref().map(|(o, d)| (*o, d.as_str()));
+                let h = net.hooks(&spec.name, i, &nic.bridge, owner)?;
                 hooks.start_pre.extend(h.start_pre);
                 hooks.stop_post.extend(h.stop_post);
             }
+        }
+        if let Some(o) = &self.owner {
+            let h = o.disk_hooks(&self.paths, hv, spec)?;
+            hooks.start_pre.extend(h.start_pre);
+            hooks.stop_post.extend(h.stop_post);
         }
         if let Some(g) = &self.graceful_stop {
             let agent = g
@@ -440,16 +543,68 @@ impl CommandBuilder for QemuCommand {
     }
 }
 
+/// The resolved paths of `spec`'s writable disks.
+fn writable_disks(
+    paths: &HostPaths,
+    hv: Hypervisor,
+    spec: &VmSpec,
+) -> Result<Vec<String>, CommandError> {
+    spec.disks
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| !d.read_only)
+        .map(|(i, d)| paths.resolve(hv, &format!("disks[{i}].path"), &d.path))
+        .collect()
+}
+
+/// What a VMM needs from the host: `/dev/kvm` (and the `kvm` group, which owns it) with KVM,
+/// `/dev/net/tun` and the host's network namespace with NICs, its writable disks, and unix
+/// sockets (its control socket). No IP sockets of its own, no writable and executable memory.
+fn vmm_access(
+    paths: &HostPaths,
+    hv: Hypervisor,
+    spec: &VmSpec,
+    kvm: bool,
+) -> Result<HostAccess, CommandError> {
+    let mut a = HostAccess {
+        writable: writable_disks(paths, hv, spec)?,
+        address_families: vec!["AF_UNIX".into()],
+        host_network: !spec.nics.is_empty(),
+        ..HostAccess::default()
+    };
+    if kvm {
+        a.devices.push("/dev/kvm".into());
+        a.groups.push("kvm".into());
+    }
+    if !spec.nics.is_empty() {
+        a.devices.push("/dev/net/tun".into());
+    }
+    Ok(a)
+}
+
 /// cloud-hypervisor (needs KVM). Its serial console goes to stdout, its API socket lives in
 /// the runtime directory.
 #[derive(Debug, Clone)]
 pub struct CloudHypervisorCommand {
     pub paths: HostPaths,
+    /// Hands the VM's writable disks to its dynamic user (see [`VmOwner`]).
+    pub owner: Option<VmOwner>,
 }
 
 impl CommandBuilder for CloudHypervisorCommand {
     fn hypervisor(&self) -> Hypervisor {
         Hypervisor::CloudHypervisor
+    }
+
+    fn access(&self, spec: &VmSpec) -> Result<HostAccess, CommandError> {
+        vmm_access(&self.paths, Hypervisor::CloudHypervisor, spec, true)
+    }
+
+    fn hooks(&self, spec: &VmSpec) -> Result<UnitHooks, CommandError> {
+        match &self.owner {
+            Some(o) => o.disk_hooks(&self.paths, Hypervisor::CloudHypervisor, spec),
+            None => Ok(UnitHooks::default()),
+        }
     }
 
     fn argv(&self, spec: &VmSpec) -> Result<Vec<String>, CommandError> {
@@ -510,7 +665,7 @@ pub struct FirecrackerCommand {
 
 impl FirecrackerCommand {
     fn config_path(&self, vm: &str) -> PathBuf {
-        self.paths.runtime_dir.join(format!("{vm}.fc.json"))
+        self.paths.vm_file(vm, "fc.json")
     }
 }
 
@@ -564,6 +719,10 @@ impl CommandBuilder for FirecrackerCommand {
         Hypervisor::Firecracker
     }
 
+    fn access(&self, spec: &VmSpec) -> Result<HostAccess, CommandError> {
+        vmm_access(&self.paths, Hypervisor::Firecracker, spec, true)
+    }
+
     fn argv(&self, spec: &VmSpec) -> Result<Vec<String>, CommandError> {
         let hv = Hypervisor::Firecracker;
         check_name(hv, &spec.name)?;
@@ -590,6 +749,7 @@ mod tests {
             binary: "/usr/bin/qemu-system-x86_64".into(),
             image_dir: "/img".into(),
             runtime_dir: "/run/bx".into(),
+            per_vm_runtime: false,
             check: Arc::new(move |_, p: &Path| {
                 if missing.iter().any(|m| p == Path::new(m)) {
                     Err(FileProblem::Missing)
@@ -615,6 +775,7 @@ mod tests {
             kvm,
             graceful_stop: None,
             network: None,
+            owner: None,
         }
     }
 
@@ -636,7 +797,7 @@ mod tests {
                 "-M",
                 "microvm",
                 "-accel",
-                "tcg",
+                "tcg,split-wx=on",
                 "-smp",
                 "2",
                 "-m",
@@ -672,21 +833,21 @@ mod tests {
                 QemuMachine::Microvm,
                 false,
                 Some("console=ttyS0"),
-                "tcg",
+                "tcg,split-wx=on",
                 "console=ttyS0 tsc_early_khz=2400000",
             ),
             (
                 QemuMachine::Microvm,
                 false,
                 Some("console=ttyS0 tsc_early_khz=1000"),
-                "tcg",
+                "tcg,split-wx=on",
                 "console=ttyS0 tsc_early_khz=1000",
             ),
             (
                 QemuMachine::Microvm,
                 false,
                 Some(""),
-                "tcg",
+                "tcg,split-wx=on",
                 "tsc_early_khz=2400000",
             ),
             (
@@ -700,7 +861,7 @@ mod tests {
                 QemuMachine::Q35,
                 false,
                 Some("console=ttyS0"),
-                "tcg",
+                "tcg,split-wx=on",
                 "console=ttyS0",
             ),
             (QemuMachine::Q35, true, None, "kvm", DEFAULT_CMDLINE),
@@ -708,7 +869,7 @@ mod tests {
                 QemuMachine::Microvm,
                 false,
                 Some("console=ttyS0,115200; rm -rf /"),
-                "tcg",
+                "tcg,split-wx=on",
                 "console=ttyS0,115200; rm -rf / tsc_early_khz=2400000",
             ),
         ];
@@ -1016,9 +1177,12 @@ mod tests {
         }];
         let mut p = paths(&[]);
         p.binary = "/usr/bin/cloud-hypervisor".into();
-        let argv = CloudHypervisorCommand { paths: p.clone() }
-            .argv(&spec)
-            .expect("argv");
+        let argv = CloudHypervisorCommand {
+            paths: p.clone(),
+            owner: None,
+        }
+        .argv(&spec)
+        .expect("argv");
         assert_eq!(
             argv,
             s(&[
@@ -1045,11 +1209,44 @@ mod tests {
                 "off",
             ])
         );
+        // Under the system manager its writable disks go to the VM's user and back.
+        spec.disks[0].read_only = false;
+        let ch = CloudHypervisorCommand {
+            paths: p.clone(),
+            owner: Some(VmOwner {
+                agent: "/usr/bin/blixard-agent".into(),
+            }),
+        };
+        let h = ch.hooks(&spec).expect("hooks");
+        assert_eq!(
+            (h.start_pre, h.stop_post),
+            (
+                vec![s(&[
+                    "/usr/bin/blixard-agent",
+                    "vm-owner",
+                    "--like",
+                    "/run/blixard-vm/web-1",
+                    "--chown",
+                    "/img/root.img",
+                ])],
+                vec![s(&[
+                    "/usr/bin/blixard-agent",
+                    "vm-owner",
+                    "--like",
+                    "/img",
+                    "--chown",
+                    "/img/root.img",
+                ])],
+            )
+        );
         spec.kernel = None;
         spec.initrd = None;
-        let e = CloudHypervisorCommand { paths: p }
-            .argv(&spec)
-            .expect_err("no kernel");
+        let e = CloudHypervisorCommand {
+            paths: p,
+            owner: None,
+        }
+        .argv(&spec)
+        .expect_err("no kernel");
         assert!(e.to_string().contains("kernel is required"), "{e}");
     }
 

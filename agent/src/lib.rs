@@ -48,6 +48,7 @@ pub mod started;
 pub mod systemd;
 pub mod unit_spec;
 pub mod unit_track;
+pub mod vm_owner;
 
 pub use config::Config;
 pub use daemon::{run, AgentError};

@@ -76,6 +76,21 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         timeout: u64,
     },
+    /// Gives files the owner of a directory, then runs a command with `{uid}` and `{gid}`
+    /// replaced by it: hands a VM's disks and tap devices to its dynamic user (the owner of
+    /// its runtime directory) in the VM unit's privileged `ExecStartPre=`, and the disks back
+    /// in its `ExecStopPost=`.
+    VmOwner {
+        /// The directory whose owner the files get.
+        #[arg(long)]
+        like: PathBuf,
+        /// A file to give that owner (repeatable).
+        #[arg(long)]
+        chown: Vec<PathBuf>,
+        /// The command to run afterwards (after `--`).
+        #[arg(last = true)]
+        argv: Vec<String>,
+    },
     /// The dead man's switch (`blixard-fence.service`, started by the agent): watches the
     /// agent's lease file and, once the lease has run out, SIGTERMs every `blixard-vm-*` unit
     /// not listed as `stay`, then SIGKILLs it after the grace; re-arms when the lease is
@@ -106,6 +121,15 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("qmp-powerdown: {}", blixard_agent::error_chain(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(Command::VmOwner { like, chown, argv }) = &cli.command {
+        return match blixard_agent::vm_owner::run(like, chown, argv) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vm-owner: {}", blixard_agent::error_chain(&e));
                 ExitCode::FAILURE
             }
         };

@@ -356,6 +356,20 @@ fn to_variant(value: &PropertyValue) -> Variant<'static> {
                 .map(|c| (c.path.clone(), c.argv.clone(), c.ignore_failure))
                 .collect::<Vec<_>>(),
         ),
+        PropertyValue::U32(v) => Variant::from(*v),
+        PropertyValue::I32(v) => Variant::from(*v),
+        PropertyValue::StrPairs(v) => Variant::from(v.clone()),
+        PropertyValue::NameList(allow, names) => Variant::from((*allow, names.clone())),
+        PropertyValue::IpPrefixes(v) => Variant::from(
+            v.iter()
+                .map(|p| (p.family, p.address.clone(), p.prefix_len))
+                .collect::<Vec<_>>(),
+        ),
+        PropertyValue::ExecEx(cmds) => Variant::from(
+            cmds.iter()
+                .map(|c| (c.path.clone(), c.argv.clone(), c.flags.clone()))
+                .collect::<Vec<_>>(),
+        ),
     }
 }
 
@@ -648,7 +662,7 @@ mod tests {
 
     #[test]
     fn property_values_have_systemds_types() {
-        use crate::unit_spec::ExecCommand;
+        use crate::unit_spec::{ExecCommand, ExecCommandEx, IpPrefix};
         let cases = [
             (PropertyValue::Str("x".into()), "s"),
             (PropertyValue::U64(1), "t"),
@@ -668,6 +682,36 @@ mod tests {
             ),
             (PropertyValue::Exec(vec![]), "a(sasb)"),
             (PropertyValue::BytesList(vec![]), "aay"),
+            (PropertyValue::U32(0o077), "u"),
+            (PropertyValue::I32(1), "i"),
+            (
+                PropertyValue::StrPairs(vec![("/dev/kvm".into(), "rw".into())]),
+                "a(ss)",
+            ),
+            (PropertyValue::StrPairs(vec![]), "a(ss)"),
+            (
+                PropertyValue::NameList(true, vec!["@system-service".into()]),
+                "(bas)",
+            ),
+            (PropertyValue::NameList(false, vec![]), "(bas)"),
+            (
+                PropertyValue::IpPrefixes(vec![IpPrefix {
+                    family: 2,
+                    address: vec![0; 4],
+                    prefix_len: 0,
+                }]),
+                "a(iayu)",
+            ),
+            (PropertyValue::IpPrefixes(vec![]), "a(iayu)"),
+            (
+                PropertyValue::ExecEx(vec![ExecCommandEx {
+                    path: "/usr/sbin/ip".into(),
+                    argv: vec!["/usr/sbin/ip".into(), "link".into()],
+                    flags: vec!["privileged".into()],
+                }]),
+                "a(sasas)",
+            ),
+            (PropertyValue::ExecEx(vec![]), "a(sasas)"),
         ];
         for (value, sig) in cases {
             let v = to_variant(&value);

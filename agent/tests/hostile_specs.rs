@@ -269,6 +269,7 @@ fn host_paths() -> HostPaths {
         binary: "/usr/bin/qemu-system-x86_64".into(),
         image_dir: IMAGE_DIR.into(),
         runtime_dir: "/run/blixard-agent".into(),
+        per_vm_runtime: false,
         check: Arc::new(|_, _| Ok(())),
     }
 }
@@ -341,10 +342,11 @@ proptest! {
                 kvm,
                 graceful_stop: None,
                 network: None,
+                owner: None,
             }
             .argv(&s)
         } else {
-            CloudHypervisorCommand { paths: host_paths() }.argv(&s)
+            CloudHypervisorCommand { paths: host_paths(), owner: None }.argv(&s)
         };
         // Refused (e.g. an absolute path outside the image directory): nothing starts.
         prop_assume!(argv.is_ok(), "argv refused");

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use blixard_agent::command::{CommandBuilders, ProcessCommand};
 use blixard_agent::config::VmUnitConfig;
 use blixard_agent::hypervisor::{
-    CloudHypervisorCommand, GracefulStop, HostPaths, QemuCommand, QemuMachine, TapNetwork,
+    CloudHypervisorCommand, GracefulStop, HostPaths, QemuCommand, QemuMachine, TapNetwork, VmOwner,
 };
 use blixard_agent::unit_spec::{self, PropertyValue};
 use blixard_api::{validate, DiskSpec, Hypervisor, NicSpec, VmSpec};
@@ -118,7 +118,8 @@ fuzz_target!(|i: Input| {
     let paths = HostPaths {
         binary: "/usr/bin/qemu-system-x86_64".into(),
         image_dir: IMAGE_DIR.into(),
-        runtime_dir: "/run/blixard-agent".into(),
+        runtime_dir: "/run/blixard-vm".into(),
+        per_vm_runtime: true,
         check: Arc::new(|_, _| Ok(())),
     };
     let mut builders = CommandBuilders::default();
@@ -142,8 +143,16 @@ fuzz_target!(|i: Input| {
             bridges: vec!["br0".into()],
             exists: Arc::new(|b| b == "br0"),
         }),
+        owner: Some(VmOwner {
+            agent: "/usr/bin/blixard-agent".into(),
+        }),
     }));
-    builders.insert(Box::new(CloudHypervisorCommand { paths }));
+    builders.insert(Box::new(CloudHypervisorCommand {
+        paths,
+        owner: Some(VmOwner {
+            agent: "/usr/bin/blixard-agent".into(),
+        }),
+    }));
     // Whatever the spec, building must not panic (it may refuse).
     let built = unit_spec::build(&s, &builders, &cfg);
     if validate::vm_spec(&s).is_err() {

@@ -16,7 +16,9 @@
 #   lintian                         the package's lint check (t60 deb_is_lintian_clean)
 #   cargo-deb                       builds the .deb (cargo install --locked)
 # Builds (unless BLIXARD_CT_NO_ROOTFS=1): the Debian rootfs the container test boots, at
-# ${BLIXARD_CT_ROOTFS:-/var/cache/blixard-test/rootfs} (1-3 min, ~160 MB).
+# ${BLIXARD_CT_ROOTFS:-/var/cache/blixard-test/rootfs} (1-3 min, ~160 MB), and the same
+# with QEMU and iproute2 for the VM sandbox test, at
+# ${BLIXARD_CT_QEMU_ROOTFS:-/var/cache/blixard-test/rootfs-qemu} (1-2 min more).
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 t0=$(date +%s)
@@ -43,4 +45,7 @@ echo "cargo-deb: $(cargo-deb --version 2>/dev/null || cargo deb --version) ($(( 
 if [ "${BLIXARD_CT_NO_ROOTFS:-0}" != 1 ]; then
   "$HERE/rootfs.sh"
   echo "rootfs: $(( $(date +%s) - t0 ))s"
+  # the same with QEMU, for the VM sandbox test (its own cache directory)
+  "$HERE/rootfs.sh" "${BLIXARD_CT_QEMU_ROOTFS:-/var/cache/blixard-test/rootfs-qemu}" qemu
+  echo "rootfs with qemu: $(( $(date +%s) - t0 ))s"
 fi

@@ -65,16 +65,33 @@ pub fn require_root() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The cache of the rootfs with QEMU when `$BLIXARD_CT_QEMU_ROOTFS` is not set.
+pub const DEFAULT_QEMU_ROOTFS: &str = "/var/cache/blixard-test/rootfs-qemu";
+
 /// The cached rootfs, built by `tests/ct/rootfs.sh` on first use or when the script's
 /// stamp changed (~1-2 min; serialized by a lock, so parallel callers wait for one build).
 pub async fn rootfs() -> anyhow::Result<PathBuf> {
     let dir = std::env::var_os("BLIXARD_CT_ROOTFS")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOTFS));
+    build_rootfs(dir, "base").await
+}
+
+/// The same rootfs plus `qemu-system-x86` and `iproute2` (for the VM sandbox test), cached
+/// apart from the plain one.
+pub async fn rootfs_with_qemu() -> anyhow::Result<PathBuf> {
+    let dir = std::env::var_os("BLIXARD_CT_QEMU_ROOTFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_QEMU_ROOTFS));
+    build_rootfs(dir, "qemu").await
+}
+
+async fn build_rootfs(dir: PathBuf, flavor: &str) -> anyhow::Result<PathBuf> {
     // the script returns at once when the cache is current
     let script = workspace_root().join("tests/ct/rootfs.sh");
     let out = Command::new(&script)
         .arg(&dir)
+        .arg(flavor)
         .output()
         .await
         .with_context(|| format!("running {}", script.display()))?;

@@ -621,15 +621,288 @@ const DEBIAN_TOOLS: &[&str] = &[
 async fn deb_installs_and_runs_in_a_booted_debian() -> anyhow::Result<()> {
     container::require_root()?;
     require_tools(DEBIAN_TOOLS)?;
-    let (_work, ct, deb_name) = debian_with_the_package("blixard-t60-").await?;
+    let (_work, ct, deb_name) = debian_with_the_package("blixard-t60-", false).await?;
     let result = install_and_run(&ct, &deb_name).await;
     end_in_debian(ct, result).await
 }
 
+/// The agent of the sandbox test: QEMU (TCG: the container has no /dev/kvm), a bridge for
+/// tap NICs, the `process` hypervisor, and its API for `vm logs`.
+const QEMU_AGENT_TOML: &str = r#"# written by t60_packaging: QEMU VMs, sandboxed
+host_id = "ct1"
+control_endpoints = ["http://127.0.0.1:7001"]
+systemd_bus = "system"
+heartbeat_interval_ms = 500
+kvm = false
+bridges = ["br0"]
+api_listen = "127.0.0.1:7101"
+process_command = ["/bin/sleep", "infinity"]
+
+[hypervisors]
+qemu = "/usr/bin/qemu-system-x86_64"
+"#;
+
+/// The highest `systemd-analyze security` exposure of a VM unit ("OK" on systemd's scale).
+const MAX_VM_EXPOSURE: f64 = 2.5;
+
+/// Time for a TCG guest to boot (or power off) in the container on a loaded machine.
+const GUEST: Duration = Duration::from_secs(120);
+
+/// `blixardctl ARGS…` against the container's control node.
+async fn ctl(ct: &Container, args: &[&str]) -> anyhow::Result<String> {
+    let mut argv = vec!["blixardctl", "--endpoints", CTL_ENDPOINT];
+    argv.extend_from_slice(args);
+    ct.run(&argv).await
+}
+
+/// What the unit of `vm` wrote (the guest's console, QEMU, `qmp-powerdown`), by its syslog
+/// identifier (see t40's `console`).
+async fn vm_journal(ct: &Container, vm: &str) -> anyhow::Result<String> {
+    ct.run(&[
+        "journalctl",
+        "--no-pager",
+        "-o",
+        "cat",
+        "-t",
+        &format!("blixard-vm-{vm}"),
+    ])
+    .await
+}
+
+/// `systemd-analyze security UNIT`: the overall exposure, and the report.
+async fn exposure(ct: &Container, unit: &str) -> anyhow::Result<(f64, String)> {
+    let out = ct
+        .exec(&["systemd-analyze", "security", "--no-pager", unit])
+        .await?;
+    let score = overall_exposure(&out.stdout).with_context(|| {
+        format!(
+            "no overall exposure for {unit}: {}{}",
+            out.stdout, out.stderr
+        )
+    })?;
+    Ok((score, out.stdout))
+}
+
+/// The real and effective uid and the effective capabilities of a running process.
+async fn identity(ct: &Container, pid: u32) -> anyhow::Result<(String, String)> {
+    let status = ct.run(&["cat", &format!("/proc/{pid}/status")]).await?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    Ok((field("Uid:"), field("CapEff:")))
+}
+
+/// A QEMU VM unit, as the agent starts it under a real system manager: a dynamic user with no
+/// capabilities, its disk and tap handed to that user for the run and the disk back after,
+/// `systemd-analyze security` at most 2.5, and the console (journal, `vm logs`) and the
+/// graceful stop (QMP) working through the sandbox. A `process` VM is sandboxed too.
+async fn qemu_vm_sandboxed(ct: &Container, deb_name: &str) -> anyhow::Result<()> {
+    ct.run(&["dpkg", "-i", &format!("/mnt/blixard/{deb_name}")])
+        .await?;
+    // /dev/net/tun is 0666 wherever udev runs (systemd's 50-udev-default.rules); the
+    // container has no udev and the test machines' node is 0600, so do what udev does
+    ct.sh(
+        "cp /mnt/guest/vmlinuz /mnt/guest/initrd.gz /var/lib/blixard/images/ \
+           && truncate -s 8M /var/lib/blixard/images/sbx-disk.img \
+           && chmod 0666 /dev/net/tun \
+           && ip link add br0 type bridge && ip link set br0 up",
+    )
+    .await?;
+    ct.write_file("/etc/blixard/agent.toml", QEMU_AGENT_TOML)
+        .await?;
+    ct.run(&["blixard-agent", "check-config", "/etc/blixard/agent.toml"])
+        .await?;
+    ct.run(&["systemctl", "start", "blixard-control.service"])
+        .await?;
+    ct.run(&["systemctl", "start", "blixard-agent.service"])
+        .await?;
+
+    let (vm, unit) = ("sbx", "blixard-vm-sbx.service");
+    ctl(
+        ct,
+        &[
+            "vm",
+            "create",
+            vm,
+            "--hypervisor",
+            "qemu",
+            "--vcpus",
+            "1",
+            "--memory",
+            "128",
+            "--kernel",
+            "vmlinuz",
+            "--initrd",
+            "initrd.gz",
+            "--cmdline",
+            "console=ttyS0 reboot=t panic=-1 quiet blixard.net=1",
+            "--disk",
+            "sbx-disk.img",
+            "--nic",
+            "br0",
+            "--restart",
+            "never",
+        ],
+    )
+    .await?;
+    ctl(
+        ct,
+        &[
+            "vm",
+            "create",
+            "sbxp",
+            "--hypervisor",
+            "process",
+            "--vcpus",
+            "1",
+            "--memory",
+            "64",
+        ],
+    )
+    .await?;
+    wait::until("the guest's marker in the journal", GUEST, || async {
+        let j = vm_journal(ct, vm).await.map_err(|e| e.to_string())?;
+        if j.contains(blixard_tests::guest::MARKER) {
+            Ok(Some(()))
+        } else {
+            let tail: Vec<&str> = j.lines().rev().take(10).collect();
+            Err(format!("the journal of {vm} ends with {tail:?}"))
+        }
+    })
+    .await?;
+
+    // the score, as `systemd-analyze security` gives it
+    let (score, report) = exposure(ct, unit).await?;
+    println!("systemd-analyze security {unit}: {score}");
+    ensure!(
+        score <= MAX_VM_EXPOSURE,
+        "{unit} scores {score} in systemd-analyze security, above {MAX_VM_EXPOSURE}:\n{report}"
+    );
+
+    // QEMU runs as the unit's dynamic user, with no capabilities
+    let uid = ct.unit_property(unit, "UID").await?;
+    ensure!(
+        uid.parse::<u32>().is_ok_and(|u| u != 0),
+        "{unit} runs as UID {uid:?}, not a dynamic user"
+    );
+    let pid = main_pid(ct, unit).await?;
+    let (uids, caps) = identity(ct, pid).await?;
+    ensure!(
+        uids.split(' ').all(|u| u == uid),
+        "QEMU (pid {pid}) has uids {uids}, not {uid}"
+    );
+    ensure!(caps == "0000000000000000", "QEMU has capabilities {caps}");
+    // its writable disk and its tap are its own while it runs
+    let owner = ct
+        .run(&["stat", "-c", "%u", "/var/lib/blixard/images/sbx-disk.img"])
+        .await?;
+    ensure!(
+        owner.trim() == uid,
+        "the disk belongs to {owner}, not {uid}"
+    );
+    let tap = blixard_agent::hypervisor::tap_name(vm, 0);
+    let tap_owner = ct
+        .run(&["cat", &format!("/sys/class/net/{tap}/owner")])
+        .await?;
+    ensure!(
+        tap_owner.trim() == uid,
+        "{tap} belongs to {tap_owner}, not {uid}"
+    );
+    // the guest's NIC came up on that tap
+    wait::until("the guest's NIC up", GUEST, || async {
+        let j = vm_journal(ct, vm).await.map_err(|e| e.to_string())?;
+        Ok(j.lines()
+            .any(|l| l.contains("BLIXARD-GUEST-NET-UP") && l.contains(",UP"))
+            .then_some(()))
+    })
+    .await?;
+
+    // the console through the control plane
+    let logs = ctl(ct, &["vm", "logs", vm, "-n", "500"]).await?;
+    ensure!(
+        logs.contains(blixard_tests::guest::MARKER),
+        "blixardctl vm logs {vm} lacks the marker:\n{logs}"
+    );
+
+    // the process VM: a dynamic user too, no capabilities
+    wait::until("the process VM running", GUEST, || async {
+        let s = ct
+            .unit_property("blixard-vm-sbxp.service", "SubState")
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((s == "running").then_some(()))
+    })
+    .await?;
+    let (pscore, preport) = exposure(ct, "blixard-vm-sbxp.service").await?;
+    println!("systemd-analyze security blixard-vm-sbxp.service: {pscore}");
+    ensure!(
+        pscore <= MAX_VM_EXPOSURE,
+        "the process VM scores {pscore}:\n{preport}"
+    );
+    let ppid = main_pid(ct, "blixard-vm-sbxp.service").await?;
+    let (puids, pcaps) = identity(ct, ppid).await?;
+    ensure!(
+        !puids.split(' ').any(|u| u == "0") && pcaps == "0000000000000000",
+        "the process VM runs with uids {puids}, capabilities {pcaps}"
+    );
+
+    // the graceful stop goes through QMP from inside the sandbox
+    ctl(ct, &["vm", "stop", vm]).await?;
+    wait::until("a graceful stop in the journal", GUEST, || async {
+        let j = vm_journal(ct, vm).await.map_err(|e| e.to_string())?;
+        let state = ct
+            .unit_property(unit, "ActiveState")
+            .await
+            .map_err(|e| e.to_string())?;
+        if j.contains(blixard_tests::guest::POWER_BUTTON)
+            && j.contains("qmp-powerdown: Exited")
+            && (state == "inactive" || state == "failed")
+        {
+            Ok(Some(()))
+        } else {
+            Err(format!("{unit} {state}; journal:\n{j}"))
+        }
+    })
+    .await?;
+    // and the disk is root's again, the tap gone
+    wait::until("the disk back to root and the tap gone", GUEST, || async {
+        let owner = ct
+            .run(&["stat", "-c", "%u", "/var/lib/blixard/images/sbx-disk.img"])
+            .await
+            .map_err(|e| e.to_string())?;
+        let tap_left = ct
+            .exec(&["test", "-e", &format!("/sys/class/net/{tap}")])
+            .await
+            .map_err(|e| e.to_string())?
+            .success();
+        if owner.trim() == "0" && !tap_left {
+            Ok(Some(()))
+        } else {
+            Err(format!("disk owner {}, tap left: {tap_left}", owner.trim()))
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_vm_unit_is_sandboxed_in_a_booted_debian() -> anyhow::Result<()> {
+    container::require_root()?;
+    require_tools(DEBIAN_TOOLS)?;
+    let (_work, ct, deb_name) = debian_with_the_package("blixard-t60-sandbox-", true).await?;
+    let result = qemu_vm_sandboxed(&ct, &deb_name).await;
+    end_in_debian(ct, result).await
+}
+
 /// Builds the package under a temporary directory (kept while the first value lives) and
-/// boots a Debian container with it at `/mnt/blixard`; the deb's file name.
+/// boots a Debian container with it at `/mnt/blixard`; the deb's file name. With `qemu`, the
+/// rootfs has QEMU and iproute2, and the test guest is at `/mnt/guest`.
 async fn debian_with_the_package(
     prefix: &str,
+    qemu: bool,
 ) -> anyhow::Result<(tempfile::TempDir, Container, String)> {
     let work = tempfile::Builder::new().prefix(prefix).tempdir()?;
     let deb_dir = work.path().join("deb");
@@ -639,8 +912,18 @@ async fn debian_with_the_package(
         .context("deb without a file name")?
         .to_string_lossy()
         .into_owned();
-    let rootfs = container::rootfs().await?;
-    let ct = Container::boot(&rootfs, &[(&deb_dir, "/mnt/blixard")]).await?;
+    let ct = if qemu {
+        let guest = blixard_tests::guest::images()?;
+        let rootfs = container::rootfs_with_qemu().await?;
+        Container::boot(
+            &rootfs,
+            &[(&deb_dir, "/mnt/blixard"), (&guest, "/mnt/guest")],
+        )
+        .await?
+    } else {
+        let rootfs = container::rootfs().await?;
+        Container::boot(&rootfs, &[(&deb_dir, "/mnt/blixard")]).await?
+    };
     Ok((work, ct, deb_name))
 }
 
@@ -796,7 +1079,7 @@ async fn readme_commands_run_in_a_booted_debian() -> anyhow::Result<()> {
             }
         }
     }
-    let (_work, ct, deb_name) = debian_with_the_package("blixard-readme-").await?;
+    let (_work, ct, deb_name) = debian_with_the_package("blixard-readme-", false).await?;
     let result = run_readme_blocks(&ct, &deb_name, &scripts).await;
     end_in_debian(ct, result).await
 }
