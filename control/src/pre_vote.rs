@@ -94,7 +94,8 @@ pub fn tally(voters: usize, answers: &[PreVoteResponse]) -> Outcome {
 
 /// Sends `req` to every `(id, base URL)` in `peers` at once with `http` (the peer client) and
 /// returns the answers that came back within `timeout`. An isolated peer (fault injection) or
-/// one that does not answer counts as no answer.
+/// one that does not answer counts as no answer; one without the route (404: an older
+/// version, during a rolling upgrade) as a yes.
 pub async fn ask(
     http: &reqwest::Client,
     peers: &[(NodeId, String)],

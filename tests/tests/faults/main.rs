@@ -12,7 +12,7 @@
 //! run is `BLIXARD_FAULT_ROUNDS=100 cargo nextest run -p blixard-tests --test faults -E
 //! 'test(kills)'`), `BLIXARD_POWERCUT_ROUNDS` those of the power-cut run (default 10; long:
 //! `BLIXARD_POWERCUT_ROUNDS=100 cargo nextest run -p blixard-tests --test faults -E
-//! 'test(power_cuts)'`), and `BLIXARD_FAULT_SEED` replays the nemesis' choices of a run (its
+//! 'test(power_cuts_and)'`), and `BLIXARD_FAULT_SEED` replays the nemesis' choices of a run (its
 //! seed is printed).
 
 use std::collections::BTreeMap;
