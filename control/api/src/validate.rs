@@ -15,8 +15,8 @@ use std::collections::BTreeMap;
 use unicode_general_category::{get_general_category, GeneralCategory};
 
 use crate::types::{
-    AddMember, Capacity, FenceTiming, Host, HostRegistration, Hypervisor, NicSpec, Vm, VmSpec,
-    VmStatusReport,
+    AddMember, Capacity, FenceTiming, Host, HostRegistration, Hypervisor, NicSpec, OnHostLoss, Vm,
+    VmSpec, VmStatusReport, TASK_CONSOLE_BYTES,
 };
 
 /// Largest VM: 256 vCPUs.
@@ -265,8 +265,29 @@ pub fn vm_spec(spec: &VmSpec) -> Result<(), ValidationError> {
     if let Some(g) = &spec.anti_affinity {
         dns_label("anti_affinity", g)?;
     }
+    if let Some(t) = &spec.task {
+        if t.timeout_secs
+            .is_some_and(|s| s == 0 || s > MAX_TASK_TIMEOUT_SECS)
+        {
+            return Err(err(
+                "task.timeout_secs",
+                format!("must be between 1 and {MAX_TASK_TIMEOUT_SECS}"),
+            ));
+        }
+        if t.rerun_on_host_loss && spec.on_host_loss() == OnHostLoss::Stay {
+            return Err(err(
+                "task.rerun_on_host_loss",
+                "cannot be combined with on_host_loss = stay",
+            ));
+        }
+    }
     Ok(())
 }
+
+/// Longest task timeout: 30 days.
+pub const MAX_TASK_TIMEOUT_SECS: u64 = 30 * 86_400;
+/// Most console lines a task's end may carry.
+pub const MAX_TASK_CONSOLE_LINES: usize = 1000;
 
 /// Checks a host registration.
 pub fn host_registration(reg: &HostRegistration) -> Result<(), ValidationError> {
@@ -329,6 +350,30 @@ pub fn agent_url(field: &str, url: &str) -> Result<(), ValidationError> {
 pub fn status_report(report: &VmStatusReport) -> Result<(), ValidationError> {
     if let Some(r) = &report.reason {
         free_text("reason", r, MAX_REASON_LEN)?;
+    }
+    if let Some(t) = &report.task_end {
+        if t.exit_status.is_some_and(|s| !(0..=255).contains(&s)) {
+            return Err(err("task_end.exit_status", "must be between 0 and 255"));
+        }
+        if let Some(d) = &t.detail {
+            free_text("task_end.detail", d, MAX_REASON_LEN)?;
+        }
+        if t.console.len() > MAX_TASK_CONSOLE_LINES {
+            return Err(err(
+                "task_end.console",
+                format!("at most {MAX_TASK_CONSOLE_LINES} lines"),
+            ));
+        }
+        let bytes: usize = t.console.iter().map(String::len).sum();
+        if bytes > TASK_CONSOLE_BYTES {
+            return Err(err(
+                "task_end.console",
+                format!("at most {TASK_CONSOLE_BYTES} bytes"),
+            ));
+        }
+        for l in &t.console {
+            free_text("task_end.console", l, TASK_CONSOLE_BYTES)?;
+        }
     }
     Ok(())
 }
@@ -423,6 +468,7 @@ mod tests {
             strategy: PlacementStrategy::Spread,
             max_restarts: None,
             restart_window_secs: None,
+            task: None,
         }
     }
 
@@ -649,6 +695,7 @@ mod tests {
                     state: crate::types::VmState::Failed,
                     reason: Some(t.into()),
                     generation: 1,
+                    task_end: None,
                 })
             }),
             ("idempotency key", idempotency_key),

@@ -398,6 +398,7 @@ fn spec_from_args(a: CreateArgs) -> anyhow::Result<VmSpec> {
             OnHostLossArg::Move => OnHostLoss::Move,
             OnHostLossArg::Stay => OnHostLoss::Stay,
         }),
+        task: None,
     })
 }
 

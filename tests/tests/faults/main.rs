@@ -67,6 +67,7 @@ fn spec(name: &str, value: u64) -> VmSpec {
         strategy: Default::default(),
         max_restarts: None,
         restart_window_secs: None,
+        task: None,
     }
 }
 

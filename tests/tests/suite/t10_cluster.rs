@@ -27,6 +27,7 @@ fn spec(name: &str) -> VmSpec {
         strategy: PlacementStrategy::Spread,
         max_restarts: None,
         restart_window_secs: None,
+        task: None,
     }
 }
 
