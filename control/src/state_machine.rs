@@ -1084,7 +1084,12 @@ impl Apply<'_> {
             };
             let active = vm.desired == DesiredState::Running
                 && !matches!(vm.state, VmState::Stopped | VmState::Failed);
-            if active {
+            if active && vm.spec.is_task() {
+                // A task is not moved (it may not be safe to run twice): it runs to its end
+                // here, which frees the host.
+                let why = format!("host {host} draining; the task runs to its end here");
+                self.set_reason(&n, why, EventKind::VmState);
+            } else if active {
                 vm.evicting = Some(Eviction {
                     reason: format!("host {host} draining"),
                     deadline_ms,

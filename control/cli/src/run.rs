@@ -59,6 +59,44 @@ pub fn unprinted<'a>(result: &'a [String], printed: &[String]) -> &'a [String] {
     }
 }
 
+/// Which lines of a console stream are new: a reconnected stream starts again from the
+/// unit's first lines, so lines up to the last one printed are skipped. Lines are ordered by
+/// their journal time, and several may share one microsecond (written together).
+#[derive(Debug, Default)]
+pub struct Seen {
+    /// The time of the last line printed, and how many printed lines had that time.
+    last: Option<(u64, usize)>,
+    /// Of the current stream: lines so far at the last time.
+    at_last: usize,
+}
+
+impl Seen {
+    /// A new stream begins.
+    pub fn reconnect(&mut self) {
+        self.at_last = 0;
+    }
+
+    /// Whether the line at `ts_us` is new (and is now printed).
+    pub fn is_new(&mut self, ts_us: u64) -> bool {
+        match self.last {
+            Some((t, _)) if ts_us < t => false,
+            Some((t, n)) if ts_us == t => {
+                self.at_last += 1;
+                if self.at_last <= n {
+                    return false;
+                }
+                self.last = Some((t, self.at_last));
+                true
+            }
+            _ => {
+                self.last = Some((ts_us, 1));
+                self.at_last = 1;
+                true
+            }
+        }
+    }
+}
+
 /// Follows the console of `name` until told to stop, printing console lines and publishing
 /// the last one in `last`; returns the lines it printed (the last ones, bounded).
 async fn follow(
@@ -68,7 +106,7 @@ async fn follow(
     last: watch::Sender<Option<String>>,
 ) -> Vec<String> {
     let mut printed: Vec<String> = Vec::new();
-    let mut last_ts = 0u64;
+    let mut seen = Seen::default();
     while !*stop.borrow() {
         let stream = client
             .vm_logs(&name, Some(blixard_api::MAX_LOG_LINES), true, None)
@@ -81,14 +119,14 @@ async fn follow(
             }
             continue;
         };
+        seen.reconnect();
         loop {
             let line = tokio::select! {
                 l = stream.next_line() => l,
                 _ = stop.changed() => return printed,
             };
             match line {
-                Ok(Some(l)) if l.source == LogSource::Console && l.ts_us > last_ts => {
-                    last_ts = l.ts_us;
+                Ok(Some(l)) if l.source == LogSource::Console && seen.is_new(l.ts_us) => {
                     outln!("{}", l.message);
                     last.send_replace(Some(l.message.clone()));
                     printed.push(l.message);
@@ -228,6 +266,20 @@ mod tests {
         for (r, code) in cases {
             assert_eq!(exit_code(&r), code, "{r:?}");
         }
+    }
+
+    #[test]
+    fn a_reconnected_stream_repeats_nothing_and_loses_no_line_of_a_shared_time() {
+        let mut seen = Seen::default();
+        seen.reconnect();
+        let first: Vec<bool> = [1, 2, 2, 3].iter().map(|t| seen.is_new(*t)).collect();
+        assert_eq!(first, [true, true, true, true]);
+        seen.reconnect();
+        let again: Vec<bool> = [1, 2, 2, 3, 3, 4].iter().map(|t| seen.is_new(*t)).collect();
+        assert_eq!(again, [false, false, false, false, true, true]);
+        seen.reconnect();
+        let third: Vec<bool> = [3, 3, 4, 4].iter().map(|t| seen.is_new(*t)).collect();
+        assert_eq!(third, [false, false, false, true]);
     }
 
     #[test]

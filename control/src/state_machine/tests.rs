@@ -1762,3 +1762,34 @@ fn task_encodings_are_stable_and_old_reports_decode() {
     let back: Command = serde_json::from_str(old).unwrap_or_else(|e| panic!("{e}"));
     assert!(matches!(back, Command::ReportVmStatus { report, .. } if report.task_end.is_none()));
 }
+
+#[test]
+fn a_drain_lets_a_task_run_to_its_end() {
+    let mut s = running_task(task_spec("t", |_, _| {}));
+    run(
+        &mut s,
+        &[Command::DrainHost {
+            host: "h1".into(),
+            deadline_ms: 1000,
+            now_ms: 10,
+        }],
+    );
+    let vm = &s.vms["t"];
+    assert_eq!(
+        (vm.state, vm.host.as_deref()),
+        (VmState::Running, Some("h1"))
+    );
+    assert!(vm.evicting.is_none());
+    run(
+        &mut s,
+        &[task_end(
+            VmState::Stopped,
+            2,
+            TaskEndReason::Exited,
+            Some(0),
+            20,
+        )],
+    );
+    assert!(s.vms["t"].task_finished());
+    assert_eq!(s.vms["t"].host, None);
+}

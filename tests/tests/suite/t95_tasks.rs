@@ -270,6 +270,10 @@ async fn t96_vm_run_of_a_qemu_guest_exits_with_the_guests_status() -> anyhow::Re
         "the marker came only with the result: marker {marker:?}, result {result_at:?}"
     );
     eprintln!(
+        "vm run printed:\n{text}\nand on stderr:\n{}",
+        err.join("\n")
+    );
+    eprintln!(
         "vm run → first console line {first_line:?}, guest marker {marker:?}, result printed \
          {result_at:?}, vm run exited {exited:?}"
     );
