@@ -411,6 +411,22 @@ pub fn vm_record(vm: &Vm) -> Result<(), ValidationError> {
     if let Some(k) = &vm.idempotency_key {
         idempotency_key(k)?;
     }
+    if let Some(r) = &vm.task_result {
+        free_text("vms[].task_result.message", &r.message, MAX_REASON_LEN)?;
+        if let Some(h) = &r.host {
+            dns_label("vms[].task_result.host", h)?;
+        }
+        let bytes: usize = r.console.iter().map(String::len).sum();
+        if bytes > TASK_CONSOLE_BYTES || r.console.len() > MAX_TASK_CONSOLE_LINES {
+            return Err(err(
+                "vms[].task_result.console",
+                format!("at most {TASK_CONSOLE_BYTES} bytes"),
+            ));
+        }
+        for l in &r.console {
+            free_text("vms[].task_result.console", l, TASK_CONSOLE_BYTES)?;
+        }
+    }
     Ok(())
 }
 
@@ -698,6 +714,32 @@ mod tests {
                     task_end: None,
                 })
             }),
+            ("task console line", |t| {
+                status_report(&VmStatusReport {
+                    state: crate::types::VmState::Failed,
+                    reason: None,
+                    generation: 1,
+                    task_end: Some(crate::types::TaskEnd {
+                        reason: crate::types::TaskEndReason::Exited,
+                        exit_status: Some(1),
+                        detail: None,
+                        console: vec![t.into()],
+                    }),
+                })
+            }),
+            ("task end detail", |t| {
+                status_report(&VmStatusReport {
+                    state: crate::types::VmState::Failed,
+                    reason: None,
+                    generation: 1,
+                    task_end: Some(crate::types::TaskEnd {
+                        reason: crate::types::TaskEndReason::CouldNotStart,
+                        exit_status: None,
+                        detail: Some(t.into()),
+                        console: vec![],
+                    }),
+                })
+            }),
             ("idempotency key", idempotency_key),
             ("member address", |t| {
                 add_member(&AddMember {
@@ -713,6 +755,48 @@ mod tests {
             }
         }
         assert!(host_registration(&registration("h1", "a", "v")).is_ok());
+    }
+
+    #[test]
+    fn task_specs_and_ends() {
+        use crate::types::{TaskEnd, TaskEndReason, TaskSpec};
+        let task = |timeout_secs, rerun_on_host_loss, stay: bool| {
+            let mut s = spec();
+            s.task = Some(TaskSpec {
+                timeout_secs,
+                rerun_on_host_loss,
+            });
+            s.on_host_loss = stay.then_some(OnHostLoss::Stay);
+            vm_spec(&s).map_err(|e| e.to_string())
+        };
+        assert!(task(None, false, false).is_ok());
+        assert!(task(Some(1), true, false).is_ok());
+        assert!(task(Some(MAX_TASK_TIMEOUT_SECS), false, true).is_ok());
+        for (t, r, stay) in [
+            (Some(0), false, false),
+            (Some(MAX_TASK_TIMEOUT_SECS + 1), false, false),
+            (None, true, true),
+        ] {
+            assert!(task(t, r, stay).is_err(), "{t:?} {r} {stay}");
+        }
+        let end = |exit_status, console: Vec<String>| {
+            status_report(&VmStatusReport {
+                state: crate::types::VmState::Failed,
+                reason: None,
+                generation: 1,
+                task_end: Some(TaskEnd {
+                    reason: TaskEndReason::Exited,
+                    exit_status,
+                    detail: None,
+                    console,
+                }),
+            })
+        };
+        assert!(end(Some(255), vec!["x".repeat(TASK_CONSOLE_BYTES)]).is_ok());
+        assert!(end(Some(256), vec![]).is_err());
+        assert!(end(Some(-1), vec![]).is_err());
+        assert!(end(None, vec!["x".repeat(TASK_CONSOLE_BYTES), "y".into()]).is_err());
+        assert!(end(None, vec![String::new(); MAX_TASK_CONSOLE_LINES + 1]).is_err());
     }
 
     fn with_spec(f: fn(&mut VmSpec, &str), t: &str) -> Result<(), ValidationError> {
