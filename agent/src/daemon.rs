@@ -46,7 +46,7 @@ use crate::started::Started;
 use crate::systemd::{StartOutcome, Systemd, SystemdClient, SystemdError, UnitEvent, UnitEvents};
 use crate::unit_spec;
 use crate::unit_track::{Context, EndKind, Signal, UnitTracker};
-use crate::{guest_end, last_run_log};
+use crate::{guest_end, last_run_log, task_end};
 
 /// How long one assignments long-poll may wait on the server.
 pub const LONG_POLL: Duration = Duration::from_secs(30);
@@ -821,24 +821,43 @@ impl<S: SystemdClient> Agent<S> {
             .map(|a| a.spec.hypervisor)
     }
 
+    /// Whether `vm` is assigned here as a task.
+    fn is_task(&self, vm: &str) -> bool {
+        self.assignments
+            .as_ref()
+            .and_then(|a| a.vms.iter().find(|x| x.spec.name == vm))
+            .is_some_and(|a| a.spec.is_task())
+    }
+
     /// Refines the reason of QEMU VMs that just ended with what their console says (guest
-    /// power-off, kernel panic, QEMU's own error). The unit's last lines may reach the journal
-    /// a little after its end, so a run without a telling line is read again a few times.
+    /// power-off, kernel panic, QEMU's own error), and describes the end of tasks
+    /// ([`task_end::classify`], with their last console lines). The unit's last lines may
+    /// reach the journal a little after its end, so a QEMU run without a telling line is read
+    /// again a few times.
     async fn explain_ends(&mut self) {
         for (vm, since) in std::mem::take(&mut self.unexplained) {
             let Some(end) = self.tracker.ended().get(&vm).cloned() else {
                 continue;
             };
+            let hv = self.hypervisor_of(&vm).unwrap_or_default();
+            let task = self.is_task(&vm);
             let unit = unit_name(&vm);
             let mut console = None;
-            for attempt in 0..JOURNAL_TRIES {
+            let mut lines = Vec::new();
+            let tries = if hv == Hypervisor::Qemu {
+                JOURNAL_TRIES
+            } else {
+                1
+            };
+            for attempt in 0..tries {
                 if attempt > 0 {
                     tokio::time::sleep(JOURNAL_RETRY).await;
                 }
                 match last_run_log::unit_last_run(&self.config.journalctl, &unit, since).await {
-                    Ok(lines) => {
+                    Ok(l) => {
+                        lines = l;
                         console = guest_end::classify(&lines);
-                        if console.is_some() {
+                        if console.is_some() || task_end::guest_exit_status(&lines).is_some() {
                             break;
                         }
                     }
@@ -848,13 +867,19 @@ impl<S: SystemdClient> Agent<S> {
                     }
                 }
             }
-            let (state, reason) = guest_end::explain(end.state, &end.reason, console.as_ref());
-            tracing::info!(vm = %vm, host = %self.host, state = state.as_str(), reason = %reason, "VM {vm} on {} ended {}: {reason}", self.host, state.as_str());
+            let (state, reason) = if hv == Hypervisor::Qemu {
+                guest_end::explain(end.state, &end.reason, console.as_ref())
+            } else {
+                (end.state, end.reason.clone())
+            };
+            let task_end = task.then(|| task_end::classify(hv, &end, &lines, &self.fence_reason));
+            tracing::info!(vm = %vm, host = %self.host, state = state.as_str(), reason = %reason, task_end = ?task_end.as_ref().map(|t| (t.reason, t.exit_status)), "VM {vm} on {} ended {}: {reason}", self.host, state.as_str());
             self.tracker.record(
                 &vm,
                 Ended {
                     state,
                     reason,
+                    task_end,
                     ..end
                 },
             );
@@ -923,7 +948,10 @@ impl<S: SystemdClient> Agent<S> {
                     tracing::info!(vm = %vm, host = %self.host, "VM {vm} stopped on {}", self.host)
                 }
                 EndKind::Fenced => {
-                    tracing::warn!(vm = %vm, host = %self.host, reason = %reason, "VM {vm} fenced on {}: {reason}", self.host)
+                    tracing::warn!(vm = %vm, host = %self.host, reason = %reason, "VM {vm} fenced on {}: {reason}", self.host);
+                    if self.is_task(vm) {
+                        self.unexplained.insert(vm.clone(), note.started_at);
+                    }
                 }
                 EndKind::Duplicate => {
                     tracing::debug!(vm = %vm, host = %self.host, "late signals of a recorded end")
@@ -937,7 +965,7 @@ impl<S: SystemdClient> Agent<S> {
                     } else {
                         tracing::info!(vm = %vm, host = %self.host, reason = %reason, "VM {vm} exited on {}: {reason}", self.host);
                     }
-                    if self.hypervisor_of(vm) == Some(Hypervisor::Qemu) {
+                    if self.hypervisor_of(vm) == Some(Hypervisor::Qemu) || self.is_task(vm) {
                         self.unexplained.insert(vm.clone(), note.started_at);
                     }
                 }
@@ -1019,12 +1047,18 @@ impl<S: SystemdClient> Agent<S> {
                     Ok(s) => unit_spec::with_generation(s, a.generation),
                     Err(e) => {
                         tracing::warn!(vm = %vm, host = %self.host, error = %e, "cannot build the unit of VM {vm} on {}: {e}", self.host);
+                        let task_end = a
+                            .spec
+                            .is_task()
+                            .then(|| task_end::could_not_start(&e.to_string()));
                         self.tracker.record(
                             &vm,
                             Ended {
+                                task_end,
                                 generation: a.generation,
                                 state: VmState::Failed,
                                 reason: e.to_string(),
+                                exit: None,
                             },
                         );
                         return true;
@@ -1049,12 +1083,15 @@ impl<S: SystemdClient> Agent<S> {
                             None => format!("cannot start the unit: {e}"),
                         };
                         tracing::warn!(vm = %vm, host = %self.host, reason = %reason, "VM {vm} failed to start on {}: {reason}", self.host);
+                        let task_end = a.spec.is_task().then(|| task_end::could_not_start(&reason));
                         self.tracker.record(
                             &vm,
                             Ended {
+                                task_end,
                                 generation: a.generation,
                                 state: VmState::Failed,
                                 reason,
+                                exit: None,
                             },
                         );
                         true

@@ -46,6 +46,7 @@ pub mod qmp;
 pub mod reconcile;
 pub mod started;
 pub mod systemd;
+pub mod task_end;
 pub mod unit_spec;
 pub mod unit_track;
 pub mod vm_owner;

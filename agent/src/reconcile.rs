@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use blixard_api::{Assignment, DesiredState, VmState, VmStatusReport};
+use blixard_api::{Assignment, DesiredState, TaskEnd, VmState, VmStatusReport};
 
 /// A unit's `ActiveState`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -78,6 +78,19 @@ pub struct Ended {
     /// `Stopped` (clean exit) or `Failed`.
     pub state: VmState,
     pub reason: String,
+    /// systemd's account of the main process's end, when its signals gave one.
+    pub exit: Option<MainExit>,
+    /// For a task: its end as reported (see [`crate::task_end`]).
+    pub task_end: Option<TaskEnd>,
+}
+
+/// A service's `Result`, `ExecMainCode` (a `CLD_*` code: 1 exited, 2 killed, 3 dumped) and
+/// `ExecMainStatus` (the exit status or the signal).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MainExit {
+    pub result: String,
+    pub code: i32,
+    pub status: i32,
 }
 
 /// What to do.
@@ -183,10 +196,15 @@ pub fn reconcile(input: &Input<'_>) -> Vec<Action> {
                 (VmState::Stopping, None)
             }
         };
+        let task_end = match ended {
+            Some(e) if (e.state, Some(&e.reason)) == (state, reason.as_ref()) => e.task_end.clone(),
+            _ => None,
+        };
         let report = VmStatusReport {
             state,
             reason,
             generation: a.generation,
+            task_end,
         };
         if input.reported.get(vm) != Some(&report) {
             reports.push(Action::Report {
@@ -312,6 +330,7 @@ mod tests {
             state,
             reason: reason.map(String::from),
             generation,
+            task_end: None,
         }
     }
 
@@ -455,6 +474,8 @@ mod tests {
             generation: 4,
             state: VmState::Failed,
             reason: "exit-code status=203/EXEC".into(),
+            exit: None,
+            task_end: None,
         };
         let ended = BTreeMap::from([("web".to_string(), failed)]);
         // (assignment generation, observed, expect start, reported state)
@@ -597,6 +618,8 @@ mod tests {
                 generation: 2,
                 state: VmState::Failed,
                 reason: "x".into(),
+                exit: None,
+                task_end: None,
             },
         )]);
         let input = Input {

@@ -23,7 +23,7 @@
 //!
 //! [`CommandBuilder`]: crate::command::CommandBuilder
 
-use blixard_api::{unit_name, VmSpec, UNIT_PREFIX, VM_SLICE};
+use blixard_api::{unit_name, Hypervisor, VmSpec, UNIT_PREFIX, VM_SLICE};
 
 use crate::command::{CommandBuilders, CommandError};
 use crate::config::VmUnitConfig;
@@ -465,6 +465,17 @@ pub fn build(
     Ok(unit)
 }
 
+/// The VM's environment: `BLIXARD_VM=<name>`, and for a `process` VM with a kernel command
+/// line `BLIXARD_CMDLINE=<cmdline>` (the configured program may read it; the spec still
+/// cannot choose the executable).
+fn environment(spec: &VmSpec) -> Vec<String> {
+    let mut env = vec![format!("BLIXARD_VM={}", spec.name)];
+    if let (Hypervisor::Process, Some(c)) = (spec.hypervisor, &spec.cmdline) {
+        env.push(format!("BLIXARD_CMDLINE={c}"));
+    }
+    env
+}
+
 /// The unit of `spec`'s VM running `argv` (executable first, absolute).
 pub fn build_with_argv(
     spec: &VmSpec,
@@ -572,9 +583,21 @@ pub fn build_with_argv(
         },
         Property {
             name: "Environment",
-            value: PropertyValue::StrList(vec![format!("BLIXARD_VM={name}")]),
+            value: PropertyValue::StrList(environment(spec)),
         },
     ];
+    let mut properties = properties;
+    if let Some(secs) = spec.task.as_ref().and_then(|t| t.timeout_secs) {
+        // The host enforces a task's timeout, agent or no agent: systemd stops the unit
+        // (ExecStop=, SIGTERM, SIGKILL after TimeoutStopSec=) and its result is `timeout`.
+        let usec = secs
+            .checked_mul(USEC_PER_SEC)
+            .ok_or_else(|| UnitSpecError::Resources("task timeout is too large".into()))?;
+        properties.push(Property {
+            name: "RuntimeMaxUSec",
+            value: PropertyValue::U64(usec),
+        });
+    }
     Ok(UnitSpec {
         unit: unit_name(name),
         vm: name.clone(),
@@ -587,7 +610,6 @@ mod tests {
     use super::*;
     use crate::command::tests::spec;
     use crate::command::ProcessCommand;
-    use blixard_api::Hypervisor;
 
     fn builders() -> CommandBuilders {
         let mut b = CommandBuilders::default();
@@ -595,6 +617,40 @@ mod tests {
             command: vec!["/bin/sleep".into(), "infinity".into()],
         }));
         b
+    }
+
+    #[test]
+    fn a_task_timeout_is_runtime_max_and_a_process_sees_its_cmdline() {
+        let cfg = VmUnitConfig::default();
+        let mut sp = spec("job", Hypervisor::Process);
+        sp.cmdline = None;
+        let u = build(&sp, &builders(), &cfg).expect("unit");
+        assert_eq!(u.get("RuntimeMaxUSec"), None);
+        assert_eq!(
+            u.get("Environment"),
+            Some(&PropertyValue::StrList(vec!["BLIXARD_VM=job".into()]))
+        );
+        sp.task = Some(blixard_api::TaskSpec {
+            timeout_secs: Some(90),
+            rerun_on_host_loss: false,
+        });
+        sp.cmdline = Some("0.5 3".into());
+        let u = build(&sp, &builders(), &cfg).expect("unit");
+        assert_eq!(
+            u.get("RuntimeMaxUSec"),
+            Some(&PropertyValue::U64(90_000_000))
+        );
+        assert_eq!(
+            u.get("Environment"),
+            Some(&PropertyValue::StrList(vec![
+                "BLIXARD_VM=job".into(),
+                "BLIXARD_CMDLINE=0.5 3".into()
+            ]))
+        );
+        // A task without a timeout runs as long as it takes.
+        sp.task = Some(blixard_api::TaskSpec::default());
+        let u = build(&sp, &builders(), &cfg).expect("unit");
+        assert_eq!(u.get("RuntimeMaxUSec"), None);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use std::time::SystemTime;
 
 use blixard_api::{Assignment, DesiredState, VmState};
 
-use crate::reconcile::{describe_end, ActiveState, Ended, ObservedUnit};
+use crate::reconcile::{describe_end, ActiveState, Ended, MainExit, ObservedUnit};
 
 /// How long a unit may be listed as ended before its signals arrive, in ms.
 pub const UNSEEN_END_MS: u64 = 3000;
@@ -313,6 +313,8 @@ impl UnitTracker {
                         generation,
                         state: VmState::Failed,
                         reason: cx.fence_reason.to_string(),
+                        exit: None,
+                        task_end: None,
                     },
                 );
                 EndKind::Fenced
@@ -320,12 +322,19 @@ impl UnitTracker {
                 EndKind::Duplicate
             } else {
                 let (state, reason) = end_of(&t);
+                let exit = t.result.clone().map(|result| MainExit {
+                    result,
+                    code: t.exec_main_code.unwrap_or(0),
+                    status: t.exec_main_status.unwrap_or(0),
+                });
                 self.ended.insert(
                     vm.clone(),
                     Ended {
                         generation,
                         state,
                         reason,
+                        exit,
+                        task_end: None,
                     },
                 );
                 if unseen {
@@ -370,6 +379,8 @@ impl UnitTracker {
                         generation: a.generation,
                         state: VmState::Failed,
                         reason: ENDED_WHILE_DOWN.to_string(),
+                        exit: None,
+                        task_end: None,
                     },
                 );
                 out.push(vm.clone());

@@ -230,7 +230,11 @@ proptest! {
         }
         let field = format!("BLIXARD_VM={}", s.name);
         prop_assert_eq!(unit.get("LogExtraFields"), Some(&PropertyValue::BytesList(vec![field.clone().into_bytes()])));
-        prop_assert_eq!(unit.get("Environment"), Some(&PropertyValue::StrList(vec![field])));
+        // The cmdline reaches a process VM as one variable, whole (it holds no control
+        // characters, so no newline can start another).
+        let mut env = vec![field];
+        env.extend(s.cmdline.iter().map(|c| format!("BLIXARD_CMDLINE={c}")));
+        prop_assert_eq!(unit.get("Environment"), Some(&PropertyValue::StrList(env)));
         for p in &unit.properties {
             if let PropertyValue::Str(v) = &p.value {
                 one_argument(p.name, v)?;

@@ -122,6 +122,10 @@ pub struct Settings {
     /// Requests a client may make at once above its rate. Default twice the rate.
     #[arg(long)]
     pub rate_limit_burst: Option<u32>,
+    /// Seconds a finished task (its VM and result) is kept before the leader deletes it
+    /// (default 86400).
+    #[arg(long)]
+    pub task_retention_secs: Option<u64>,
 }
 
 impl Settings {
@@ -165,6 +169,7 @@ impl Settings {
             fault_injection: over.fault_injection.or(self.fault_injection),
             rate_limit_per_sec: over.rate_limit_per_sec.or(self.rate_limit_per_sec),
             rate_limit_burst: over.rate_limit_burst.or(self.rate_limit_burst),
+            task_retention_secs: over.task_retention_secs.or(self.task_retention_secs),
         }
     }
 }
@@ -191,6 +196,8 @@ pub struct Config {
     pub fault_injection: bool,
     /// Per-client API rate limit; `None` when off.
     pub rate_limit: Option<RateLimit>,
+    /// How long a finished task is kept, in ms.
+    pub task_retention_ms: u64,
 }
 
 /// A per-client request rate: `per_sec` sustained, `burst` at once.
@@ -377,6 +384,13 @@ impl Config {
                 Some(RateLimit { per_sec, burst })
             }
         };
+        let task_retention_secs = s.task_retention_secs.unwrap_or(86_400);
+        if !(1..=365 * 86_400).contains(&task_retention_secs) {
+            return Err(invalid(
+                "task_retention_secs",
+                "must be between 1 and 31536000",
+            ));
+        }
         Ok(Config {
             node_id,
             listen,
@@ -397,6 +411,7 @@ impl Config {
             tls,
             fault_injection: s.fault_injection.unwrap_or(false),
             rate_limit,
+            task_retention_ms: task_retention_secs * 1000,
         })
     }
 }

@@ -1,6 +1,7 @@
 //! Work only the leader does: placing pending VMs, declaring hosts whose heartbeats stopped
-//! `down` (which moves their VMs), and proposing evictions past their deadline (a VM on a host
-//! that may still run it stays there, saying why, until the host confirms the stop). The loop
+//! `down` (which moves their VMs), proposing evictions past their deadline (a VM on a host
+//! that may still run it stays there, saying why, until the host confirms the stop), and
+//! deleting finished tasks past their retention (`state_machine::expired_tasks`). The loop
 //! runs on every node and acts only while this node leads, so a new leader picks up where the
 //! old one stopped.
 //!
@@ -14,7 +15,7 @@ use blixard_api::HostStatus;
 
 use crate::node::{now_ms, ControlNode};
 use crate::scheduler::{self, Overcommit};
-use crate::state_machine::{overdue_wait_reason, ClusterState, Command, VmRef};
+use crate::state_machine::{expired_tasks, overdue_wait_reason, ClusterState, Command, VmRef};
 
 /// The most pending VMs one placement round decides: a round reads the state under its lock
 /// (applies wait meanwhile) and costs this many × hosts checks; the rest go in the next rounds.
@@ -38,7 +39,7 @@ pub fn overdue_evictions(s: &ClusterState, now: u64) -> Vec<VmRef> {
 }
 
 /// Runs the leader's duties until the task is aborted.
-pub async fn run(node: Arc<ControlNode>, overcommit: Overcommit) {
+pub async fn run(node: Arc<ControlNode>, overcommit: Overcommit, task_retention_ms: u64) {
     let mut applied = node.state.subscribe();
     // Where the last placement round stopped among the pending VMs.
     let mut cursor = scheduler::Cursor::default();
@@ -114,6 +115,20 @@ pub async fn run(node: Arc<ControlNode>, overcommit: Overcommit) {
             };
             if let Err(e) = node.propose_in_term(cmd, term).await {
                 tracing::warn!(error = %e, "unassigning overdue evictions failed");
+            }
+        }
+        let expired = node
+            .state
+            .read(|s| expired_tasks(s, now, task_retention_ms));
+        for t in expired {
+            tracing::info!(vm = %t.vm, "deleting finished task {} past its retention", t.vm);
+            let cmd = Command::DeleteVm {
+                name: t.vm.clone(),
+                now_ms: 0,
+                expected_generation: Some(t.generation),
+            };
+            if let Err(e) = node.propose_in_term(cmd, term).await {
+                tracing::warn!(vm = %t.vm, error = %e, "deleting a finished task failed");
             }
         }
         place(&node, term, overcommit, &mut cursor).await;

@@ -80,6 +80,7 @@ fn notify(states: &[NotifyState<'_>]) {
 /// Runs a node until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), RunError> {
     let listen = config.listen;
+    let task_retention_ms = config.task_retention_ms;
     let acceptor = match &config.tls {
         Some(files) => {
             Some(http::tls::acceptor(files).map_err(|e| NodeError::Invalid(e.to_string()))?)
@@ -122,7 +123,11 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         }
     };
     node.bootstrap().await?;
-    let placer = tokio::spawn(leader_loop::run(node.clone(), Default::default()));
+    let placer = tokio::spawn(leader_loop::run(
+        node.clone(),
+        Default::default(),
+        task_retention_ms,
+    ));
     let elections = tokio::spawn(election_trigger::run(node.clone()));
     tracing::info!(node_id = node.id, %listen, "serving");
     notify(&[

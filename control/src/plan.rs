@@ -106,6 +106,8 @@ fn pending_vm(spec: VmSpec, old: Option<&Vm>) -> Vm {
         restarts: vec![],
         evicting: None,
         idempotency_key: None,
+        task_result: None,
+        task_started_ms: None,
     }
 }
 

@@ -418,6 +418,7 @@ mod tests {
                 strategy: PlacementStrategy::Spread,
                 max_restarts: None,
                 restart_window_secs: None,
+                task: None,
             },
             desired: DesiredState::Running,
             state: VmState::Pending,
@@ -430,6 +431,8 @@ mod tests {
             restarts: vec![],
             evicting: None,
             idempotency_key: None,
+            task_result: None,
+            task_started_ms: None,
         }
     }
 
@@ -711,6 +714,7 @@ mod properties {
                 },
                 max_restarts: None,
                 restart_window_secs: None,
+                task: None,
             },
             desired: DesiredState::Running,
             state: VmState::Pending,
@@ -723,6 +727,8 @@ mod properties {
             restarts: vec![],
             evicting: None,
             idempotency_key: None,
+            task_result: None,
+            task_started_ms: None,
         }
     }
 

@@ -14,6 +14,11 @@
 //! without the host confirming the stop), placements (checked again on apply with the
 //! scheduler's rule) and idempotent creates.
 //!
+//! Tasks (`spec.task`) end once: the end a host reports becomes the VM's [`TaskResult`]
+//! ([`task_result`]); a failure runs again only within `max_restarts`, a lost host only when
+//! `rerun_on_host_loss` says so; a finished task leaves its host (its capacity is free) and
+//! keeps its result until it is deleted.
+//!
 //! The command enum is append-only: tags are explicit and pinned by a test, so old log
 //! entries and snapshots keep decoding; new fields are optional.
 
@@ -21,7 +26,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use blixard_api::{
     DesiredState, Event, EventKind, Eviction, Host, HostRegistration, HostStatus, OnHostLoss,
-    RestartPolicy, Vm, VmSpec, VmState, VmStatusReport,
+    RestartPolicy, TaskEnd, TaskEndReason, TaskOutcome, TaskResult, Vm, VmSpec, VmState,
+    VmStatusReport,
 };
 use serde::{Deserialize, Serialize};
 
@@ -429,6 +435,19 @@ impl Apply<'_> {
         let Some(vm) = self.s.vms.get_mut(name) else {
             return;
         };
+        let rerun = vm.spec.task.as_ref().is_some_and(|t| t.rerun_on_host_loss);
+        if host_lost && vm.spec.is_task() && !rerun && vm.desired == DesiredState::Running {
+            let host = vm.host.clone().unwrap_or_default();
+            let end = TaskEnd {
+                reason: TaskEndReason::HostLost,
+                exit_status: None,
+                detail: Some(reason.to_string()),
+                console: vec![],
+            };
+            let result = task_result(vm, &host, &end, self.now);
+            self.finish_task(name, result);
+            return;
+        }
         let old = vm.host.take();
         vm.evicting = None;
         vm.generation += 1;
@@ -450,6 +469,34 @@ impl Apply<'_> {
         self.s.bump_host(old.as_deref(), index);
         self.touch_vm(name);
         self.event(EventKind::VmPending, Some(&vm), old.as_deref(), next.1);
+    }
+
+    /// A task's final result: the VM ends `stopped` (succeeded) or `failed` with it, and
+    /// leaves its host (a new generation: the host's agent forgets it, its capacity is free).
+    fn finish_task(&mut self, name: &str, result: TaskResult) {
+        let (index, now) = (self.index, self.now);
+        let Some(vm) = self.s.vms.get_mut(name) else {
+            return;
+        };
+        let state = match result.outcome {
+            TaskOutcome::Succeeded => VmState::Stopped,
+            TaskOutcome::Failed => VmState::Failed,
+        };
+        let old = vm.host.take();
+        vm.evicting = None;
+        vm.generation += 1;
+        vm.task_started_ms = None;
+        set_state(vm, state, Some(result.summary()), now);
+        vm.task_result = Some(result);
+        let vm = vm.clone();
+        self.s.bump_host(old.as_deref(), index);
+        self.touch_vm(name);
+        self.event(
+            EventKind::VmState,
+            Some(&vm),
+            old.as_deref(),
+            vm.reason.clone(),
+        );
     }
 
     fn create_vm(&mut self, spec: &VmSpec, key: &Option<String>) -> Response {
@@ -482,6 +529,8 @@ impl Apply<'_> {
             restarts: vec![],
             evicting: None,
             idempotency_key: key.clone(),
+            task_started_ms: None,
+            task_result: None,
         };
         self.s.vms.insert(spec.name.clone(), vm.clone());
         self.touch_vm(&spec.name);
@@ -723,6 +772,9 @@ impl Apply<'_> {
         if vm.state == report.state && vm.reason == report.reason {
             return Response::Vm(Box::new(vm.clone()));
         }
+        if vm.spec.is_task() {
+            return self.report_task(host, name, report);
+        }
         set_state(vm, report.state, report.reason.clone(), now);
         let mut restarted = false;
         if ended && vm.desired == DesiredState::Running {
@@ -762,6 +814,70 @@ impl Apply<'_> {
         if restarted {
             self.s.bump_host(Some(host), index);
         }
+        self.touch_vm(name);
+        self.event(EventKind::VmState, Some(&vm), None, vm.reason.clone());
+        Response::Vm(Box::new(vm))
+    }
+
+    /// A report about a task (not evicting, current generation, changed): a run that
+    /// started is timed, an end becomes its result; a failure runs again within
+    /// `max_restarts`, a lost host only with `rerun_on_host_loss`.
+    fn report_task(&mut self, host: &str, name: &str, report: &VmStatusReport) -> Response {
+        let (now, index) = (self.now, self.index);
+        let Some(vm) = self.s.vms.get_mut(name) else {
+            return not_found_vm(name);
+        };
+        let ended = matches!(report.state, VmState::Stopped | VmState::Failed);
+        if !ended || vm.desired != DesiredState::Running {
+            let up = matches!(report.state, VmState::Starting | VmState::Running);
+            if up && vm.task_started_ms.is_none() {
+                vm.task_started_ms = Some(now);
+            }
+            set_state(vm, report.state, report.reason.clone(), now);
+            let vm = vm.clone();
+            self.touch_vm(name);
+            self.event(EventKind::VmState, Some(&vm), None, vm.reason.clone());
+            return Response::Vm(Box::new(vm));
+        }
+        let end = report.task_end.clone().unwrap_or_else(|| TaskEnd {
+            // An agent that does not describe task ends: its state says enough.
+            reason: TaskEndReason::Exited,
+            exit_status: (report.state == VmState::Stopped).then_some(0),
+            detail: report.reason.clone(),
+            console: vec![],
+        });
+        let result = task_result(vm, host, &end, now);
+        let again = match (result.outcome, result.reason) {
+            (TaskOutcome::Succeeded, _) => None,
+            (TaskOutcome::Failed, TaskEndReason::HostLost) => vm
+                .spec
+                .task
+                .as_ref()
+                .is_some_and(|t| t.rerun_on_host_loss)
+                .then_some(false),
+            (TaskOutcome::Failed, _) => {
+                ((vm.restarts.len() as u32) < vm.spec.max_restarts()).then_some(true)
+            }
+        };
+        let Some(counted) = again else {
+            self.finish_task(name, result);
+            return self
+                .s
+                .vms
+                .get(name)
+                .map(|v| Response::Vm(Box::new(v.clone())))
+                .unwrap_or_default();
+        };
+        if counted {
+            vm.restarts.push(now);
+        }
+        vm.generation += 1;
+        vm.task_started_ms = None;
+        let why = format!("running again after: {}", result.summary());
+        vm.task_result = Some(result);
+        set_state(vm, VmState::Scheduled, Some(why), now);
+        let vm = vm.clone();
+        self.s.bump_host(Some(host), index);
         self.touch_vm(name);
         self.event(EventKind::VmState, Some(&vm), None, vm.reason.clone());
         Response::Vm(Box::new(vm))
@@ -968,7 +1084,12 @@ impl Apply<'_> {
             };
             let active = vm.desired == DesiredState::Running
                 && !matches!(vm.state, VmState::Stopped | VmState::Failed);
-            if active {
+            if active && vm.spec.is_task() {
+                // A task is not moved (it may not be safe to run twice): it runs to its end
+                // here, which frees the host.
+                let why = format!("host {host} draining; the task runs to its end here");
+                self.set_reason(&n, why, EventKind::VmState);
+            } else if active {
                 vm.evicting = Some(Eviction {
                     reason: format!("host {host} draining"),
                     deadline_ms,
@@ -1051,6 +1172,65 @@ impl Apply<'_> {
         }
         Response::Count(vms.len())
     }
+}
+
+/// The result of a task `vm`'s run on `host` that ended as `end`, at `now`: succeeded only
+/// for an exit with status 0.
+pub fn task_result(vm: &Vm, host: &str, end: &TaskEnd, now: u64) -> TaskResult {
+    let succeeded = end.reason == TaskEndReason::Exited && end.exit_status == Some(0);
+    let detail = end.detail.as_deref().filter(|d| !d.is_empty());
+    let message = match (end.reason, end.exit_status, detail) {
+        (TaskEndReason::Exited, Some(status), _) => format!("exited with status {status}"),
+        (TaskEndReason::Exited, None, Some(d)) => d.to_string(),
+        (TaskEndReason::Exited, None, None) => "exited".to_string(),
+        (TaskEndReason::TimedOut, _, _) => {
+            let secs = vm
+                .spec
+                .task
+                .as_ref()
+                .and_then(|t| t.timeout_secs)
+                .unwrap_or(0);
+            format!("timed out after {secs} s")
+        }
+        (TaskEndReason::HostLost, _, Some(d)) if d.starts_with("host ") => d.to_string(),
+        (TaskEndReason::HostLost, _, Some(d)) => format!("host {host} lost: {d}"),
+        (TaskEndReason::HostLost, _, None) => format!("host {host} lost"),
+        (TaskEndReason::CouldNotStart, _, Some(d)) => format!("could not start: {d}"),
+        (TaskEndReason::CouldNotStart, _, None) => "could not start".to_string(),
+    };
+    TaskResult {
+        outcome: if succeeded {
+            TaskOutcome::Succeeded
+        } else {
+            TaskOutcome::Failed
+        },
+        reason: end.reason,
+        exit_status: end.exit_status,
+        message,
+        started_ms: vm.task_started_ms,
+        ended_ms: now,
+        host: (!host.is_empty()).then(|| host.to_string()),
+        generation: vm.generation,
+        console: blixard_api::bound_console(&end.console),
+    }
+}
+
+/// Finished tasks whose result is older than `retention_ms` at `now`: to be deleted.
+pub fn expired_tasks(s: &ClusterState, now: u64, retention_ms: u64) -> Vec<VmRef> {
+    s.vms
+        .values()
+        .filter(|vm| {
+            vm.task_finished()
+                && vm
+                    .task_result
+                    .as_ref()
+                    .is_some_and(|r| now.saturating_sub(r.ended_ms) >= retention_ms)
+        })
+        .map(|vm| VmRef {
+            vm: vm.spec.name.clone(),
+            generation: vm.generation,
+        })
+        .collect()
 }
 
 /// Applies one committed command at log `index`.

@@ -15,6 +15,9 @@
 # every 2 s. Kernel command line switches:
 #   blixard.exit=poweroff   power off by itself right after the marker
 #   blixard.exit=panic      init exits: the kernel panics (with pvpanic loaded, QEMU sees it)
+#   blixard.status=N        a task: print `BLIXARD-TASK-EXIT=N` (the line by which a guest
+#                           reports its task's exit status to the agent), then power off
+#   blixard.sleep=S         sleep S seconds (after the marker, before any exit above)
 #   blixard.nobutton=1      ignore the ACPI power button (a stop then ends with SIGTERM)
 #   blixard.debug=1         print what the kernel found (ACPI, input devices, modules)
 #   blixard.net=1           load virtio-net, bring every ethN up, print `BLIXARD-GUEST-NET-UP`
@@ -128,6 +131,10 @@ case "$CMDLINE" in *" blixard.net=1 "*)
   echo "BLIXARD-GUEST-NET-UP $(ip -o link show eth0 2>&1 | head -1)"
 esac
 
+arg() { for w in $CMDLINE; do case "$w" in "$1"=*) echo "${w#*=}"; return;; esac; done; }
+S=$(arg blixard.sleep); [ -n "$S" ] && sleep "$S"
+N=$(arg blixard.status)
+if [ -n "$N" ]; then echo "BLIXARD-GUEST-TASK-DONE"; echo "BLIXARD-TASK-EXIT=$N"; poweroff -f; fi
 case "$CMDLINE" in
   *" blixard.exit=poweroff "*) echo "BLIXARD-GUEST-POWEROFF"; poweroff -f ;;
   *" blixard.exit=panic "*) echo "BLIXARD-GUEST-PANIC"; exit 1 ;;
@@ -142,9 +149,11 @@ echo "$PKG $VER" > "$OUT.tmp/.kernel"
 touch "$OUT.tmp/.done"
 rm -rf "$OUT"; mv "$OUT.tmp" "$OUT"
 ln -sfn "$(basename "$OUT")" "$DIR/current"
-# Older builds (another kernel or script version) are no longer used.
+# Builds of an older kernel are no longer used. Builds of other versions of this script
+# are kept: other checkouts on this machine may be using them at this moment.
 for old in "$DIR"/linux-image-*; do
-  [ -L "$old" ] || [ "$old" = "$OUT" ] || rm -rf "$old"
+  case "$old" in "$DIR/$PKG-$VER-"*) continue ;; esac
+  [ -L "$old" ] || rm -rf "$old"
 done
 echo "guest built in $(( $(date +%s) - t0 ))s: $OUT" >&2
 readlink -f "$DIR/current"

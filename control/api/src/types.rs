@@ -155,14 +155,164 @@ pub struct VmSpec {
     /// What happens to the VM when its host stops answering (default `move`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_host_loss: Option<OnHostLoss>,
+    /// Set for a task: a VM that runs once to completion and records its result (see
+    /// [`TaskSpec`]). Absent for a long-running VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskSpec>,
+}
+
+/// What makes a VM a task: it runs once, its end is its result ([`TaskResult`]), and it is
+/// run again only after a failure and only within `max_restarts` (default 0 for a task), or,
+/// when `rerun_on_host_loss` says so, elsewhere after its host was lost. `restart_policy` does
+/// not apply to a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    /// Seconds the task may run, enforced by its host (systemd's `RuntimeMaxSec=`: the unit is
+    /// stopped, gracefully and then killed); it then ends `failed: timed out after N s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+    /// Run it again on another host when its host is lost (only safe for a task that may run
+    /// twice). Default: it ends `failed: host lost`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rerun_on_host_loss: bool,
+}
+
+/// Most bytes of console lines a task result keeps (its newest lines).
+pub const TASK_CONSOLE_BYTES: usize = 4096;
+
+/// The newest of `lines` (oldest first) whose lengths add up to at most
+/// [`TASK_CONSOLE_BYTES`], oldest first; a single longer line is cut to its end.
+pub fn bound_console(lines: &[String]) -> Vec<String> {
+    let mut kept = Vec::new();
+    let mut total = 0usize;
+    for l in lines.iter().rev() {
+        if total + l.len() > TASK_CONSOLE_BYTES {
+            if kept.is_empty() {
+                let mut start = l.len() - TASK_CONSOLE_BYTES;
+                while !l.is_char_boundary(start) {
+                    start += 1;
+                }
+                kept.push(l[start..].to_string());
+            }
+            break;
+        }
+        total += l.len();
+        kept.push(l.clone());
+    }
+    kept.reverse();
+    kept
+}
+
+/// How a task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskOutcome {
+    /// Exited with status 0 (a guest that powers off without a status counts as 0).
+    Succeeded,
+    Failed,
+}
+
+impl TaskOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskOutcome::Succeeded => "succeeded",
+            TaskOutcome::Failed => "failed",
+        }
+    }
+}
+
+/// Why a task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskEndReason {
+    /// Its process (or guest) ended by itself; `exit_status` says how, when it is known.
+    Exited,
+    /// Its host stopped it at `timeout_secs`.
+    TimedOut,
+    /// Its host was lost (declared down or gone, or the host fenced it).
+    HostLost,
+    /// Its unit could not be built or started, or its hypervisor refused to start.
+    CouldNotStart,
+}
+
+impl TaskEndReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskEndReason::Exited => "exited",
+            TaskEndReason::TimedOut => "timed-out",
+            TaskEndReason::HostLost => "host-lost",
+            TaskEndReason::CouldNotStart => "could-not-start",
+        }
+    }
+}
+
+/// What an agent reports about the end of a task's run, with the VM's end
+/// ([`VmStatusReport`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskEnd {
+    pub reason: TaskEndReason,
+    /// The process's exit status, or the guest's (see the README's "Tasks"); absent when it
+    /// did not exit by itself (killed by a signal, timed out, never started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
+    /// What ended it, for people (`killed by signal KILL`, QEMU's error, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// The run's last console lines, oldest first, at most [`TASK_CONSOLE_BYTES`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub console: Vec<String>,
+}
+
+/// The recorded result of a task, replicated through Raft with its VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub outcome: TaskOutcome,
+    pub reason: TaskEndReason,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
+    /// The end in words: `exited with status 3`, `timed out after 10 s`, `host h1 lost`, …
+    pub message: String,
+    /// Unix milliseconds at which its host reported it running (leader's clock), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
+    /// Unix milliseconds at which the end was recorded (leader's clock).
+    pub ended_ms: u64,
+    /// The host it ran on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The VM generation that ran.
+    pub generation: u64,
+    /// The last console lines, oldest first, at most [`TASK_CONSOLE_BYTES`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub console: Vec<String>,
+}
+
+impl TaskResult {
+    /// `succeeded: exited with status 0`, `failed: timed out after 10 s`, …
+    pub fn summary(&self) -> String {
+        format!("{}: {}", self.outcome.as_str(), self.message)
+    }
 }
 
 impl VmSpec {
     pub const DEFAULT_MAX_RESTARTS: u32 = 5;
     pub const DEFAULT_RESTART_WINDOW_SECS: u64 = 600;
 
+    /// Most restarts within the window; a task's default is 0 (it runs once).
     pub fn max_restarts(&self) -> u32 {
-        self.max_restarts.unwrap_or(Self::DEFAULT_MAX_RESTARTS)
+        let default = if self.task.is_some() {
+            0
+        } else {
+            Self::DEFAULT_MAX_RESTARTS
+        };
+        self.max_restarts.unwrap_or(default)
+    }
+
+    /// Whether this VM is a task (see [`TaskSpec`]).
+    pub fn is_task(&self) -> bool {
+        self.task.is_some()
     }
 
     /// See [`VmSpec::on_host_loss`].
@@ -254,6 +404,21 @@ pub struct Vm {
     /// The idempotency key of the create that made this VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// A task's run: when its current run was reported running (leader's clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_started_ms: Option<u64>,
+    /// A task's result, once a run ended (the last run's, while it is retried).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_result: Option<TaskResult>,
+}
+
+impl Vm {
+    /// Whether this is a task whose result is final: it ended and will not run again.
+    pub fn task_finished(&self) -> bool {
+        self.spec.is_task()
+            && self.task_result.is_some()
+            && matches!(self.state, VmState::Stopped | VmState::Failed)
+    }
 }
 
 /// Host lifecycle as the control plane sees it.
@@ -529,6 +694,9 @@ pub struct VmStatusReport {
     /// Generation of the assignment the agent acted on.
     #[serde(default)]
     pub generation: u64,
+    /// For a task that ended: how (see [`TaskEnd`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_end: Option<TaskEnd>,
 }
 
 /// One member of the Raft cluster.

@@ -15,8 +15,8 @@ use std::collections::BTreeMap;
 use unicode_general_category::{get_general_category, GeneralCategory};
 
 use crate::types::{
-    AddMember, Capacity, FenceTiming, Host, HostRegistration, Hypervisor, NicSpec, Vm, VmSpec,
-    VmStatusReport,
+    AddMember, Capacity, FenceTiming, Host, HostRegistration, Hypervisor, NicSpec, OnHostLoss, Vm,
+    VmSpec, VmStatusReport, TASK_CONSOLE_BYTES,
 };
 
 /// Largest VM: 256 vCPUs.
@@ -265,8 +265,29 @@ pub fn vm_spec(spec: &VmSpec) -> Result<(), ValidationError> {
     if let Some(g) = &spec.anti_affinity {
         dns_label("anti_affinity", g)?;
     }
+    if let Some(t) = &spec.task {
+        if t.timeout_secs
+            .is_some_and(|s| s == 0 || s > MAX_TASK_TIMEOUT_SECS)
+        {
+            return Err(err(
+                "task.timeout_secs",
+                format!("must be between 1 and {MAX_TASK_TIMEOUT_SECS}"),
+            ));
+        }
+        if t.rerun_on_host_loss && spec.on_host_loss() == OnHostLoss::Stay {
+            return Err(err(
+                "task.rerun_on_host_loss",
+                "cannot be combined with on_host_loss = stay",
+            ));
+        }
+    }
     Ok(())
 }
+
+/// Longest task timeout: 30 days.
+pub const MAX_TASK_TIMEOUT_SECS: u64 = 30 * 86_400;
+/// Most console lines a task's end may carry.
+pub const MAX_TASK_CONSOLE_LINES: usize = 1000;
 
 /// Checks a host registration.
 pub fn host_registration(reg: &HostRegistration) -> Result<(), ValidationError> {
@@ -330,6 +351,30 @@ pub fn status_report(report: &VmStatusReport) -> Result<(), ValidationError> {
     if let Some(r) = &report.reason {
         free_text("reason", r, MAX_REASON_LEN)?;
     }
+    if let Some(t) = &report.task_end {
+        if t.exit_status.is_some_and(|s| !(0..=255).contains(&s)) {
+            return Err(err("task_end.exit_status", "must be between 0 and 255"));
+        }
+        if let Some(d) = &t.detail {
+            free_text("task_end.detail", d, MAX_REASON_LEN)?;
+        }
+        if t.console.len() > MAX_TASK_CONSOLE_LINES {
+            return Err(err(
+                "task_end.console",
+                format!("at most {MAX_TASK_CONSOLE_LINES} lines"),
+            ));
+        }
+        let bytes: usize = t.console.iter().map(String::len).sum();
+        if bytes > TASK_CONSOLE_BYTES {
+            return Err(err(
+                "task_end.console",
+                format!("at most {TASK_CONSOLE_BYTES} bytes"),
+            ));
+        }
+        for l in &t.console {
+            free_text("task_end.console", l, TASK_CONSOLE_BYTES)?;
+        }
+    }
     Ok(())
 }
 
@@ -365,6 +410,22 @@ pub fn vm_record(vm: &Vm) -> Result<(), ValidationError> {
     }
     if let Some(k) = &vm.idempotency_key {
         idempotency_key(k)?;
+    }
+    if let Some(r) = &vm.task_result {
+        free_text("vms[].task_result.message", &r.message, MAX_REASON_LEN)?;
+        if let Some(h) = &r.host {
+            dns_label("vms[].task_result.host", h)?;
+        }
+        let bytes: usize = r.console.iter().map(String::len).sum();
+        if bytes > TASK_CONSOLE_BYTES || r.console.len() > MAX_TASK_CONSOLE_LINES {
+            return Err(err(
+                "vms[].task_result.console",
+                format!("at most {TASK_CONSOLE_BYTES} bytes"),
+            ));
+        }
+        for l in &r.console {
+            free_text("vms[].task_result.console", l, TASK_CONSOLE_BYTES)?;
+        }
     }
     Ok(())
 }
@@ -423,6 +484,7 @@ mod tests {
             strategy: PlacementStrategy::Spread,
             max_restarts: None,
             restart_window_secs: None,
+            task: None,
         }
     }
 
@@ -649,6 +711,33 @@ mod tests {
                     state: crate::types::VmState::Failed,
                     reason: Some(t.into()),
                     generation: 1,
+                    task_end: None,
+                })
+            }),
+            ("task console line", |t| {
+                status_report(&VmStatusReport {
+                    state: crate::types::VmState::Failed,
+                    reason: None,
+                    generation: 1,
+                    task_end: Some(crate::types::TaskEnd {
+                        reason: crate::types::TaskEndReason::Exited,
+                        exit_status: Some(1),
+                        detail: None,
+                        console: vec![t.into()],
+                    }),
+                })
+            }),
+            ("task end detail", |t| {
+                status_report(&VmStatusReport {
+                    state: crate::types::VmState::Failed,
+                    reason: None,
+                    generation: 1,
+                    task_end: Some(crate::types::TaskEnd {
+                        reason: crate::types::TaskEndReason::CouldNotStart,
+                        exit_status: None,
+                        detail: Some(t.into()),
+                        console: vec![],
+                    }),
                 })
             }),
             ("idempotency key", idempotency_key),
@@ -666,6 +755,48 @@ mod tests {
             }
         }
         assert!(host_registration(&registration("h1", "a", "v")).is_ok());
+    }
+
+    #[test]
+    fn task_specs_and_ends() {
+        use crate::types::{TaskEnd, TaskEndReason, TaskSpec};
+        let task = |timeout_secs, rerun_on_host_loss, stay: bool| {
+            let mut s = spec();
+            s.task = Some(TaskSpec {
+                timeout_secs,
+                rerun_on_host_loss,
+            });
+            s.on_host_loss = stay.then_some(OnHostLoss::Stay);
+            vm_spec(&s).map_err(|e| e.to_string())
+        };
+        assert!(task(None, false, false).is_ok());
+        assert!(task(Some(1), true, false).is_ok());
+        assert!(task(Some(MAX_TASK_TIMEOUT_SECS), false, true).is_ok());
+        for (t, r, stay) in [
+            (Some(0), false, false),
+            (Some(MAX_TASK_TIMEOUT_SECS + 1), false, false),
+            (None, true, true),
+        ] {
+            assert!(task(t, r, stay).is_err(), "{t:?} {r} {stay}");
+        }
+        let end = |exit_status, console: Vec<String>| {
+            status_report(&VmStatusReport {
+                state: crate::types::VmState::Failed,
+                reason: None,
+                generation: 1,
+                task_end: Some(TaskEnd {
+                    reason: TaskEndReason::Exited,
+                    exit_status,
+                    detail: None,
+                    console,
+                }),
+            })
+        };
+        assert!(end(Some(255), vec!["x".repeat(TASK_CONSOLE_BYTES)]).is_ok());
+        assert!(end(Some(256), vec![]).is_err());
+        assert!(end(Some(-1), vec![]).is_err());
+        assert!(end(None, vec!["x".repeat(TASK_CONSOLE_BYTES), "y".into()]).is_err());
+        assert!(end(None, vec![String::new(); MAX_TASK_CONSOLE_LINES + 1]).is_err());
     }
 
     fn with_spec(f: fn(&mut VmSpec, &str), t: &str) -> Result<(), ValidationError> {

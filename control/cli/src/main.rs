@@ -17,6 +17,7 @@ macro_rules! outln {
 
 mod apply;
 mod output;
+mod run;
 mod stdout;
 mod wait;
 
@@ -42,7 +43,12 @@ Exit codes:
   4  conflict (already exists, changed meanwhile)
   5  control plane unreachable or without a leader (or, for vm logs, the VM's host)
   6  --wait timed out
-  7  rate limited: this client sent too many requests; retry after the time given";
+  7  rate limited: this client sent too many requests; retry after the time given
+vm run exits with its task's exit status once it ended (0 succeeded), or:
+  124  the task timed out
+  125  the task's host was lost
+  126  the task could not start
+  1    the task failed without an exit status (killed by a signal, guest kernel panic)";
 
 #[derive(Parser)]
 #[command(name = "blixardctl", version, about = "Drive a Blixard cluster", after_help = EXIT_CODES)]
@@ -227,6 +233,23 @@ enum VmCmd {
         #[command(flatten)]
         wait: WaitArgs,
     },
+    /// Run a task: create it, print its console while it runs, print its result, and exit
+    /// with its exit status (124 timed out, 125 host lost, 126 could not start, 1 failed
+    /// without a status).
+    Run {
+        #[command(flatten)]
+        args: Box<CreateArgs>,
+        /// How long it may run (e.g. 90s, 10m, 1h); its host stops it then.
+        #[arg(long, value_parser = parse_duration)]
+        timeout: Option<u64>,
+        /// Delete the task once its result was printed.
+        #[arg(long)]
+        rm: bool,
+        /// Run it again on another host if its host is lost (only for a task that is safe
+        /// to run twice); otherwise it ends failed: host lost.
+        #[arg(long)]
+        rerun_on_host_loss: bool,
+    },
     /// List VMs.
     List,
     /// Show one VM, with its last console lines when its host can be reached.
@@ -398,10 +421,12 @@ fn spec_from_args(a: CreateArgs) -> anyhow::Result<VmSpec> {
             OnHostLossArg::Move => OnHostLoss::Move,
             OnHostLossArg::Stay => OnHostLoss::Stay,
         }),
+        task: None,
     })
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the command; the exit status on success (0, or a task's for `vm run`).
+async fn run(cli: Cli) -> anyhow::Result<u8> {
     let out = cli.output;
     let token = match &cli.token_file {
         Some(f) => Some(
@@ -499,6 +524,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Vm(c) => {
+            // `vm run` follows the console on a client of its own.
+            let console_client = client()?;
             let client = client()?;
             match c {
                 VmCmd::Create { args, wait } => {
@@ -509,12 +536,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let vm = client.create_vm_idempotent(&spec, &key).await?;
                     finish(&client, out, vm, wait, blixard_api::VmState::Running).await?
                 }
+                VmCmd::Run {
+                    args,
+                    timeout,
+                    rm,
+                    rerun_on_host_loss,
+                } => {
+                    let mut spec = spec_from_args(*args)?;
+                    let task = spec.task.get_or_insert_with(Default::default);
+                    task.timeout_secs = timeout.or(task.timeout_secs);
+                    task.rerun_on_host_loss |= rerun_on_host_loss;
+                    validate::vm_spec(&spec)?;
+                    return run::run(&client, console_client, out, spec, rm).await;
+                }
                 VmCmd::List => print_vms(out, &client.list_vms().await?),
                 VmCmd::Show { name } => {
                     let vm = client.get_vm(&name).await?;
                     print_vm(out, &vm);
                     if out == Format::Table && vm.host.is_some() {
                         print_console_tail(&last_console_lines(&client, &name).await);
+                    } else if let (Format::Table, Some(r)) = (out, &vm.task_result) {
+                        print_console_tail(&Ok(r.console.clone()));
                     }
                 }
                 VmCmd::Logs {
@@ -617,7 +659,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             apply::run(&client, out, &file, prune, dry_run).await?
         }
     }
-    Ok(())
+    Ok(0)
 }
 
 /// How long `vm logs` without `-f` may take.
@@ -722,7 +764,7 @@ fn main() -> ExitCode {
         }
     };
     match rt.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("blixardctl: {e:#}");
             ExitCode::from(exit_code(&e))

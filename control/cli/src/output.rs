@@ -106,6 +106,62 @@ pub fn print_vm(f: Format, vm: &Vm) {
     outln!("vcpus:       {}", vm.spec.vcpus);
     outln!("memory:      {} MiB", vm.spec.memory_mib);
     outln!("generation:  {}", vm.generation);
+    if let Some(t) = &vm.spec.task {
+        let timeout = t
+            .timeout_secs
+            .map(|s| format!("timeout {s} s"))
+            .unwrap_or_else(|| "no timeout".into());
+        outln!(
+            "task:        {timeout}, max restarts {}{}",
+            vm.spec.max_restarts(),
+            if t.rerun_on_host_loss {
+                ", runs again if its host is lost"
+            } else {
+                ""
+            }
+        );
+    }
+    if let Some(r) = &vm.task_result {
+        outln!("result:      {}", r.summary());
+        if let Some(s) = r.exit_status {
+            outln!("exit status: {s}");
+        }
+        outln!("reason:      {}", r.reason.as_str());
+        outln!("ran on:      {}", dash(r.host.as_deref()));
+        if let Some(s) = r.started_ms {
+            outln!("started:     {} ({})", ago(s), rfc3339(s));
+        }
+        outln!("ended:       {} ({})", ago(r.ended_ms), rfc3339(r.ended_ms));
+        if let Some(s) = r.started_ms {
+            outln!(
+                "ran:         {:.1} s",
+                r.ended_ms.saturating_sub(s) as f64 / 1000.0
+            );
+        }
+    }
+}
+
+/// Unix milliseconds as `2026-12-03T17:40:01.123Z`.
+fn rfc3339(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
 }
 
 pub fn print_hosts(f: Format, hosts: &[Host]) {
@@ -174,5 +230,18 @@ pub fn print_status(f: Format, s: &ClusterStatus) {
     outln!("members:");
     for m in &s.members {
         outln!("  {} {} {}", m.id, m.role, m.addr);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(super::rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(
+            super::rfc3339(1_796_319_601_000),
+            "2026-12-03T17:40:01.000Z"
+        );
     }
 }

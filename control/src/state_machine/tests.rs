@@ -21,6 +21,7 @@ pub(crate) fn spec(name: &str) -> VmSpec {
         strategy: PlacementStrategy::Spread,
         max_restarts: None,
         restart_window_secs: None,
+        task: None,
     }
 }
 
@@ -71,6 +72,7 @@ fn report(host: &str, vm: &str, state: VmState, generation: u64, now_ms: u64) ->
             state,
             reason: Some(format!("{state:?}")),
             generation,
+            task_end: None,
         },
         now_ms,
     }
@@ -1490,4 +1492,304 @@ fn a_create_with_its_placement_is_placed_in_the_same_entry_if_it_still_fits() {
         "{:?}",
         b.reason
     );
+}
+
+fn task_spec(name: &str, f: impl FnOnce(&mut blixard_api::TaskSpec, &mut VmSpec)) -> VmSpec {
+    let mut s = spec(name);
+    let mut t = blixard_api::TaskSpec::default();
+    f(&mut t, &mut s);
+    s.task = Some(t);
+    s
+}
+
+fn task_end(
+    state: VmState,
+    generation: u64,
+    reason: TaskEndReason,
+    exit_status: Option<i32>,
+    now_ms: u64,
+) -> Command {
+    Command::ReportVmStatus {
+        host: "h1".into(),
+        name: "t".into(),
+        report: VmStatusReport {
+            state,
+            reason: Some("ended".into()),
+            generation,
+            task_end: Some(TaskEnd {
+                reason,
+                exit_status,
+                detail: None,
+                console: vec!["line 1".into(), "line 2".into()],
+            }),
+        },
+        now_ms,
+    }
+}
+
+/// Host `h1` with task `t` (spec from `spec`) placed at generation 2 and reported running
+/// at 4.
+fn running_task(spec: VmSpec) -> ClusterState {
+    let mut s = ClusterState::default();
+    run(
+        &mut s,
+        &[
+            Command::RegisterHost {
+                registration: reg("h1"),
+                now_ms: 1,
+            },
+            Command::CreateVm {
+                spec,
+                now_ms: 1,
+                idempotency_key: None,
+                placement: None,
+            },
+            place("t", "h1", 1),
+            report("h1", "t", VmState::Running, 2, 4),
+        ],
+    );
+    assert_eq!(s.vms["t"].state, VmState::Running);
+    assert_eq!(s.vms["t"].task_started_ms, Some(4));
+    s
+}
+
+#[test]
+fn task_ends_become_results() {
+    use TaskEndReason::*;
+    struct Case {
+        what: &'static str,
+        spec: VmSpec,
+        ends: Vec<(VmState, TaskEndReason, Option<i32>)>,
+        // The VM's state, host, summary and restarts after the last end.
+        state: VmState,
+        host: Option<&'static str>,
+        summary: &'static str,
+    }
+    let cases = [
+        Case {
+            what: "exit 0 succeeds and leaves the host",
+            spec: task_spec("t", |_, _| {}),
+            ends: vec![(VmState::Stopped, Exited, Some(0))],
+            state: VmState::Stopped,
+            host: None,
+            summary: "succeeded: exited with status 0",
+        },
+        Case {
+            what: "exit 3 fails, no retry by default (restart policy does not apply)",
+            spec: task_spec("t", |_, s| s.restart_policy = RestartPolicy::Always),
+            ends: vec![(VmState::Failed, Exited, Some(3))],
+            state: VmState::Failed,
+            host: None,
+            summary: "failed: exited with status 3",
+        },
+        Case {
+            what: "timed out",
+            spec: task_spec("t", |t, _| t.timeout_secs = Some(2)),
+            ends: vec![(VmState::Failed, TimedOut, None)],
+            state: VmState::Failed,
+            host: None,
+            summary: "failed: timed out after 2 s",
+        },
+        Case {
+            what: "a failure runs again within max_restarts",
+            spec: task_spec("t", |_, s| s.max_restarts = Some(1)),
+            ends: vec![(VmState::Failed, Exited, Some(1))],
+            state: VmState::Scheduled,
+            host: Some("h1"),
+            summary: "failed: exited with status 1",
+        },
+        Case {
+            what: "and then no more",
+            spec: task_spec("t", |_, s| s.max_restarts = Some(1)),
+            ends: vec![
+                (VmState::Failed, Exited, Some(1)),
+                (VmState::Failed, Exited, Some(2)),
+            ],
+            state: VmState::Failed,
+            host: None,
+            summary: "failed: exited with status 2",
+        },
+        Case {
+            what: "a success is never run again",
+            spec: task_spec("t", |_, s| s.max_restarts = Some(5)),
+            ends: vec![(VmState::Stopped, Exited, Some(0))],
+            state: VmState::Stopped,
+            host: None,
+            summary: "succeeded: exited with status 0",
+        },
+        Case {
+            what: "could not start",
+            spec: task_spec("t", |_, _| {}),
+            ends: vec![(VmState::Failed, CouldNotStart, None)],
+            state: VmState::Failed,
+            host: None,
+            summary: "failed: could not start",
+        },
+        Case {
+            what: "fenced on its host: host lost, not run again",
+            spec: task_spec("t", |_, s| s.max_restarts = Some(3)),
+            ends: vec![(VmState::Failed, HostLost, None)],
+            state: VmState::Failed,
+            host: None,
+            summary: "failed: host h1 lost",
+        },
+        Case {
+            what: "fenced, rerun allowed: runs again, uncounted",
+            spec: task_spec("t", |t, _| t.rerun_on_host_loss = true),
+            ends: vec![(VmState::Failed, HostLost, None)],
+            state: VmState::Scheduled,
+            host: Some("h1"),
+            summary: "failed: host h1 lost",
+        },
+    ];
+    for c in cases {
+        let mut s = running_task(c.spec);
+        let mut now = 10;
+        for (state, reason, status) in &c.ends {
+            let g = s.vms["t"].generation;
+            run(&mut s, &[task_end(*state, g, *reason, *status, now)]);
+            now += 10;
+        }
+        let vm = &s.vms["t"];
+        assert_eq!(vm.state, c.state, "{}", c.what);
+        assert_eq!(vm.host.as_deref(), c.host, "{}", c.what);
+        let r = vm.task_result.as_ref().expect(c.what);
+        assert_eq!(r.summary(), c.summary, "{}", c.what);
+        assert_eq!(r.host.as_deref(), Some("h1"), "{}", c.what);
+        assert_eq!(r.console, vec!["line 1", "line 2"], "{}", c.what);
+        assert_eq!(vm.task_finished(), c.host.is_none(), "{}", c.what);
+        if vm.task_finished() {
+            assert_eq!(vm.reason.as_deref(), Some(c.summary), "{}", c.what);
+            // Nothing the old host says changes it any more.
+            let late = task_end(VmState::Failed, vm.generation, Exited, Some(9), 99);
+            let before = s.vms["t"].clone();
+            let r = run(&mut s, &[late]);
+            assert!(matches!(r[0], Response::Error(ApplyError::Conflict(_))));
+            assert_eq!(s.vms["t"], before, "{}", c.what);
+        }
+    }
+}
+
+#[test]
+fn a_task_whose_host_is_lost_fails_or_runs_elsewhere_when_allowed() {
+    let down = Command::SetHostStatus {
+        host: "h1".into(),
+        status: HostStatus::Down,
+        now_ms: 20,
+    };
+    let mut s = running_task(task_spec("t", |_, s| s.max_restarts = Some(3)));
+    let rev = s.host_revision("h1");
+    run(&mut s, std::slice::from_ref(&down));
+    let vm = &s.vms["t"];
+    assert_eq!((vm.state, vm.host.as_deref()), (VmState::Failed, None));
+    let r = vm.task_result.as_ref().expect("a result");
+    assert_eq!(r.reason, TaskEndReason::HostLost);
+    assert_eq!(r.summary(), "failed: host h1 lost");
+    assert_eq!((r.started_ms, r.ended_ms), (Some(4), 20));
+    assert!(s.host_revision("h1") > rev);
+
+    let mut s = running_task(task_spec("t", |t, _| t.rerun_on_host_loss = true));
+    run(&mut s, &[down]);
+    let vm = &s.vms["t"];
+    assert_eq!((vm.state, vm.host.as_deref()), (VmState::Pending, None));
+    assert!(vm.task_result.is_none());
+
+    // Declared gone: the same.
+    let mut s = running_task(task_spec("t", |_, _| {}));
+    run(
+        &mut s,
+        &[Command::DeclareHostGone {
+            host: "h1".into(),
+            now_ms: 30,
+        }],
+    );
+    assert_eq!(s.vms["t"].state, VmState::Failed);
+    assert_eq!(
+        s.vms["t"].task_result.as_ref().map(|r| r.summary()),
+        Some("failed: host h1 declared gone".to_string())
+    );
+}
+
+#[test]
+fn finished_tasks_expire_after_their_retention() {
+    let mut s = running_task(task_spec("t", |_, _| {}));
+    run(
+        &mut s,
+        &[task_end(
+            VmState::Stopped,
+            2,
+            TaskEndReason::Exited,
+            Some(0),
+            100,
+        )],
+    );
+    s.vms.insert("a".into(), running_vm("a", "h1"));
+    assert!(expired_tasks(&s, 1099, 1000).is_empty());
+    let expired = expired_tasks(&s, 1100, 1000);
+    assert_eq!(
+        expired,
+        vec![VmRef {
+            vm: "t".into(),
+            generation: 3
+        }]
+    );
+    // A task running again (vm start) is not collected.
+    run(&mut s, &[desired("t", DesiredState::Running)]);
+    assert_eq!(s.vms["t"].state, VmState::Pending);
+    assert!(expired_tasks(&s, 5000, 1000).is_empty());
+}
+
+#[test]
+fn task_encodings_are_stable_and_old_reports_decode() {
+    let create = Command::CreateVm {
+        spec: task_spec("t", |t, _| {
+            t.timeout_secs = Some(60);
+            t.rerun_on_host_loss = true;
+        }),
+        now_ms: 1,
+        idempotency_key: None,
+        placement: None,
+    };
+    let json = r#"{"type":"create_vm","spec":{"name":"t","vcpus":1,"memory_mib":128,"hypervisor":"process","restart_policy":"always","strategy":"spread","task":{"timeout_secs":60,"rerun_on_host_loss":true}},"now_ms":1}"#;
+    assert_eq!(serde_json::to_string(&create).ok().as_deref(), Some(json));
+    let end = task_end(VmState::Failed, 2, TaskEndReason::TimedOut, None, 5);
+    let json = r#"{"type":"report_vm_status","host":"h1","name":"t","report":{"state":"failed","reason":"ended","generation":2,"task_end":{"reason":"timed-out","console":["line 1","line 2"]}},"now_ms":5}"#;
+    assert_eq!(serde_json::to_string(&end).ok().as_deref(), Some(json));
+    let back: Command = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(back, end);
+    // A report from before tasks decodes without `task_end`.
+    let old = r#"{"type":"report_vm_status","host":"h1","name":"a","report":{"state":"running","generation":2},"now_ms":5}"#;
+    let back: Command = serde_json::from_str(old).unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(back, Command::ReportVmStatus { report, .. } if report.task_end.is_none()));
+}
+
+#[test]
+fn a_drain_lets_a_task_run_to_its_end() {
+    let mut s = running_task(task_spec("t", |_, _| {}));
+    run(
+        &mut s,
+        &[Command::DrainHost {
+            host: "h1".into(),
+            deadline_ms: 1000,
+            now_ms: 10,
+        }],
+    );
+    let vm = &s.vms["t"];
+    assert_eq!(
+        (vm.state, vm.host.as_deref()),
+        (VmState::Running, Some("h1"))
+    );
+    assert!(vm.evicting.is_none());
+    run(
+        &mut s,
+        &[task_end(
+            VmState::Stopped,
+            2,
+            TaskEndReason::Exited,
+            Some(0),
+            20,
+        )],
+    );
+    assert!(s.vms["t"].task_finished());
+    assert_eq!(s.vms["t"].host, None);
 }

@@ -74,6 +74,7 @@ fn spec(name: &str, value: u64) -> VmSpec {
         strategy: Default::default(),
         max_restarts: None,
         restart_window_secs: None,
+        task: None,
     }
 }
 

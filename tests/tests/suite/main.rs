@@ -12,3 +12,4 @@ mod t60_packaging;
 mod t70_security;
 mod t80_safety;
 mod t90_liveness;
+mod t95_tasks;

@@ -27,6 +27,7 @@ fn spec(name: &str) -> VmSpec {
         strategy: PlacementStrategy::Spread,
         max_restarts: None,
         restart_window_secs: None,
+        task: None,
     }
 }
 
@@ -419,6 +420,20 @@ async fn t16_api_rejects_bad_input() -> anyhow::Result<()> {
             r#"{"name":"a", "#.into(),
             400,
             "invalid_json",
+        ),
+        (
+            "POST",
+            "/v1/vms",
+            r#"{"name":"t","vcpus":1,"memory_mib":64,"hypervisor":"process","task":{"timeout_secs":0}}"#.into(),
+            400,
+            "invalid_argument",
+        ),
+        (
+            "POST",
+            "/v1/vms",
+            r#"{"name":"t","vcpus":1,"memory_mib":64,"hypervisor":"process","task":{"retries":1}}"#.into(),
+            400,
+            "invalid_argument",
         ),
         ("POST", "/v1/vms", big, 413, "payload_too_large"),
         ("POST", "/v1/vms", good.into(), 409, "already_exists"),
