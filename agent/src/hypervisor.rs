@@ -856,7 +856,7 @@ mod tests {
                     }]
                 },
                 QemuMachine::Q35,
-                "contains ','",
+                "contain ','",
             ),
             (
                 "comma in mac",

@@ -43,7 +43,9 @@ impl IntoResponse for ApiError {
         let body = ErrorBody {
             error: ErrorDetail {
                 code: self.code.into(),
-                message: self.message,
+                // Whatever a message quotes from the request (a serde error names an unknown
+                // field as sent), a refused character is shown escaped, never echoed.
+                message: blixard_api::validate::escaped(&self.message),
             },
         };
         (self.status, Json(body)).into_response()
