@@ -587,6 +587,7 @@ pub mod codes {
     pub const UNAUTHENTICATED: &str = "unauthenticated";
     pub const FORBIDDEN: &str = "forbidden";
     pub const RATE_LIMITED: &str = "rate_limited";
+    pub const REQUEST_TIMEOUT: &str = "request_timeout";
 }
 
 /// The error object of every non-2xx answer: `{"error": {"code": …, "message": …}}`.

@@ -22,8 +22,8 @@ use super::error::ApiError;
 use crate::node::ControlNode;
 use crate::state_machine::{Command, Response as SmResponse};
 
-/// Largest client request body.
-pub const BODY_LIMIT: usize = 64 * 1024;
+pub use super::strict::BODY_LIMIT;
+use super::strict::{NoBody, NoQuery};
 /// Longest long-poll a client may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
@@ -76,6 +76,7 @@ pub fn routes() -> Router<Arc<ControlNode>> {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(super::strict::bound_body))
 }
 
 async fn not_found() -> ApiError {
@@ -115,7 +116,7 @@ fn unexpected(r: SmResponse) -> ApiError {
     )
 }
 
-async fn health(State(node): Node) -> Response {
+async fn health(State(node): Node, _: NoQuery, _: NoBody) -> Response {
     let leader = node.leader();
     let body = Health {
         status: if leader.is_some() { "ok" } else { "no-leader" }.into(),
@@ -130,28 +131,31 @@ async fn health(State(node): Node) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn metrics(State(node): Node) -> Response {
+async fn metrics(State(node): Node, _: NoQuery, _: NoBody) -> Response {
     node.refresh_gauges().await;
     (
         [(
             header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            // What `prometheus_client` (the Rust crate) writes: OpenMetrics 1.0, counters
+            // named without `_total` in `# TYPE`, samples with it, ending in `# EOF`.
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         node.metrics.encode(),
     )
         .into_response()
 }
 
-async fn cluster_status(State(node): Node) -> Json<ClusterStatus> {
+async fn cluster_status(State(node): Node, _: NoQuery, _: NoBody) -> Json<ClusterStatus> {
     Json(node.status().await)
 }
 
-async fn list_members(State(node): Node) -> Json<Vec<Member>> {
+async fn list_members(State(node): Node, _: NoQuery, _: NoBody) -> Json<Vec<Member>> {
     Json(node.members())
 }
 
 async fn add_member(
     State(node): Node,
+    _: NoQuery,
     ApiJson(m): ApiJson<AddMember>,
 ) -> Result<Json<Vec<Member>>, ApiError> {
     validate::add_member(&m)?;
@@ -168,6 +172,8 @@ async fn add_member(
 async fn remove_member(
     State(node): Node,
     Path(id): Path<String>,
+    _: NoQuery,
+    _: NoBody,
 ) -> Result<Json<Vec<Member>>, ApiError> {
     let id: u64 = id
         .parse()
@@ -201,6 +207,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 async fn create_vm(
     State(node): Node,
+    _: NoQuery,
     headers: HeaderMap,
     ApiJson(spec): ApiJson<VmSpec>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -224,6 +231,7 @@ async fn create_vm(
 async fn update_vm(
     State(node): Node,
     Path(name): Path<String>,
+    _: NoQuery,
     ApiJson(update): ApiJson<UpdateVm>,
 ) -> Result<Json<Vm>, ApiError> {
     validate::vm_spec(&update.spec)?;
@@ -240,12 +248,17 @@ async fn update_vm(
     Ok(Json(expect_vm(node.propose(cmd).await?)?))
 }
 
-async fn list_vms(State(node): Node) -> Result<Json<Vec<Vm>>, ApiError> {
+async fn list_vms(State(node): Node, _: NoQuery, _: NoBody) -> Result<Json<Vec<Vm>>, ApiError> {
     node.read_barrier().await?;
     Ok(Json(node.state.read(|s| s.vms.values().cloned().collect())))
 }
 
-async fn get_vm(State(node): Node, Path(name): Path<String>) -> Result<Json<Vm>, ApiError> {
+async fn get_vm(
+    State(node): Node,
+    Path(name): Path<String>,
+    _: NoQuery,
+    _: NoBody,
+) -> Result<Json<Vm>, ApiError> {
     validate::dns_label("name", &name)?;
     node.read_barrier().await?;
     node.state
@@ -258,6 +271,7 @@ async fn delete_vm(
     State(node): Node,
     Path(name): Path<String>,
     q: GenQuery,
+    _: NoBody,
 ) -> Result<Json<Vm>, ApiError> {
     let Query(q) = q?;
     validate::dns_label("name", &name)?;
@@ -290,6 +304,7 @@ async fn start_vm(
     State(node): Node,
     Path(name): Path<String>,
     q: GenQuery,
+    _: NoBody,
 ) -> Result<Json<Vm>, ApiError> {
     set_desired(&node, name, DesiredState::Running, q).await
 }
@@ -298,6 +313,7 @@ async fn stop_vm(
     State(node): Node,
     Path(name): Path<String>,
     q: GenQuery,
+    _: NoBody,
 ) -> Result<Json<Vm>, ApiError> {
     set_desired(&node, name, DesiredState::Stopped, q).await
 }
@@ -305,6 +321,7 @@ async fn stop_vm(
 async fn drain_host(
     State(node): Node,
     Path(id): Path<String>,
+    _: NoQuery,
     body: axum::body::Bytes,
 ) -> Result<Json<Host>, ApiError> {
     validate::dns_label("id", &id)?;
@@ -331,7 +348,12 @@ async fn drain_host(
     )?))
 }
 
-async fn undrain_host(State(node): Node, Path(id): Path<String>) -> Result<Json<Host>, ApiError> {
+async fn undrain_host(
+    State(node): Node,
+    Path(id): Path<String>,
+    _: NoQuery,
+    _: NoBody,
+) -> Result<Json<Host>, ApiError> {
     validate::dns_label("id", &id)?;
     let status = node.state.read(|s| s.hosts.get(&id).map(|h| h.status));
     match status {
@@ -358,6 +380,8 @@ async fn undrain_host(State(node): Node, Path(id): Path<String>) -> Result<Json<
 async fn declare_host_gone(
     State(node): Node,
     Path(id): Path<String>,
+    _: NoQuery,
+    _: NoBody,
 ) -> Result<Json<Host>, ApiError> {
     validate::dns_label("id", &id)?;
     // An unknown host is refused by the state machine itself (404), at the entry's index.
@@ -381,6 +405,7 @@ struct EventsQuery {
 async fn events(
     State(node): Node,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+    _: NoBody,
 ) -> Result<Json<Events>, ApiError> {
     let Query(q) = query?;
     node.read_barrier().await?;
@@ -415,6 +440,7 @@ async fn events(
 
 async fn plan(
     State(node): Node,
+    _: NoQuery,
     ApiJson(req): ApiJson<PlanRequest>,
 ) -> Result<Json<Plan>, ApiError> {
     if req.vms.len() > 10_000 {
@@ -437,7 +463,11 @@ async fn plan(
     ))
 }
 
-async fn save_snapshot(State(node): Node) -> Result<Json<StateSnapshot>, ApiError> {
+async fn save_snapshot(
+    State(node): Node,
+    _: NoQuery,
+    _: NoBody,
+) -> Result<Json<StateSnapshot>, ApiError> {
     node.read_barrier().await?;
     let index = node.state.applied_index();
     Ok(Json(node.state.read(|s| StateSnapshot {
@@ -449,6 +479,7 @@ async fn save_snapshot(State(node): Node) -> Result<Json<StateSnapshot>, ApiErro
 
 async fn restore_snapshot(
     State(node): Node,
+    _: NoQuery,
     ApiJson(snap): ApiJson<StateSnapshot>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     for h in &snap.hosts {
@@ -470,6 +501,7 @@ async fn restore_snapshot(
 
 async fn register_host(
     State(node): Node,
+    _: NoQuery,
     principal: Option<axum::Extension<super::auth::Principal>>,
     ApiJson(registration): ApiJson<HostRegistration>,
 ) -> Result<Json<Host>, ApiError> {
@@ -507,11 +539,16 @@ async fn hosts_with_leases(node: &ControlNode, only: Option<&str>) -> Result<Vec
     Ok(hosts)
 }
 
-async fn list_hosts(State(node): Node) -> Result<Json<Vec<Host>>, ApiError> {
+async fn list_hosts(State(node): Node, _: NoQuery, _: NoBody) -> Result<Json<Vec<Host>>, ApiError> {
     Ok(Json(hosts_with_leases(&node, None).await?))
 }
 
-async fn get_host(State(node): Node, Path(id): Path<String>) -> Result<Json<Host>, ApiError> {
+async fn get_host(
+    State(node): Node,
+    Path(id): Path<String>,
+    _: NoQuery,
+    _: NoBody,
+) -> Result<Json<Host>, ApiError> {
     validate::dns_label("id", &id)?;
     hosts_with_leases(&node, Some(&id))
         .await?
@@ -523,7 +560,12 @@ async fn get_host(State(node): Node, Path(id): Path<String>) -> Result<Json<Host
 /// A host's heartbeat. A 200 means a leader confirmed its leadership after the heartbeat
 /// arrived and renewed the host's lease (in memory: nothing is written to the log unless the
 /// host was down); the agent renews its own end of the lease from it.
-async fn heartbeat(State(node): Node, Path(id): Path<String>) -> Result<Json<Host>, ApiError> {
+async fn heartbeat(
+    State(node): Node,
+    Path(id): Path<String>,
+    _: NoQuery,
+    _: NoBody,
+) -> Result<Json<Host>, ApiError> {
     validate::dns_label("id", &id)?;
     Ok(Json(expect_host(node.heartbeat(&id).await?)?))
 }
@@ -539,6 +581,7 @@ async fn assignments(
     State(node): Node,
     Path(id): Path<String>,
     query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+    _: NoBody,
 ) -> Result<Json<Assignments>, ApiError> {
     let Query(q) = query?;
     validate::dns_label("id", &id)?;
@@ -587,6 +630,7 @@ async fn assignments(
 async fn report_status(
     State(node): Node,
     Path((id, name)): Path<(String, String)>,
+    _: NoQuery,
     ApiJson(report): ApiJson<VmStatusReport>,
 ) -> Result<Json<Vm>, ApiError> {
     validate::dns_label("id", &id)?;

@@ -86,6 +86,7 @@ pub async fn vm_logs(
     State(node): State<Arc<ControlNode>>,
     Path(name): Path<String>,
     query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+    _: super::strict::NoBody,
 ) -> Result<Response, ApiError> {
     let Query(q) = query?;
     validate::dns_label("name", &name)?;

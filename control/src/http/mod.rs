@@ -7,6 +7,7 @@ pub mod error;
 pub mod logs;
 pub mod raft_routes;
 pub mod rate_limit;
+pub mod strict;
 pub mod tls;
 
 use std::sync::Arc;
