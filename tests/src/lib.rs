@@ -14,6 +14,8 @@ pub mod host;
 pub mod linearizability;
 pub mod nemesis;
 pub mod proxy;
+pub mod pytools;
+pub mod raw;
 pub mod unit_log;
 pub mod vms;
 pub mod wait;
