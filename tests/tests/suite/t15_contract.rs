@@ -362,3 +362,27 @@ async fn t15_refused_characters_are_escaped_in_error_messages() -> anyhow::Resul
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn t15_removing_the_last_voter_is_a_409_not_a_500() -> anyhow::Result<()> {
+    let c = Cluster::start(1).await?;
+    let base = c.nodes[0].url.clone();
+    let (status, body) = send(
+        reqwest::Method::DELETE,
+        format!("{base}/v1/cluster/members/1"),
+        None,
+    )
+    .await?;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(error_code(&body), "conflict", "{body}");
+    assert_eq!(body["error"]["message"], "cannot remove the last voter");
+    let (status, body) = send(
+        reqwest::Method::DELETE,
+        format!("{base}/v1/cluster/members/7"),
+        None,
+    )
+    .await?;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(c.client().members().await?.len(), 1);
+    Ok(())
+}
