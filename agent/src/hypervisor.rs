@@ -1017,7 +1017,7 @@ mod tests {
                     }]
                 },
                 QemuMachine::Q35,
-                "contains ','",
+                "contain ','",
             ),
             (
                 "comma in mac",

@@ -1,7 +1,8 @@
 //! Confining a spec's image paths (kernel, initrd, disks) to the agent's image directory.
 //!
-//! [`resolve`] is pure apart from the file check it is given: it refuses `..`, absolute paths
-//! outside the image directory and empty paths lexically, then asks `check` whether the file
+//! [`resolve`] is pure apart from the file check it is given: it applies the control plane's
+//! own lexical rule ([`blixard_api::validate::image_path`]: no `..`, not absolute, not empty,
+//! no hostile characters), then asks `check` whether the file
 //! is there, readable and (after symlinks) still inside the directory. [`fs_check`] is the
 //! real check. Every refusal names the spec field, so the user sees which path is wrong
 //! before any unit is started.
@@ -41,39 +42,32 @@ pub fn resolve(
     value: &str,
     check: &dyn Fn(&Path, &Path) -> Result<(), FileProblem>,
 ) -> Result<PathBuf, PathError> {
-    if value.is_empty() {
-        return Err(refuse(field, "must not be empty"));
-    }
-    if value.contains('\0') || value.chars().any(char::is_control) {
-        return Err(refuse(field, "must not contain control characters"));
-    }
     let p = Path::new(value);
-    if p.components().any(|c| c == Component::ParentDir) {
-        return Err(refuse(field, format!("{value:?} must not contain '..'")));
-    }
-    let rel: PathBuf = if p.is_absolute() {
-        match p.strip_prefix(image_dir) {
-            Ok(r) => r.to_path_buf(),
-            Err(_) => {
+    // An absolute path inside the image directory is read as relative to it: admission
+    // refuses absolute paths, but specs stored before it did may still hold them.
+    let relative: &str = if p.is_absolute() && !p.components().any(|c| c == Component::ParentDir) {
+        match p.strip_prefix(image_dir).ok().and_then(Path::to_str) {
+            Some(r) => r,
+            None => {
                 return Err(refuse(
                     field,
                     format!(
-                        "{value:?} is outside the image directory {}",
+                        "{} is outside the image directory {}",
+                        blixard_api::validate::escaped(value),
                         image_dir.display()
                     ),
                 ))
             }
         }
     } else {
-        p.to_path_buf()
+        value
     };
-    let rel: PathBuf = rel
+    // The one lexical rule, the same the control plane applies at admission.
+    blixard_api::validate::image_path(field, relative).map_err(|e| refuse(field, e.message))?;
+    let rel: PathBuf = Path::new(relative)
         .components()
         .filter(|c| matches!(c, Component::Normal(_)))
         .collect();
-    if rel.as_os_str().is_empty() {
-        return Err(refuse(field, format!("{value:?} names no file")));
-    }
     let full = image_dir.join(rel);
     check(image_dir, &full).map_err(|problem| {
         let shown = full.display();

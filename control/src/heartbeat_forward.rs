@@ -83,6 +83,7 @@ pub fn answer(r: ForwardReply) -> Result<Response, NodeError> {
         ForwardReply::Response(r) => Ok(r),
         ForwardReply::NotLeader => Err(NodeError::NoLeader),
         ForwardReply::Error(e) => Err(NodeError::Raft(e)),
+        ForwardReply::Failed(f) => Err(f.into()),
         other => Err(NodeError::Raft(format!("unexpected reply {other:?}"))),
     }
 }
@@ -94,6 +95,9 @@ fn same_error(e: &NodeError) -> NodeError {
         NodeError::LeaderUnreachable(m) => NodeError::LeaderUnreachable(m.clone()),
         NodeError::PeerRefused(m) => NodeError::PeerRefused(m.clone()),
         NodeError::Invalid(m) => NodeError::Invalid(m.clone()),
+        NodeError::NotFound(m) => NodeError::NotFound(m.clone()),
+        NodeError::Conflict(m) => NodeError::Conflict(m.clone()),
+        NodeError::Unavailable(m) => NodeError::Unavailable(m.clone()),
         other => NodeError::Raft(other.to_string()),
     }
 }

@@ -40,15 +40,15 @@ use node::{ControlNode, NodeError};
 pub enum RunError {
     #[error(transparent)]
     Node(#[from] NodeError),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         addr: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("http server: {0}")]
+    #[error("http server")]
     Serve(#[source] std::io::Error),
-    #[error("signal handler: {0}")]
+    #[error("signal handler")]
     Signal(#[source] std::io::Error),
     #[error(
         "raft stopped on a fatal error: {0}; exiting so that the service manager restarts \
@@ -83,7 +83,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let task_retention_ms = config.task_retention_ms;
     let acceptor = match &config.tls {
         Some(files) => {
-            Some(http::tls::acceptor(files).map_err(|e| NodeError::Invalid(e.to_string()))?)
+            Some(http::tls::acceptor(files).map_err(|e| NodeError::Config(e.to_string()))?)
         }
         None => None,
     };

@@ -92,6 +92,7 @@ fn main() -> ExitCode {
     match rt.block_on(blixard_control::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            let e = blixard_control::http::error::error_chain(&e);
             tracing::error!(error = %e, "exiting");
             eprintln!("blixard-control: {e}");
             ExitCode::FAILURE

@@ -36,6 +36,30 @@ pub struct ProposalLabels {
     pub outcome: String,
 }
 
+/// Every `Command::kind` and every outcome a proposal is counted under. Their series exist
+/// from the start at zero on every node (Prometheus' advice for known label values), so a
+/// follower, which proposes nothing itself, exposes the same metric names as the leader: the
+/// encoder leaves out a family without series.
+const PROPOSAL_KINDS: &[&str] = &[
+    "create_vm",
+    "delete_vm",
+    "set_desired",
+    "register_host",
+    "heartbeat",
+    "report_vm_status",
+    "place",
+    "set_host_status",
+    "update_vm",
+    "drain_host",
+    "unassign",
+    "restore_state",
+    "batch",
+    "declare_host_gone",
+];
+pub const PROPOSAL_OUTCOMES: &[&str] = &["ok", "error", "not_leader"];
+/// The kinds of client a rate limit refusal is counted under (see `http::rate_limit`).
+const CLIENT_KINDS: &[&str] = &["operator", "agent", "peer", "address"];
+
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
 }
@@ -124,6 +148,19 @@ impl Metrics {
             "host heartbeats confirmed by this node as leader (kept in memory, not in the log)",
             heartbeats.clone(),
         );
+        for kind in PROPOSAL_KINDS {
+            for outcome in PROPOSAL_OUTCOMES {
+                let _ = proposals.get_or_create(&ProposalLabels {
+                    kind: (*kind).into(),
+                    outcome: (*outcome).into(),
+                });
+            }
+        }
+        for client in CLIENT_KINDS {
+            let _ = rate_limited.get_or_create(&ClientKindLabels {
+                client: (*client).into(),
+            });
+        }
         Metrics {
             registry: Mutex::new(r),
             requests,

@@ -42,7 +42,8 @@ const BATCHES_IN_FLIGHT: usize = 2;
 /// [`ControlNode::propose_in_term`]), and where its answer goes.
 type QueuedProposal = (Command, Option<u64>, oneshot::Sender<ForwardReply>);
 
-/// Errors of node operations.
+/// Errors of node operations. Each kind maps to one HTTP status (`http::error`); a message
+/// never repeats the cause it chains with `#[source]`.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("no leader elected yet; retry shortly")]
@@ -56,16 +57,60 @@ pub enum NodeError {
     /// The leader could not read the forward (a node of an older version).
     #[error("the leader refused the forward: {0}")]
     PeerRefused(String),
+    /// The request is wrong (400).
     #[error("{0}")]
     Invalid(String),
+    /// What the request names does not exist (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with the cluster's state, such as removing the last voter (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// The leader cannot do it now; a retry shortly may succeed (503).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The node's configuration cannot be used (TLS files, tokens, Raft settings): a
+    /// start-up failure, never an answer to a request.
+    #[error("{0}")]
+    Config(String),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("cannot create {path}: {source}")]
+    #[error("cannot create {path}")]
     DataDir {
         path: String,
         #[source]
         source: std::io::Error,
     },
+}
+
+/// What kind of failure the leader answers a [`Forward`] with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    Invalid,
+    NotFound,
+    Conflict,
+    Unavailable,
+    Internal,
+}
+
+/// A failed [`Forward`]: its kind, and a message for the client (or, for `internal`, the log).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+impl From<Failure> for NodeError {
+    fn from(f: Failure) -> Self {
+        match f.kind {
+            FailureKind::Invalid => NodeError::Invalid(f.message),
+            FailureKind::NotFound => NodeError::NotFound(f.message),
+            FailureKind::Conflict => NodeError::Conflict(f.message),
+            FailureKind::Unavailable => NodeError::Unavailable(f.message),
+            FailureKind::Internal => NodeError::Raft(f.message),
+        }
+    }
 }
 
 /// Requests a follower sends to the leader.
@@ -96,9 +141,37 @@ pub enum ForwardReply {
     NotLeader,
     /// Per host, milliseconds since its last confirmed heartbeat on the leader.
     Silence(Vec<(String, u64)>),
+    /// A failure without a kind, from nodes before [`ForwardReply::Failed`]: read as internal.
     Error(String),
     /// The answers to [`Forward::Heartbeats`], in its order.
     Heartbeats(Vec<ForwardReply>),
+    /// A failure and its kind. Appended; older nodes cannot read it (they answer their
+    /// client 503, as for an unreachable leader), so it is sent only once all run this version
+    /// or later in a rolling upgrade's usual order (followers first).
+    Failed(Failure),
+}
+
+impl ForwardReply {
+    pub fn failed(kind: FailureKind, message: impl Into<String>) -> Self {
+        ForwardReply::Failed(Failure {
+            kind,
+            message: message.into(),
+        })
+    }
+
+    /// An internal failure: the client sees a 500, the message goes to the log.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::failed(FailureKind::Internal, message)
+    }
+
+    /// The failure this reply carries, of either form.
+    pub fn failure(self) -> Result<ForwardReply, NodeError> {
+        match self {
+            ForwardReply::Failed(f) => Err(f.into()),
+            ForwardReply::Error(e) => Err(NodeError::Raft(e)),
+            other => Ok(other),
+        }
+    }
 }
 
 /// The HTTP client for peer traffic: the peer token on every request, and with TLS the
@@ -108,7 +181,7 @@ fn peer_client(peer_token: Option<&str>, config: &Config) -> Result<reqwest::Cli
     let mut headers = reqwest::header::HeaderMap::new();
     if let Some(t) = peer_token {
         let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
-            .map_err(|e| NodeError::Invalid(format!("peer token: {e}")))?;
+            .map_err(|e| NodeError::Config(format!("peer token: {e}")))?;
         v.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, v);
     }
@@ -119,7 +192,7 @@ fn peer_client(peer_token: Option<&str>, config: &Config) -> Result<reqwest::Cli
         .tcp_nodelay(true);
     if let Some(tls) = &config.tls {
         b = blixard_api::tls::trust_only(b, &tls.ca)
-            .map_err(|e| NodeError::Invalid(e.to_string()))?;
+            .map_err(|e| NodeError::Config(e.to_string()))?;
     }
     b.build().map_err(|e| NodeError::Raft(e.to_string()))
 }
@@ -133,7 +206,7 @@ fn agent_client(config: &Config) -> Result<reqwest::Client, NodeError> {
         .tcp_nodelay(true);
     if let Some(tls) = &config.tls {
         b = blixard_api::tls::trust_only(b, &tls.ca)
-            .map_err(|e| NodeError::Invalid(e.to_string()))?;
+            .map_err(|e| NodeError::Config(e.to_string()))?;
     }
     b.build().map_err(|e| NodeError::Raft(e.to_string()))
 }
@@ -240,13 +313,13 @@ async fn write_batch(raft: &Raft, metrics: &Metrics, batch: Vec<QueuedProposal>)
             r if replies.len() == 1 => vec![(ForwardReply::Response(r), "ok")],
             r => {
                 let e = format!("a batch of {} got the response {r:?}", replies.len());
-                vec![(ForwardReply::Error(e), "error"); replies.len()]
+                vec![(ForwardReply::internal(e), "error"); replies.len()]
             }
         },
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
             vec![(ForwardReply::NotLeader, "not_leader"); replies.len()]
         }
-        Err(e) => vec![(ForwardReply::Error(e.to_string()), "error"); replies.len()],
+        Err(e) => vec![(ForwardReply::internal(e.to_string()), "error"); replies.len()],
     };
     for ((reply, (answer, outcome)), kind) in replies.into_iter().zip(answers).zip(kinds) {
         metrics.proposal(kind, outcome);
@@ -282,7 +355,7 @@ impl ControlNode {
         let raft_config = Arc::new(
             raft_config
                 .validate()
-                .map_err(|e| NodeError::Invalid(e.to_string()))?,
+                .map_err(|e| NodeError::Config(e.to_string()))?,
         );
         let tokens = match &config.auth {
             Some(a) => Some(
@@ -292,7 +365,7 @@ impl ControlNode {
                     &a.peer,
                     config.metrics_open,
                 )
-                .map_err(|e| NodeError::Invalid(e.to_string()))?,
+                .map_err(|e| NodeError::Config(e.to_string()))?,
             ),
             None => None,
         };
@@ -564,8 +637,7 @@ impl ControlNode {
                     )
                     .await;
                 }
-                ForwardReply::Error(e) => return Err(NodeError::Raft(e)),
-                other => return Ok(other),
+                other => return other.failure(),
             }
         }
     }
@@ -621,14 +693,17 @@ impl ControlNode {
         match req {
             Forward::Propose(cmd) => {
                 if matches!(*cmd, Command::Batch { .. }) {
-                    return ForwardReply::Error("batches are formed by the leader".into());
+                    return ForwardReply::failed(
+                        FailureKind::Invalid,
+                        "batches are formed by the leader",
+                    );
                 }
                 self.propose_admitted(*cmd).await
             }
             Forward::ReadIndex => match self.leader_check.confirm().await {
                 Ok(c) => ForwardReply::ReadIndex(c.read_index),
                 Err(LeaderCheckError::NotLeader) => ForwardReply::NotLeader,
-                Err(e) => ForwardReply::Error(e.to_string()),
+                Err(e) => ForwardReply::internal(e.to_string()),
             },
             Forward::Heartbeat(host) => self.heartbeat_here(&host).await,
             Forward::Heartbeats(hosts) => {
@@ -701,10 +776,10 @@ impl ControlNode {
         cmd.stamp(now_ms());
         let (tx, rx) = oneshot::channel();
         if self.proposals.send((cmd, term, tx)).await.is_err() {
-            return ForwardReply::Error("the proposal queue is closed".into());
+            return ForwardReply::internal("the proposal queue is closed");
         }
         rx.await
-            .unwrap_or_else(|_| ForwardReply::Error("the proposal was dropped unanswered".into()))
+            .unwrap_or_else(|_| ForwardReply::internal("the proposal was dropped unanswered"))
     }
 
     /// A heartbeat on the leader: confirms leadership by a round that began after the
@@ -721,7 +796,7 @@ impl ControlNode {
             let confirmed = match self.leader_check.confirm().await {
                 Ok(c) => c,
                 Err(LeaderCheckError::NotLeader) => return ForwardReply::NotLeader,
-                Err(e) => return ForwardReply::Error(e.to_string()),
+                Err(e) => return ForwardReply::internal(e.to_string()),
             };
             // Wait until this node has applied everything in its log when the check ended,
             // not only what was committed when it began: an entry that declares this host
@@ -737,7 +812,7 @@ impl ControlNode {
                 )
                 .await;
             if let Err(e) = applied {
-                return ForwardReply::Error(e.to_string());
+                return ForwardReply::internal(e.to_string());
             }
             let Some(record) = self.state.read(|s| s.hosts.get(host).cloned()) else {
                 return ForwardReply::Response(Response::Error(ApplyError::NotFound(format!(
@@ -754,9 +829,10 @@ impl ControlNode {
                 // The leader loop is declaring this host down: once that is resolved the
                 // record says down (and the host comes back up below), or the proposal failed.
                 if tokio::time::timeout_at(deadline, resolved).await.is_err() {
-                    return ForwardReply::Error(format!(
-                        "host {host} is being declared down; try again"
-                    ));
+                    return ForwardReply::failed(
+                        FailureKind::Unavailable,
+                        format!("host {host} is being declared down; try again"),
+                    );
                 }
                 continue;
             }
@@ -791,12 +867,12 @@ impl ControlNode {
             )
             .await
         {
-            return ForwardReply::Error(format!("adding node {} as learner: {e}", m.id));
+            return ForwardReply::internal(format!("adding node {} as learner: {e}", m.id));
         }
         let add = ChangeMembers::AddVoterIds(BTreeSet::from([m.id]));
         match self.raft.change_membership(add, false).await {
             Ok(_) => ForwardReply::Members(self.members()),
-            Err(e) => ForwardReply::Error(format!("promoting node {}: {e}", m.id)),
+            Err(e) => ForwardReply::internal(format!("promoting node {}: {e}", m.id)),
         }
     }
 
@@ -811,10 +887,13 @@ impl ControlNode {
             .map(|m| m.id)
             .collect();
         if !self.members().iter().any(|m| m.id == id) {
-            return ForwardReply::Error(format!("node {id} is not a member"));
+            return ForwardReply::failed(
+                FailureKind::NotFound,
+                format!("node {id} is not a member"),
+            );
         }
         if voters.contains(&id) && voters.len() == 1 {
-            return ForwardReply::Error("cannot remove the last voter".into());
+            return ForwardReply::failed(FailureKind::Conflict, "cannot remove the last voter");
         }
         let change = if voters.contains(&id) {
             ChangeMembers::RemoveVoters(BTreeSet::from([id]))
@@ -823,7 +902,7 @@ impl ControlNode {
         };
         match self.raft.change_membership(change, false).await {
             Ok(_) => ForwardReply::Members(self.members()),
-            Err(e) => ForwardReply::Error(format!("removing node {id}: {e}")),
+            Err(e) => ForwardReply::internal(format!("removing node {id}: {e}")),
         }
     }
 
@@ -841,6 +920,7 @@ impl ControlNode {
             ForwardReply::Response(r) => Ok(r),
             ForwardReply::NotLeader => Err(NodeError::LeadershipLost(term)),
             ForwardReply::Error(e) => Err(NodeError::Raft(e)),
+            ForwardReply::Failed(f) => Err(f.into()),
             other => Err(NodeError::Raft(format!("unexpected reply {other:?}"))),
         }
     }
@@ -974,5 +1054,49 @@ impl ControlNode {
         mx.vms.set(vms as i64);
         mx.hosts.set(hosts as i64);
         mx.leased_hosts.set(self.with_leases(|l| l.len()) as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The forward protocol's failures: the new form is pinned, the old one still decodes.
+    #[test]
+    fn forward_failures_carry_kinds() {
+        let r = ForwardReply::failed(FailureKind::Conflict, "cannot remove the last voter");
+        let json = serde_json::to_string(&r).expect("encodes");
+        assert_eq!(
+            json,
+            r#"{"Failed":{"kind":"conflict","message":"cannot remove the last voter"}}"#
+        );
+        type Is = fn(&NodeError) -> bool;
+        let cases: [(&str, Is); 6] = [
+            (r#"{"Failed":{"kind":"invalid","message":"m"}}"#, |e| {
+                matches!(e, NodeError::Invalid(_))
+            }),
+            (r#"{"Failed":{"kind":"not_found","message":"m"}}"#, |e| {
+                matches!(e, NodeError::NotFound(_))
+            }),
+            (r#"{"Failed":{"kind":"conflict","message":"m"}}"#, |e| {
+                matches!(e, NodeError::Conflict(_))
+            }),
+            (r#"{"Failed":{"kind":"unavailable","message":"m"}}"#, |e| {
+                matches!(e, NodeError::Unavailable(_))
+            }),
+            (r#"{"Failed":{"kind":"internal","message":"m"}}"#, |e| {
+                matches!(e, NodeError::Raft(_))
+            }),
+            (r#"{"Error":"m"}"#, |e| matches!(e, NodeError::Raft(_))),
+        ];
+        for (wire, want) in cases {
+            let r: ForwardReply = serde_json::from_str(wire).expect(wire);
+            let e = r.failure().expect_err(wire);
+            assert!(want(&e), "{wire}: {e:?}");
+        }
+        assert!(matches!(
+            ForwardReply::ReadIndex(3).failure(),
+            Ok(ForwardReply::ReadIndex(3))
+        ));
     }
 }

@@ -16,6 +16,8 @@ pub mod lazyfs;
 pub mod linearizability;
 pub mod nemesis;
 pub mod proxy;
+pub mod pytools;
+pub mod raw;
 pub mod unit_log;
 pub mod vms;
 pub mod wait;

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 /// Which hypervisor builds the VM's command line on the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum Hypervisor {
     /// QEMU (`-M microvm`, `q35` fallback); KVM when it works, TCG otherwise.
@@ -36,6 +37,7 @@ impl Hypervisor {
 
 /// What the cluster does when a VM's process ends or its host is lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartPolicy {
     /// Restart whenever it stops without being asked to, and move it when its host is lost.
@@ -50,6 +52,7 @@ pub enum RestartPolicy {
 /// What the cluster does with a VM when its host stops answering (see the README's
 /// "Exactly once" section).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum OnHostLoss {
     /// Fenced on a host cut off from the control plane (stopped once the host's lease runs
@@ -74,6 +77,7 @@ impl OnHostLoss {
 
 /// How the scheduler ranks hosts that fit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum PlacementStrategy {
     /// Prefer the least loaded host.
@@ -85,6 +89,7 @@ pub enum PlacementStrategy {
 
 /// Image format of a disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum DiskFormat {
     #[default]
@@ -94,6 +99,7 @@ pub enum DiskFormat {
 
 /// A disk attached to a VM. `path` is relative to the agent's image directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
     pub path: String,
@@ -105,6 +111,7 @@ pub struct DiskSpec {
 
 /// A network interface: a TAP device on a host bridge.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NicSpec {
     /// The host bridge the TAP device joins.
@@ -116,6 +123,7 @@ pub struct NicSpec {
 
 /// The desired shape of one VM: structured data, never a command line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct VmSpec {
     /// DNS label (lowercase letters, digits, `-`; at most 63 characters): it becomes the unit name
@@ -165,6 +173,7 @@ pub struct VmSpec {
 /// run again only after a failure and only within `max_restarts` (default 0 for a task), or,
 /// when `rerun_on_host_loss` says so, elsewhere after its host was lost. `restart_policy` does
 /// not apply to a task.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct TaskSpec {
@@ -205,6 +214,7 @@ pub fn bound_console(lines: &[String]) -> Vec<String> {
 }
 
 /// How a task ended.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TaskOutcome {
@@ -223,6 +233,7 @@ impl TaskOutcome {
 }
 
 /// Why a task ended.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TaskEndReason {
@@ -249,6 +260,7 @@ impl TaskEndReason {
 
 /// What an agent reports about the end of a task's run, with the VM's end
 /// ([`VmStatusReport`]).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskEnd {
@@ -266,6 +278,7 @@ pub struct TaskEnd {
 }
 
 /// The recorded result of a task, replicated through Raft with its VM.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskResult {
     pub outcome: TaskOutcome,
@@ -329,6 +342,7 @@ impl VmSpec {
 
 /// A VM being moved off its host: it is stopped there first, then placed again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Eviction {
     pub reason: String,
     /// Unix milliseconds by which the host should have confirmed the stop. Past it the VM is
@@ -339,6 +353,7 @@ pub struct Eviction {
 
 /// What the user wants a VM to be doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum DesiredState {
     #[default]
@@ -348,6 +363,7 @@ pub enum DesiredState {
 
 /// What a VM is doing, as the cluster knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum VmState {
     /// Not placed on any host yet (see `reason`).
@@ -378,6 +394,7 @@ impl VmState {
 
 /// A VM as stored by the cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Vm {
     pub spec: VmSpec,
     pub desired: DesiredState,
@@ -423,6 +440,7 @@ impl Vm {
 
 /// Host lifecycle as the control plane sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum HostStatus {
     #[default]
@@ -443,6 +461,7 @@ impl HostStatus {
 
 /// What a host offers to VMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Capacity {
     pub vcpus: u32,
@@ -454,6 +473,7 @@ pub struct Capacity {
 
 /// Sent by an agent when it starts (and again whenever its capacity changes).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HostRegistration {
     /// DNS label naming the host.
@@ -482,6 +502,7 @@ pub struct HostRegistration {
 /// `grace_ms` later. The control plane declares the host down only after both have passed,
 /// plus its margin (see `control::liveness`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FenceTiming {
     pub lease_ms: u64,
     pub grace_ms: u64,
@@ -496,6 +517,7 @@ impl FenceTiming {
 
 /// A host as stored by the cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Host {
     pub id: String,
     pub address: String,
@@ -522,6 +544,7 @@ pub struct Host {
 
 /// Where a [`LogLine`] comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum LogSource {
     /// The VM's own output: its console, from the unit's processes.
@@ -542,6 +565,7 @@ impl LogSource {
 /// One line of `GET /v1/vms/{name}/logs`, which streams them as NDJSON (one JSON object a
 /// line), oldest first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogLine {
     /// Unix microseconds at which the host's journal received the line.
     pub ts_us: u64,
@@ -556,6 +580,7 @@ pub const DEFAULT_LOG_LINES: u32 = 100;
 
 /// Body of `POST /v1/hosts/{id}/drain`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DrainRequest {
     /// Seconds the host's VMs get to stop (default 300). Past it a VM that has not stopped
@@ -568,6 +593,7 @@ pub struct DrainRequest {
 /// Body of `PUT /v1/vms/{name}`: a new spec, optionally only if the VM is still at
 /// `expected_generation`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct UpdateVm {
     pub spec: VmSpec,
@@ -577,6 +603,7 @@ pub struct UpdateVm {
 
 /// What changed in the cluster, as `GET /v1/events` reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     VmCreated,
@@ -591,6 +618,7 @@ pub enum EventKind {
 
 /// One change, at the Raft index that made it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Event {
     pub index: u64,
     pub time_ms: u64,
@@ -609,6 +637,7 @@ pub struct Event {
 
 /// Answer to `GET /v1/events?since=INDEX`: the events after `since`, oldest first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Events {
     /// Pass as `since` to continue after these.
     pub index: u64,
@@ -617,6 +646,7 @@ pub struct Events {
 
 /// Body of `POST /v1/plan`: the VMs a file declares.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PlanRequest {
     pub vms: Vec<VmSpec>,
@@ -627,6 +657,7 @@ pub struct PlanRequest {
 
 /// One VM the plan changes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PlanItem {
     pub name: String,
     /// Fields that differ, for updates.
@@ -645,6 +676,7 @@ pub struct PlanItem {
 
 /// What `apply` would do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Plan {
     pub create: Vec<PlanItem>,
     pub update: Vec<PlanItem>,
@@ -654,6 +686,7 @@ pub struct Plan {
 
 /// A saved copy of the cluster's hosts and VMs (`cluster snapshot save|restore`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct StateSnapshot {
     /// Applied index the copy was taken at.
@@ -664,11 +697,13 @@ pub struct StateSnapshot {
 
 /// Body of `POST /v1/vms/{name}/stop` and `start`: none needed, kept for future options.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Empty {}
 
 /// One VM the agent should have, with the state it should be in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Assignment {
     pub spec: VmSpec,
     pub desired: DesiredState,
@@ -677,6 +712,7 @@ pub struct Assignment {
 
 /// Answer to `GET /v1/hosts/{id}/assignments`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Assignments {
     pub host: String,
     /// Pass as `wait_index` to wait for the next change.
@@ -686,6 +722,7 @@ pub struct Assignments {
 
 /// What the agent reports about one VM unit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct VmStatusReport {
     pub state: VmState,
@@ -701,6 +738,7 @@ pub struct VmStatusReport {
 
 /// One member of the Raft cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Member {
     pub id: u64,
     pub addr: String,
@@ -710,6 +748,7 @@ pub struct Member {
 
 /// Body of `POST /v1/cluster/members`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AddMember {
     pub id: u64,
@@ -718,6 +757,7 @@ pub struct AddMember {
 
 /// Answer to `GET /v1/cluster/status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ClusterStatus {
     pub node_id: u64,
     pub leader: Option<u64>,
@@ -733,6 +773,7 @@ pub struct ClusterStatus {
 
 /// Answer to `GET /v1/health`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Health {
     pub status: String,
     pub node_id: u64,
@@ -755,15 +796,18 @@ pub mod codes {
     pub const UNAUTHENTICATED: &str = "unauthenticated";
     pub const FORBIDDEN: &str = "forbidden";
     pub const RATE_LIMITED: &str = "rate_limited";
+    pub const REQUEST_TIMEOUT: &str = "request_timeout";
 }
 
 /// The error object of every non-2xx answer: `{"error": {"code": …, "message": …}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorDetail {
     pub code: String,
     pub message: String,

@@ -134,9 +134,12 @@ pub fn dns_label(field: &str, value: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
-/// A relative or absolute path to a file in the agent's image directory. The agent resolves
-/// and confines it; here it must be plain text without `..`, NUL, control characters or commas
-/// (QEMU's option separator).
+/// A path to a file in the agent's image directory, relative to it: the one rule for image
+/// paths (kernel, initrd, disks), applied at admission here and again by the agent
+/// (`agent/src/image_path.rs`) before it resolves the file. Refused: empty, longer than
+/// [`MAX_PATH_LEN`], [hostile characters](is_hostile_char), commas (QEMU's option
+/// separator), absolute paths, any `..` component (a path that could leave the directory
+/// lexically; symlinks are the agent's to check), and paths that name no file (`.`, `./`).
 pub fn image_path(field: &str, value: &str) -> Result<(), ValidationError> {
     if value.is_empty() {
         return Err(err(field, "must not be empty"));
@@ -145,10 +148,36 @@ pub fn image_path(field: &str, value: &str) -> Result<(), ValidationError> {
     if value.contains(',') {
         return Err(err(field, "must not contain ','"));
     }
+    if value.starts_with('/') {
+        return Err(err(
+            field,
+            format!(
+                "{} is absolute: image paths are relative to the agent's image directory",
+                escaped(value)
+            ),
+        ));
+    }
     if value.split('/').any(|c| c == "..") {
         return Err(err(field, "must not contain '..'"));
     }
+    if value.split('/').all(|c| c.is_empty() || c == ".") {
+        return Err(err(field, format!("{} names no file", escaped(value))));
+    }
     Ok(())
+}
+
+/// `value` for an error message, each [hostile character](is_hostile_char) written as
+/// `\u{202e}`, so that a message never carries what it refuses.
+pub fn escaped(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        if is_hostile_char(c) {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Label or constraint keys and values.
@@ -163,7 +192,7 @@ pub fn labels(field: &str, map: &BTreeMap<String, String>) -> Result<(), Validat
                 .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
         if !ok_key {
             return Err(err(
-                format!("{field}.{k}"),
+                format!("{field}.{}", escaped(k)),
                 "label keys are 1-128 characters of [A-Za-z0-9-_./]",
             ));
         }
@@ -525,6 +554,22 @@ mod tests {
             ),
             ("comma kernel", |s| s.kernel = Some("a,b".into()), false),
             (
+                "absolute kernel",
+                |s| s.kernel = Some("/etc/shadow".into()),
+                false,
+            ),
+            (
+                "absolute initrd",
+                |s| s.initrd = Some("/etc/shadow".into()),
+                false,
+            ),
+            ("dot kernel", |s| s.kernel = Some("./".into()), false),
+            (
+                "nested kernel",
+                |s| s.kernel = Some("./k/vmlinuz".into()),
+                true,
+            ),
+            (
                 "newline cmdline",
                 |s| s.cmdline = Some("a\nb".into()),
                 false,
@@ -853,5 +898,40 @@ mod tests {
             r#"{"name":"a","vcpus":1,"memory_mib":64,"kernel":"k","memroy":5}"#,
         );
         assert!(r.is_err());
+    }
+
+    #[test]
+    fn image_path_table() {
+        let cases: [(&str, Result<(), &str>); 9] = [
+            ("vmlinuz", Ok(())),
+            ("k/vmlinuz", Ok(())),
+            ("./k//vmlinuz", Ok(())),
+            ("/etc/shadow", Err("is absolute")),
+            ("/img/vmlinuz", Err("is absolute")),
+            ("k/../../x", Err("must not contain '..'")),
+            ("..", Err("must not contain '..'")),
+            (".", Err("names no file")),
+            ("", Err("must not be empty")),
+        ];
+        for (value, want) in cases {
+            match (want, image_path("kernel", value)) {
+                (Ok(()), Ok(())) => {}
+                (Err(m), Err(e)) => assert!(e.message.contains(m), "{value}: {e}"),
+                (w, g) => panic!("{value:?}: want {w:?}, got {g:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn refused_characters_are_escaped_in_messages() {
+        assert_eq!(escaped("a\u{202e}b"), "a\\u{202e}b");
+        assert_eq!(escaped("plain ascii"), "plain ascii");
+        let map: BTreeMap<String, String> = [("x\u{202e}y".to_string(), "v".to_string())].into();
+        let e = labels("constraints", &map).expect_err("refused key");
+        let shown = e.to_string();
+        assert!(!shown.contains('\u{202e}'), "{shown:?}");
+        assert!(shown.contains("x\\u{202e}y"), "{shown}");
+        let e = image_path("kernel", "/\u{202e}").expect_err("refused");
+        assert!(!e.to_string().contains('\u{202e}'), "{e}");
     }
 }

@@ -7,7 +7,6 @@ use std::time::Duration;
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use blixard_api::types::codes;
 use blixard_api::{
@@ -18,12 +17,16 @@ use blixard_api::{
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
 use super::error::ApiError;
+use super::openapi::Errors;
 use crate::node::ControlNode;
 use crate::state_machine::{Command, Response as SmResponse};
 
-/// Largest client request body.
-pub const BODY_LIMIT: usize = 64 * 1024;
+pub use super::strict::BODY_LIMIT;
+use super::strict::{NoBody, NoQuery};
 /// Longest long-poll a client may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(60);
 
@@ -41,41 +44,48 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     }
 }
 
+/// The `/v1/` routes and `/metrics`, and their OpenAPI description: each route is registered
+/// with the `#[utoipa::path]` of its handler, so the description cannot name a route, method
+/// or parameter the router does not serve.
+fn documented() -> (Router<Arc<ControlNode>>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(super::openapi::base())
+        .routes(routes!(health))
+        .routes(routes!(super::openapi::openapi_json))
+        .routes(routes!(metrics))
+        .routes(routes!(cluster_status))
+        .routes(routes!(list_members, add_member))
+        .routes(routes!(remove_member))
+        .routes(routes!(list_vms, create_vm))
+        .routes(routes!(get_vm, update_vm, delete_vm))
+        .routes(routes!(start_vm))
+        .routes(routes!(stop_vm))
+        .routes(routes!(super::logs::vm_logs))
+        .routes(routes!(list_hosts, register_host))
+        .routes(routes!(get_host))
+        .routes(routes!(heartbeat))
+        .routes(routes!(drain_host))
+        .routes(routes!(undrain_host))
+        .routes(routes!(declare_host_gone))
+        .routes(routes!(events))
+        .routes(routes!(plan))
+        .routes(routes!(save_snapshot, restore_snapshot))
+        .routes(routes!(assignments))
+        .routes(routes!(report_status))
+        .split_for_parts()
+}
+
+/// The OpenAPI description of the routes [`routes`] serves.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    documented().1
+}
+
 pub fn routes() -> Router<Arc<ControlNode>> {
-    Router::new()
-        .route("/v1/health", get(health))
-        .route("/metrics", get(metrics))
-        .route("/v1/cluster/status", get(cluster_status))
-        .route("/v1/cluster/members", get(list_members).post(add_member))
-        .route(
-            "/v1/cluster/members/{id}",
-            axum::routing::delete(remove_member),
-        )
-        .route("/v1/vms", get(list_vms).post(create_vm))
-        .route(
-            "/v1/vms/{name}",
-            get(get_vm).put(update_vm).delete(delete_vm),
-        )
-        .route("/v1/vms/{name}/start", post(start_vm))
-        .route("/v1/vms/{name}/stop", post(stop_vm))
-        .route("/v1/vms/{name}/logs", get(super::logs::vm_logs))
-        .route("/v1/hosts", get(list_hosts).post(register_host))
-        .route("/v1/hosts/{id}", get(get_host))
-        .route("/v1/hosts/{id}/heartbeat", post(heartbeat))
-        .route("/v1/hosts/{id}/drain", post(drain_host))
-        .route("/v1/hosts/{id}/undrain", post(undrain_host))
-        .route("/v1/hosts/{id}/declare-gone", post(declare_host_gone))
-        .route("/v1/events", get(events))
-        .route("/v1/plan", post(plan))
-        .route(
-            "/v1/cluster/snapshot",
-            get(save_snapshot).post(restore_snapshot),
-        )
-        .route("/v1/hosts/{id}/assignments", get(assignments))
-        .route("/v1/hosts/{id}/vms/{name}/status", put(report_status))
+    documented()
+        .0
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(super::strict::bound_body))
 }
 
 async fn not_found() -> ApiError {
@@ -115,7 +125,8 @@ fn unexpected(r: SmResponse) -> ApiError {
     )
 }
 
-async fn health(State(node): Node) -> Response {
+#[utoipa::path(get, path = "/v1/health", tag = "cluster", security(()), responses((status = 200, body = Health, description = "the node knows a leader"), (status = 503, body = Health, description = "no leader known"), Errors))]
+async fn health(State(node): Node, _: NoQuery, _: NoBody) -> Response {
     let leader = node.leader();
     let body = Health {
         status: if leader.is_some() { "ok" } else { "no-leader" }.into(),
@@ -130,31 +141,47 @@ async fn health(State(node): Node) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn metrics(State(node): Node) -> Response {
+#[utoipa::path(get, path = "/metrics", tag = "cluster", responses((status = 200, body = String, content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8", description = "OpenMetrics 1.0 text"), Errors))]
+async fn metrics(State(node): Node, _: NoQuery, _: NoBody) -> Response {
     node.refresh_gauges().await;
     (
         [(
             header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            // What `prometheus_client` (the Rust crate) writes: OpenMetrics 1.0, counters
+            // named without `_total` in `# TYPE`, samples with it, ending in `# EOF`.
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         node.metrics.encode(),
     )
         .into_response()
 }
 
-async fn cluster_status(State(node): Node) -> Json<ClusterStatus> {
+#[utoipa::path(get, path = "/v1/cluster/status", tag = "cluster", responses((status = 200, body = ClusterStatus, description = "this node's view of the cluster"), Errors))]
+async fn cluster_status(State(node): Node, _: NoQuery, _: NoBody) -> Json<ClusterStatus> {
     Json(node.status().await)
 }
 
-async fn list_members(State(node): Node) -> Json<Vec<Member>> {
+#[utoipa::path(get, path = "/v1/cluster/members", tag = "cluster", responses((status = 200, body = Vec<Member>, description = "success"), Errors))]
+async fn list_members(State(node): Node, _: NoQuery, _: NoBody) -> Json<Vec<Member>> {
     Json(node.members())
 }
 
+#[utoipa::path(post, path = "/v1/cluster/members", tag = "cluster", request_body = AddMember, responses((status = 200, body = Vec<Member>, description = "the members after the change"), Errors))]
 async fn add_member(
     State(node): Node,
+    _: NoQuery,
     ApiJson(m): ApiJson<AddMember>,
 ) -> Result<Json<Vec<Member>>, ApiError> {
     validate::add_member(&m)?;
+    if let Some(x) = node.members().iter().find(|x| x.addr == m.addr) {
+        // Raft traffic to the new member would reach that member instead (found by
+        // schemathesis: at this node's own address it brought the node down).
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            codes::CONFLICT,
+            format!("{} is already the address of node {}", m.addr, x.id),
+        ));
+    }
     if node.members().iter().any(|x| x.id == m.id) {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -165,9 +192,12 @@ async fn add_member(
     Ok(Json(node.add_member(m).await?))
 }
 
+#[utoipa::path(delete, path = "/v1/cluster/members/{id}", tag = "cluster", params(("id" = u64, Path, description = "the node id")), responses((status = 200, body = Vec<Member>, description = "success"), Errors))]
 async fn remove_member(
     State(node): Node,
     Path(id): Path<String>,
+    _: NoQuery,
+    _: NoBody,
 ) -> Result<Json<Vec<Member>>, ApiError> {
     let id: u64 = id
         .parse()
@@ -179,7 +209,8 @@ async fn remove_member(
 }
 
 /// Optional `?expected_generation=N` of writes to one VM.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct GenerationQuery {
     expected_generation: Option<u64>,
@@ -199,8 +230,10 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(k.to_string()))
 }
 
+#[utoipa::path(post, path = "/v1/vms", tag = "vms", request_body = VmSpec, params(("Idempotency-Key" = Option<String>, Header, description = "a retry with the same key answers the VM it created")), responses((status = 201, body = Vm, description = "created"), (status = 200, body = Vm, description = "created before under the same Idempotency-Key"), Errors))]
 async fn create_vm(
     State(node): Node,
+    _: NoQuery,
     headers: HeaderMap,
     ApiJson(spec): ApiJson<VmSpec>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -221,9 +254,11 @@ async fn create_vm(
     }
 }
 
+#[utoipa::path(put, path = "/v1/vms/{name}", tag = "vms", request_body = UpdateVm, params(("name" = String, Path, description = "the VM's name (a DNS label)")), responses((status = 200, body = Vm, description = "success"), Errors))]
 async fn update_vm(
     State(node): Node,
     Path(name): Path<String>,
+    _: NoQuery,
     ApiJson(update): ApiJson<UpdateVm>,
 ) -> Result<Json<Vm>, ApiError> {
     validate::vm_spec(&update.spec)?;
@@ -240,12 +275,19 @@ async fn update_vm(
     Ok(Json(expect_vm(node.propose(cmd).await?)?))
 }
 
-async fn list_vms(State(node): Node) -> Result<Json<Vec<Vm>>, ApiError> {
+#[utoipa::path(get, path = "/v1/vms", tag = "vms", responses((status = 200, body = Vec<Vm>, description = "success"), Errors))]
+async fn list_vms(State(node): Node, _: NoQuery, _: NoBody) -> Result<Json<Vec<Vm>>, ApiError> {
     node.read_barrier().await?;
     Ok(Json(node.state.read(|s| s.vms.values().cloned().collect())))
 }
 
-async fn get_vm(State(node): Node, Path(name): Path<String>) -> Result<Json<Vm>, ApiError> {
+#[utoipa::path(get, path = "/v1/vms/{name}", tag = "vms", params(("name" = String, Path, description = "the VM's name (a DNS label)")), responses((status = 200, body = Vm, description = "success"), Errors))]
+async fn get_vm(
+    State(node): Node,
+    Path(name): Path<String>,
+    _: NoQuery,
+    _: NoBody,
+) -> Result<Json<Vm>, ApiError> {
     validate::dns_label("name", &name)?;
     node.read_barrier().await?;
     node.state
@@ -254,10 +296,12 @@ async fn get_vm(State(node): Node, Path(name): Path<String>) -> Result<Json<Vm>,
         .ok_or_else(|| ApiError::not_found(format!("vm {name} not found")))
 }
 
+#[utoipa::path(delete, path = "/v1/vms/{name}", tag = "vms", params(("name" = String, Path, description = "the VM's name (a DNS label)"), GenerationQuery), responses((status = 200, body = Vm, description = "the VM as deleted"), Errors))]
 async fn delete_vm(
     State(node): Node,
     Path(name): Path<String>,
     q: GenQuery,
+    _: NoBody,
 ) -> Result<Json<Vm>, ApiError> {
     let Query(q) = q?;
     validate::dns_label("name", &name)?;
@@ -286,25 +330,31 @@ async fn set_desired(
     Ok(Json(expect_vm(node.propose(cmd).await?)?))
 }
 
+#[utoipa::path(post, path = "/v1/vms/{name}/start", tag = "vms", params(("name" = String, Path, description = "the VM's name (a DNS label)"), GenerationQuery), responses((status = 200, body = Vm, description = "success"), Errors))]
 async fn start_vm(
     State(node): Node,
     Path(name): Path<String>,
     q: GenQuery,
+    _: NoBody,
 ) -> Result<Json<Vm>, ApiError> {
     set_desired(&node, name, DesiredState::Running, q).await
 }
 
+#[utoipa::path(post, path = "/v1/vms/{name}/stop", tag = "vms", params(("name" = String, Path, description = "the VM's name (a DNS label)"), GenerationQuery), responses((status = 200, body = Vm, description = "success"), Errors))]
 async fn stop_vm(
     State(node): Node,
     Path(name): Path<String>,
     q: GenQuery,
+    _: NoBody,
 ) -> Result<Json<Vm>, ApiError> {
     set_desired(&node, name, DesiredState::Stopped, q).await
 }
 
+#[utoipa::path(post, path = "/v1/hosts/{id}/drain", tag = "hosts", params(("id" = String, Path, description = "the host's id (a DNS label)")), request_body(content = Option<DrainRequest>, description = "optional: without it the deadline is 300 s"), responses((status = 200, body = Host, description = "success"), Errors))]
 async fn drain_host(
     State(node): Node,
     Path(id): Path<String>,
+    _: NoQuery,
     body: axum::body::Bytes,
 ) -> Result<Json<Host>, ApiError> {
     validate::dns_label("id", &id)?;
@@ -331,7 +381,13 @@ async fn drain_host(
     )?))
 }
 
-async fn undrain_host(State(node): Node, Path(id): Path<String>) -> Result<Json<Host>, ApiError> {
+#[utoipa::path(post, path = "/v1/hosts/{id}/undrain", tag = "hosts", params(("id" = String, Path, description = "the host's id (a DNS label)")), responses((status = 200, body = Host, description = "success"), Errors))]
+async fn undrain_host(
+    State(node): Node,
+    Path(id): Path<String>,
+    _: NoQuery,
+    _: NoBody,
+) -> Result<Json<Host>, ApiError> {
     validate::dns_label("id", &id)?;
     let status = node.state.read(|s| s.hosts.get(&id).map(|h| h.status));
     match status {
@@ -355,9 +411,12 @@ async fn undrain_host(State(node): Node, Path(id): Path<String>) -> Result<Json<
 /// An operator's word that a host is gone (operator scope: not an agent's to say): its VMs,
 /// `on_host_loss = stay` ones included, are placed elsewhere at once, and the host stays down
 /// until its agent registers again.
+#[utoipa::path(post, path = "/v1/hosts/{id}/declare-gone", tag = "hosts", params(("id" = String, Path, description = "the host's id (a DNS label)")), responses((status = 200, body = Host, description = "success"), Errors))]
 async fn declare_host_gone(
     State(node): Node,
     Path(id): Path<String>,
+    _: NoQuery,
+    _: NoBody,
 ) -> Result<Json<Host>, ApiError> {
     validate::dns_label("id", &id)?;
     // An unknown host is refused by the state machine itself (404), at the entry's index.
@@ -370,17 +429,22 @@ async fn declare_host_gone(
     )?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct EventsQuery {
     since: Option<u64>,
+    /// Longest wait in milliseconds (at most 60000; more is read as 60000).
+    #[param(maximum = 60000)]
     wait_ms: Option<u64>,
 }
 
 /// Events after `since`; with `wait_ms`, waits (a long-poll) until there is one.
+#[utoipa::path(get, path = "/v1/events", tag = "events", params(EventsQuery), responses((status = 200, body = Events, description = "success"), Errors))]
 async fn events(
     State(node): Node,
     query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+    _: NoBody,
 ) -> Result<Json<Events>, ApiError> {
     let Query(q) = query?;
     node.read_barrier().await?;
@@ -413,8 +477,10 @@ async fn events(
     }
 }
 
+#[utoipa::path(post, path = "/v1/plan", tag = "vms", request_body = PlanRequest, responses((status = 200, body = Plan, description = "success"), Errors))]
 async fn plan(
     State(node): Node,
+    _: NoQuery,
     ApiJson(req): ApiJson<PlanRequest>,
 ) -> Result<Json<Plan>, ApiError> {
     if req.vms.len() > 10_000 {
@@ -437,7 +503,12 @@ async fn plan(
     ))
 }
 
-async fn save_snapshot(State(node): Node) -> Result<Json<StateSnapshot>, ApiError> {
+#[utoipa::path(get, path = "/v1/cluster/snapshot", tag = "cluster", responses((status = 200, body = StateSnapshot, description = "success"), Errors))]
+async fn save_snapshot(
+    State(node): Node,
+    _: NoQuery,
+    _: NoBody,
+) -> Result<Json<StateSnapshot>, ApiError> {
     node.read_barrier().await?;
     let index = node.state.applied_index();
     Ok(Json(node.state.read(|s| StateSnapshot {
@@ -447,10 +518,18 @@ async fn save_snapshot(State(node): Node) -> Result<Json<StateSnapshot>, ApiErro
     })))
 }
 
+/// The answer of a restore.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Restored {
+    pub restored_vms: usize,
+}
+
+#[utoipa::path(post, path = "/v1/cluster/snapshot", tag = "cluster", request_body = StateSnapshot, responses((status = 200, body = Restored, description = "success"), Errors))]
 async fn restore_snapshot(
     State(node): Node,
+    _: NoQuery,
     ApiJson(snap): ApiJson<StateSnapshot>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Restored>, ApiError> {
     for h in &snap.hosts {
         validate::host_record(h)?;
     }
@@ -463,13 +542,15 @@ async fn restore_snapshot(
         now_ms: 0,
     };
     match node.propose(cmd).await? {
-        SmResponse::Count(n) => Ok(Json(serde_json::json!({ "restored_vms": n }))),
+        SmResponse::Count(n) => Ok(Json(Restored { restored_vms: n })),
         other => Err(unexpected(other)),
     }
 }
 
+#[utoipa::path(post, path = "/v1/hosts", tag = "agent", request_body = HostRegistration, responses((status = 200, body = Host, description = "success"), Errors))]
 async fn register_host(
     State(node): Node,
+    _: NoQuery,
     principal: Option<axum::Extension<super::auth::Principal>>,
     ApiJson(registration): ApiJson<HostRegistration>,
 ) -> Result<Json<Host>, ApiError> {
@@ -507,11 +588,18 @@ async fn hosts_with_leases(node: &ControlNode, only: Option<&str>) -> Result<Vec
     Ok(hosts)
 }
 
-async fn list_hosts(State(node): Node) -> Result<Json<Vec<Host>>, ApiError> {
+#[utoipa::path(get, path = "/v1/hosts", tag = "hosts", responses((status = 200, body = Vec<Host>, description = "success"), Errors))]
+async fn list_hosts(State(node): Node, _: NoQuery, _: NoBody) -> Result<Json<Vec<Host>>, ApiError> {
     Ok(Json(hosts_with_leases(&node, None).await?))
 }
 
-async fn get_host(State(node): Node, Path(id): Path<String>) -> Result<Json<Host>, ApiError> {
+#[utoipa::path(get, path = "/v1/hosts/{id}", tag = "hosts", params(("id" = String, Path, description = "the host's id (a DNS label)")), responses((status = 200, body = Host, description = "success"), Errors))]
+async fn get_host(
+    State(node): Node,
+    Path(id): Path<String>,
+    _: NoQuery,
+    _: NoBody,
+) -> Result<Json<Host>, ApiError> {
     validate::dns_label("id", &id)?;
     hosts_with_leases(&node, Some(&id))
         .await?
@@ -523,22 +611,33 @@ async fn get_host(State(node): Node, Path(id): Path<String>) -> Result<Json<Host
 /// A host's heartbeat. A 200 means a leader confirmed its leadership after the heartbeat
 /// arrived and renewed the host's lease (in memory: nothing is written to the log unless the
 /// host was down); the agent renews its own end of the lease from it.
-async fn heartbeat(State(node): Node, Path(id): Path<String>) -> Result<Json<Host>, ApiError> {
+#[utoipa::path(post, path = "/v1/hosts/{id}/heartbeat", tag = "agent", params(("id" = String, Path, description = "the host's id (a DNS label)")), responses((status = 200, body = Host, description = "success"), Errors))]
+async fn heartbeat(
+    State(node): Node,
+    Path(id): Path<String>,
+    _: NoQuery,
+    _: NoBody,
+) -> Result<Json<Host>, ApiError> {
     validate::dns_label("id", &id)?;
     Ok(Json(expect_host(node.heartbeat(&id).await?)?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct WaitQuery {
     wait_index: Option<u64>,
+    /// Longest wait in milliseconds (at most 60000; more is read as 60000).
+    #[param(maximum = 60000)]
     wait_ms: Option<u64>,
 }
 
+#[utoipa::path(get, path = "/v1/hosts/{id}/assignments", tag = "agent", params(("id" = String, Path, description = "the host's id (a DNS label)"), WaitQuery), responses((status = 200, body = Assignments, description = "success"), Errors))]
 async fn assignments(
     State(node): Node,
     Path(id): Path<String>,
     query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+    _: NoBody,
 ) -> Result<Json<Assignments>, ApiError> {
     let Query(q) = query?;
     validate::dns_label("id", &id)?;
@@ -584,9 +683,11 @@ async fn assignments(
         .ok_or_else(|| ApiError::not_found(format!("host {id} not registered")))
 }
 
+#[utoipa::path(put, path = "/v1/hosts/{id}/vms/{name}/status", tag = "agent", params(("id" = String, Path, description = "the host's id (a DNS label)"), ("name" = String, Path, description = "the VM's name (a DNS label)")), request_body = VmStatusReport, responses((status = 200, body = Vm, description = "success"), Errors))]
 async fn report_status(
     State(node): Node,
     Path((id, name)): Path<(String, String)>,
+    _: NoQuery,
     ApiJson(report): ApiJson<VmStatusReport>,
 ) -> Result<Json<Vm>, ApiError> {
     validate::dns_label("id", &id)?;

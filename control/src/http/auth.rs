@@ -219,7 +219,8 @@ enum Need {
 fn need(method: &axum::http::Method, path: &str, metrics_open: bool) -> Need {
     let seg: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match seg.as_slice() {
-        ["v1", "health"] => Need::Nothing,
+        // The health check and the API's description are public.
+        ["v1", "health"] | ["v1", "openapi.json"] => Need::Nothing,
         ["metrics"] if metrics_open => Need::Nothing,
         ["metrics"] => Need::Observer,
         ["raft", ..] => Need::Peer,
@@ -318,6 +319,7 @@ mod tests {
         let cases = [
             (Method::GET, "/v1/health", Need::Nothing),
             (Method::GET, "/metrics", Need::Observer),
+            (Method::GET, "/v1/openapi.json", Need::Nothing),
             (Method::POST, "/raft/append", Need::Peer),
             (Method::POST, "/v1/hosts", Need::OperatorOrAgent),
             (Method::GET, "/v1/hosts", Need::Operator),

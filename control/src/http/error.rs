@@ -43,7 +43,9 @@ impl IntoResponse for ApiError {
         let body = ErrorBody {
             error: ErrorDetail {
                 code: self.code.into(),
-                message: self.message,
+                // Whatever a message quotes from the request (a serde error names an unknown
+                // field as sent), a refused character is shown escaped, never echoed.
+                message: blixard_api::validate::escaped(&self.message),
             },
         };
         (self.status, Json(body)).into_response()
@@ -82,8 +84,14 @@ impl From<NodeError> for ApiError {
                 "the leader could not be reached; retry shortly",
             ),
             NodeError::Invalid(m) => ApiError::invalid(m),
+            NodeError::NotFound(m) => ApiError::not_found(m),
+            NodeError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, codes::CONFLICT, m),
+            NodeError::Unavailable(m) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE, m)
+            }
+            // Raft, store, start-up and protocol failures: internals, never the client's fault.
             other => {
-                tracing::error!(error = %other, "internal error");
+                tracing::error!(error = %error_chain(&other), "internal error");
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     codes::INTERNAL,
@@ -92,6 +100,19 @@ impl From<NodeError> for ApiError {
             }
         }
     }
+}
+
+/// `e` and each of its causes, `: `-separated (messages never repeat their cause, so each
+/// appears once).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 impl From<JsonRejection> for ApiError {
@@ -126,5 +147,71 @@ impl From<QueryRejection> for ApiError {
 impl From<PathRejection> for ApiError {
     fn from(r: PathRejection) -> Self {
         ApiError::invalid(r.body_text())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_errors_map_to_statuses() {
+        let cases: Vec<(NodeError, StatusCode, &str)> = vec![
+            (
+                NodeError::NoLeader,
+                StatusCode::SERVICE_UNAVAILABLE,
+                codes::NO_LEADER,
+            ),
+            (
+                NodeError::LeaderUnreachable("x".into()),
+                StatusCode::SERVICE_UNAVAILABLE,
+                codes::UNAVAILABLE,
+            ),
+            (
+                NodeError::Invalid("x".into()),
+                StatusCode::BAD_REQUEST,
+                codes::INVALID_ARGUMENT,
+            ),
+            (
+                NodeError::NotFound("x".into()),
+                StatusCode::NOT_FOUND,
+                codes::NOT_FOUND,
+            ),
+            (
+                NodeError::Conflict("x".into()),
+                StatusCode::CONFLICT,
+                codes::CONFLICT,
+            ),
+            (
+                NodeError::Unavailable("x".into()),
+                StatusCode::SERVICE_UNAVAILABLE,
+                codes::UNAVAILABLE,
+            ),
+            // A start-up failure is never the client's fault.
+            (
+                NodeError::Config("bad cert".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                codes::INTERNAL,
+            ),
+            (
+                NodeError::Raft("x".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                codes::INTERNAL,
+            ),
+        ];
+        for (e, status, code) in cases {
+            let what = format!("{e:?}");
+            let a = ApiError::from(e);
+            assert_eq!((a.status, a.code), (status, code), "{what}");
+        }
+    }
+
+    #[test]
+    fn error_chain_names_each_cause_once() {
+        let e = NodeError::DataDir {
+            path: "/d".into(),
+            source: std::io::Error::other("permission denied"),
+        };
+        assert_eq!(error_chain(&e), "cannot create /d: permission denied");
     }
 }

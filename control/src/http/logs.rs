@@ -27,7 +27,8 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The query of `GET /v1/vms/{name}/logs`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct LogsQuery {
     pub lines: Option<u32>,
@@ -82,10 +83,16 @@ fn bad_gateway(message: String) -> ApiError {
 }
 
 /// The handler: validate, resolve the host, proxy the agent's stream.
+#[utoipa::path(get, path = "/v1/vms/{name}/logs", tag = "vms",
+    params(("name" = String, Path, description = "the VM's name (a DNS label)"), LogsQuery),
+    responses((status = 200, body = blixard_api::LogLine, content_type = "application/x-ndjson",
+        description = "one LogLine per line; with follow=true, until the client hangs up"),
+        super::openapi::Errors))]
 pub async fn vm_logs(
     State(node): State<Arc<ControlNode>>,
     Path(name): Path<String>,
     query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+    _: super::strict::NoBody,
 ) -> Result<Response, ApiError> {
     let Query(q) = query?;
     validate::dns_label("name", &name)?;

@@ -5,8 +5,10 @@ pub mod api;
 pub mod auth;
 pub mod error;
 pub mod logs;
+pub mod openapi;
 pub mod raft_routes;
 pub mod rate_limit;
+pub mod strict;
 pub mod tls;
 
 use std::sync::Arc;

@@ -36,10 +36,29 @@ pub fn routes() -> Router<Arc<ControlNode>> {
         .layer(DefaultBodyLimit::max(PEER_BODY_LIMIT))
 }
 
+/// Refuses an RPC whose sender is this node itself: a member added at an address that
+/// leads back here (its own, or another name for it) would make openraft's core receive its
+/// own vote as a peer's, which it treats as a broken invariant and panics on, taking the node
+/// down. Refused, the replication to that "member" just fails and the node stays up.
+fn refuse_own(node: &ControlNode, vote: &openraft::Vote<NodeId>) -> Result<(), ApiError> {
+    if vote.leader_id().voted_for() == Some(node.id) {
+        tracing::warn!(
+            "a Raft RPC from this node itself arrived: some member's address leads back here"
+        );
+        return Err(ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            blixard_api::types::codes::CONFLICT,
+            format!("this is node {}, not the node the sender meant", node.id),
+        ));
+    }
+    Ok(())
+}
+
 async fn append(
     State(node): State<Arc<ControlNode>>,
     Json(req): Json<AppendEntriesRequest<TypeConfig>>,
-) -> Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
+) -> Result<Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
+    refuse_own(&node, &req.vote)?;
     node.leader_request_arrived(&req.vote);
     let res = node.raft.append_entries(req).await;
     if matches!(
@@ -50,26 +69,31 @@ async fn append(
     ) {
         node.heard_from_leader();
     }
-    Json(res)
+    Ok(Json(res))
 }
 
 async fn vote(
     State(node): State<Arc<ControlNode>>,
     Json(req): Json<VoteRequest<NodeId>>,
-) -> Json<Result<VoteResponse<NodeId>, RaftError<NodeId>>> {
-    Json(node.raft.vote(req).await)
+) -> Result<Json<Result<VoteResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
+    refuse_own(&node, &req.vote)?;
+    Ok(Json(node.raft.vote(req).await))
 }
 
 async fn snapshot(
     State(node): State<Arc<ControlNode>>,
     Json(req): Json<InstallSnapshotRequest<TypeConfig>>,
-) -> Json<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>> {
+) -> Result<
+    Json<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>>,
+    ApiError,
+> {
+    refuse_own(&node, &req.vote)?;
     node.leader_request_arrived(&req.vote);
     let res = node.raft.install_snapshot(req).await;
     if res.is_ok() {
         node.heard_from_leader();
     }
-    Json(res)
+    Ok(Json(res))
 }
 
 async fn pre_vote(

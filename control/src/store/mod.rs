@@ -23,7 +23,7 @@ use crate::raft_types::NodeId;
 /// Errors opening a database file.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}")]
     Open {
         path: String,
         #[source]
@@ -37,7 +37,7 @@ pub enum StoreError {
         found: i64,
         known: i64,
     },
-    #[error("{path}: {source}")]
+    #[error("sqlite on {path}")]
     Sql {
         path: String,
         #[source]

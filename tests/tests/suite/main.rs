@@ -4,6 +4,7 @@
 //! checks them from outside through the API or D-Bus.
 
 mod t10_cluster;
+mod t15_contract;
 mod t20_agent;
 mod t30_placement;
 mod t40_qemu;
