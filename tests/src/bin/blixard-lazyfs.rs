@@ -151,6 +151,26 @@ impl LazyFs {
         Ok(Overlay::clean(len))
     }
 
+    /// Removes `name` in `parent` from the backing directory with `op`, and forgets it.
+    fn remove(
+        &mut self,
+        parent: u64,
+        name: &OsStr,
+        reply: ReplyEmpty,
+        op: impl FnOnce(&Path) -> io::Result<()>,
+    ) {
+        let Some(rel) = self.child(parent, name) else {
+            return reply.error(libc::ENOENT);
+        };
+        match op(&self.full(&rel)) {
+            Ok(()) => {
+                self.forget_path(&rel);
+                reply.ok()
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
     fn forget_path(&mut self, rel: &Path) {
         if let Some(i) = self.inodes.remove(rel) {
             self.paths.remove(&i);
@@ -242,29 +262,11 @@ impl Filesystem for LazyFs {
     }
 
     fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
-        let Some(rel) = self.child(parent, name) else {
-            return reply.error(libc::ENOENT);
-        };
-        match std::fs::remove_file(self.full(&rel)) {
-            Ok(()) => {
-                self.forget_path(&rel);
-                reply.ok()
-            }
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.remove(parent, name, reply, |p| std::fs::remove_file(p))
     }
 
     fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
-        let Some(rel) = self.child(parent, name) else {
-            return reply.error(libc::ENOENT);
-        };
-        match std::fs::remove_dir(self.full(&rel)) {
-            Ok(()) => {
-                self.forget_path(&rel);
-                reply.ok()
-            }
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.remove(parent, name, reply, |p| std::fs::remove_dir(p))
     }
 
     fn rename(

@@ -223,27 +223,8 @@ async fn faults_history_is_linearizable_under_power_cuts_and_partitions() -> any
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn power_cuts_at_snapshot_builds_log_purges_and_votes() -> anyhow::Result<()> {
     let disks = tempfile::tempdir()?;
-    let mut mounts = Vec::new();
-    for i in 0..NODES {
-        let d = disks.path();
-        mounts.push(LazyMount::mount(
-            &d.join(format!("disk{i}")),
-            &d.join(format!("n{i}")),
-        )?);
-    }
-    let mut c = Cluster::start_with(
-        NODES,
-        ClusterOptions {
-            fault_injection: true,
-            snapshot_every: 100,
-            data_dirs: mounts
-                .iter()
-                .map(|m| m.mountpoint().to_path_buf())
-                .collect(),
-            ..Default::default()
-        },
-    )
-    .await?;
+    let mut mounts = lazy_disks(disks.path())?;
+    let mut c = fault_cluster(&mounts).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(Mutex::new(Vec::new()));
     let hard = Instant::now() + Duration::from_secs(240);
@@ -346,6 +327,32 @@ async fn power_cuts_at_snapshot_builds_log_purges_and_votes() -> anyhow::Result<
     Ok(())
 }
 
+/// One `blixard-lazyfs` data directory per node under `dir`.
+fn lazy_disks(dir: &std::path::Path) -> anyhow::Result<Vec<LazyMount>> {
+    (0..NODES)
+        .map(|i| LazyMount::mount(&dir.join(format!("disk{i}")), &dir.join(format!("n{i}"))))
+        .collect()
+}
+
+/// The cluster the fault tests run: fault switches on, snapshots often (so restarted nodes
+/// also catch up through snapshots, and power cuts land during snapshot builds and log
+/// purges), data directories on `mounts` when there are any.
+async fn fault_cluster(mounts: &[LazyMount]) -> anyhow::Result<Cluster> {
+    Cluster::start_with(
+        NODES,
+        ClusterOptions {
+            fault_injection: true,
+            snapshot_every: 100,
+            data_dirs: mounts
+                .iter()
+                .map(|m| m.mountpoint().to_path_buf())
+                .collect(),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
 /// Kills node `i`; with `mounts`, cuts the power of its file system too.
 fn down(c: &mut Cluster, mounts: &mut [LazyMount], i: usize) {
     c.kill(i);
@@ -376,31 +383,12 @@ async fn run(rounds: usize, power_cuts: bool) -> anyhow::Result<()> {
     let mut rng = Rng::new(seed);
     // Declared before the cluster, so its nodes are killed before the mounts go.
     let disks = tempfile::tempdir()?;
-    let mut mounts = Vec::new();
-    if power_cuts {
-        for i in 0..NODES {
-            let d = disks.path();
-            mounts.push(LazyMount::mount(
-                &d.join(format!("disk{i}")),
-                &d.join(format!("n{i}")),
-            )?);
-        }
-    }
-    let mut c = Cluster::start_with(
-        NODES,
-        ClusterOptions {
-            fault_injection: true,
-            // Compact often, so restarted nodes also catch up through snapshots (and power
-            // cuts land during snapshot builds and log purges).
-            snapshot_every: 100,
-            data_dirs: mounts
-                .iter()
-                .map(|m| m.mountpoint().to_path_buf())
-                .collect(),
-            ..Default::default()
-        },
-    )
-    .await?;
+    let mut mounts = if power_cuts {
+        lazy_disks(disks.path())?
+    } else {
+        Vec::new()
+    };
+    let mut c = fault_cluster(&mounts).await?;
     let sh = Arc::new(Shared {
         start: Instant::now(),
         up: (0..NODES).map(|_| AtomicBool::new(true)).collect(),
