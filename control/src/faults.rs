@@ -33,13 +33,16 @@ pub enum CrashPoint {
     LogPurge,
     /// A log transaction holding a vote is about to commit.
     SaveVote,
+    /// The leader ran a forwarded request and is about to answer the follower.
+    ForwardAnswered,
 }
 
-const CRASH_POINTS: [CrashPoint; 4] = [
+const CRASH_POINTS: [CrashPoint; 5] = [
     CrashPoint::SnapshotBuild,
     CrashPoint::SnapshotWritten,
     CrashPoint::LogPurge,
     CrashPoint::SaveVote,
+    CrashPoint::ForwardAnswered,
 ];
 
 /// 0: none; otherwise 1 + the index of the point in [`CRASH_POINTS`].

@@ -52,6 +52,10 @@ pub enum NodeError {
     LeaderUnreachable(String),
     #[error("raft: {0}")]
     Raft(String),
+    /// The leader received a forwarded write and stopped answering before it said how it
+    /// ended: it may have been applied (504, never retried blindly).
+    #[error("the leader stopped answering after it received the request: {0}")]
+    OutcomeUnknown(String),
     #[error("this node no longer leads term {0}: its decision is not proposed")]
     LeadershipLost(u64),
     /// The leader could not read the forward (a node of an older version).
@@ -667,7 +671,7 @@ impl ControlNode {
                     NodeError::LeaderUnreachable(format!("{url}: {e}"))
                 } else {
                     // The leader may have applied it: retrying could apply it twice.
-                    NodeError::Raft(format!("the leader did not answer ({url}): {e}"))
+                    NodeError::OutcomeUnknown(format!("{url}: {e}"))
                 }
             })?;
         let status = resp.status();

@@ -336,7 +336,7 @@ impl Cluster {
     }
 
     /// Makes node `i` die at once when it reaches `point` (`snapshot_build`,
-    /// `snapshot_written`, `log_purge`, `save_vote`; see `blixard_control::faults`), with no
+    /// `snapshot_written`, `log_purge`, `save_vote`, `forward_answered`; see `blixard_control::faults`), with no
     /// other fault switch set.
     pub async fn set_crash_point(&self, i: usize, point: &str) -> anyhow::Result<()> {
         self.post_faults(i, serde_json::json!({ "crash_at": point }))

@@ -217,7 +217,10 @@ impl Client {
                 });
             }
             let err = api_error(status, &bytes);
-            if status == StatusCode::SERVICE_UNAVAILABLE {
+            // 504: the write may have been applied, so only a repeatable one goes on.
+            if status == StatusCode::SERVICE_UNAVAILABLE
+                || (repeatable && status == StatusCode::GATEWAY_TIMEOUT)
+            {
                 last_err = Some(err);
                 continue;
             }

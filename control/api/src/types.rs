@@ -797,6 +797,9 @@ pub mod codes {
     pub const FORBIDDEN: &str = "forbidden";
     pub const RATE_LIMITED: &str = "rate_limited";
     pub const REQUEST_TIMEOUT: &str = "request_timeout";
+    /// 504: a follower forwarded the write and the leader stopped answering before saying
+    /// how it ended; it may have been applied.
+    pub const OUTCOME_UNKNOWN: &str = "outcome_unknown";
 }
 
 /// The error object of every non-2xx answer: `{"error": {"code": …, "message": …}}`.

@@ -89,6 +89,15 @@ impl From<NodeError> for ApiError {
             NodeError::Unavailable(m) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE, m)
             }
+            NodeError::OutcomeUnknown(_) => {
+                tracing::warn!(error = %error_chain(&e), "forwarded write without an outcome");
+                ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    codes::OUTCOME_UNKNOWN,
+                    "the leader stopped answering after it received the request, so it may \
+                     have been applied; read the result, or retry with the same Idempotency-Key",
+                )
+            }
             // Raft, store, start-up and protocol failures: internals, never the client's fault.
             other => {
                 tracing::error!(error = %error_chain(&other), "internal error");
@@ -186,6 +195,12 @@ mod tests {
                 NodeError::Unavailable("x".into()),
                 StatusCode::SERVICE_UNAVAILABLE,
                 codes::UNAVAILABLE,
+            ),
+            // The leader died with the request in hand: neither "failed" nor "internal".
+            (
+                NodeError::OutcomeUnknown("x".into()),
+                StatusCode::GATEWAY_TIMEOUT,
+                codes::OUTCOME_UNKNOWN,
             ),
             // A start-up failure is never the client's fault.
             (

@@ -45,6 +45,10 @@ const ERRORS: &[(u16, &str)] = &[
         503,
         "no leader, or the leader or the VM's agent is unreachable",
     ),
+    (
+        504,
+        "the leader stopped answering after a forwarded write: it may have been applied",
+    ),
 ];
 
 /// The error answers of every route, for `responses(..., Errors)`.

@@ -110,7 +110,9 @@ async fn forward(
     if node.leader() != Some(node.id) {
         return Json(ForwardReply::NotLeader);
     }
-    Json(node.handle_forward(req).await)
+    let reply = node.handle_forward(req).await;
+    crate::faults::crash_if(crate::faults::CrashPoint::ForwardAnswered);
+    Json(reply)
 }
 
 /// Body of `POST /raft/faults`, and its answer: the switches replace the previous ones (an

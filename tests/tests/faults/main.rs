@@ -97,8 +97,9 @@ fn outcome(call: Call, r: &Result<Vm, ClientError>) -> Result<Outcome, String> {
             (409, "already_exists", Call::Create(_)) => Outcome::AlreadyExists,
             // The server promises these had no effect (no leader, leader unreachable).
             (503, _, _) => Outcome::Failed,
-            // An internal error: the leader may or may not have applied it.
-            (500, _, _) => Outcome::Unknown,
+            // An internal error, or the leader died holding a forwarded write (504
+            // outcome_unknown): it may or may not have been applied.
+            (500 | 504, _, _) => Outcome::Unknown,
             (s, c, _) => return Err(format!("{call:?}: unexpected HTTP {s} {c}")),
         },
         // Timeouts and transport errors after the request may have been sent.

@@ -559,3 +559,41 @@ async fn t17_cli_output_to_a_closed_pipe_and_to_a_file() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A follower forwards a create and the leader dies after running it, before answering: the
+/// client gets 504 `outcome_unknown` (not 500 "internal", not a success it cannot prove), and
+/// the create it was told may have happened did happen.
+#[tokio::test]
+async fn t19_leader_dying_with_a_forwarded_write_answers_outcome_unknown() -> anyhow::Result<()> {
+    let mut c = Cluster::start_with(
+        3,
+        ClusterOptions {
+            fault_injection: true,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let leader = c.wait_converged(DEADLINE).await?;
+    let follower = (leader + 1) % 3;
+    c.set_crash_point(leader, "forward_answered").await?;
+    let via_follower = c.node_client(follower);
+    let err = via_follower
+        .create_vm(&spec("in-flight"))
+        .await
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("the create succeeded although the leader died"))?;
+    assert_eq!(
+        (err.status(), err.code()),
+        (Some(504), Some(blixard_api::codes::OUTCOME_UNKNOWN)),
+        "{err}"
+    );
+    c.kill(leader);
+    let new = c.wait_converged(DEADLINE).await?;
+    assert_ne!(new, leader);
+    let vm = wait::until("the in-flight create to be readable", DEADLINE, || async {
+        Ok(via_follower.get_vm("in-flight").await.ok())
+    })
+    .await?;
+    assert_eq!(vm.spec.name, "in-flight");
+    Ok(())
+}
