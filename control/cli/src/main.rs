@@ -743,8 +743,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         Some(ClientError::Api { status: 409, .. }) => 4,
         Some(ClientError::Api { status: 429, .. }) => 7,
         Some(ClientError::Api {
-            status: 502 | 503 | 504,
-            ..
+            status: 502..=504, ..
         })
         | Some(ClientError::Unreachable(_)) => 5,
         _ if e.downcast_ref::<wait::Timeout>().is_some() => 6,
