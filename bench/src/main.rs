@@ -9,7 +9,9 @@
 //! `hostloss` (kill a whole simulated host; time until its VMs run elsewhere) and `liveness`
 //! (10,000 heartbeating hosts: log entries, heartbeat rate and latency, leader CPU, create p99
 //! with and without the load, time to detect a silent host) and `stall` (1 s fsync stalls on
-//! one follower under write load: leader changes, the goal being none).
+//! one follower under write load: leader changes, the goal being none) and `size` (costs at
+//! 100,000 VMs: create rate round by round as VMs pile up, placement round time, snapshot
+//! parts, RSS).
 //!
 //! Build with `bench/setup.sh` (etcd, then `cargo build --release` of this and the daemons);
 //! run `target/release/blixard-bench` as root (the agent figures need cgroups and namespaces).
@@ -24,6 +26,7 @@ mod liveness;
 mod load;
 mod placement;
 mod procs;
+mod size;
 mod stall;
 mod stats;
 mod writes;
@@ -34,7 +37,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use serde_json::{json, Value};
 
-const FIGURES: [&str; 8] = [
+const FIGURES: [&str; 9] = [
     "writes",
     "placement",
     "start",
@@ -43,6 +46,7 @@ const FIGURES: [&str; 8] = [
     "hostloss",
     "liveness",
     "stall",
+    "size",
 ];
 
 #[derive(Parser, Debug)]
@@ -54,7 +58,7 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Only these figures (comma-separated): writes, placement, start, failover, footprint,
-    /// hostloss, liveness, stall.
+    /// hostloss, liveness, stall, size.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Runs per figure (default 3, quick 2).
@@ -243,6 +247,11 @@ fn main() -> anyhow::Result<()> {
             eprintln!("== stall (fsync stalls on one follower)");
             let r = stall::run(&opts, &mut summary).await;
             record("stall", r, &mut out);
+        }
+        if selected("size") {
+            eprintln!("== size (100,000 VMs)");
+            let r = size::run(&opts, &mut summary).await;
+            record("size", r, &mut out);
         }
         if selected("footprint") {
             summarise_footprint(&footprint, &mut summary);

@@ -4,11 +4,10 @@
 //! re-checks it by the scheduler's own rule, as every placement is re-checked; one that no
 //! longer fits leaves the VM pending with the reason, for the placement loop.
 //!
-//! Pure, over plain data. The loads of the hosts are computed once per applied index (one pass
-//! over the VMs), not once per create; creates admitted but not applied yet hold a
-//! reservation, so concurrent creates spread as the placement loop would spread them. While
-//! any VM is pending nothing is placed here: older pending VMs go first, in the placement
-//! loop's order.
+//! Pure, over plain data. The loads of the hosts come from the state's index (no pass over
+//! the VMs); creates admitted but not applied yet hold a reservation, so concurrent creates
+//! spread as the placement loop would spread them. While any VM is pending and not blocked
+//! nothing is placed here: older pending VMs go first, in the placement loop's order.
 
 use std::collections::BTreeMap;
 
@@ -22,8 +21,10 @@ use crate::state_machine::{Admitted, ClusterState};
 pub struct Admission {
     /// The applied index the loads were computed at.
     at_index: Option<u64>,
+    /// The loads of the hosts with reservations, reservations included (the others' loads
+    /// are the state's).
     loads: BTreeMap<String, Load>,
-    /// Whether some VM waited for a host at that index.
+    /// Whether some VM waited for a host (and was not blocked) at that index.
     any_pending: bool,
     /// Creates admitted and not yet applied: VM → (host, spec).
     reserved: BTreeMap<String, (String, VmSpec)>,
@@ -52,7 +53,11 @@ impl Admission {
         let mut rejects: BTreeMap<Reject, usize> = BTreeMap::new();
         let empty = Load::default();
         for h in state.hosts.values() {
-            let load = self.loads.get(&h.id).unwrap_or(&empty);
+            let load = self
+                .loads
+                .get(&h.id)
+                .or_else(|| state.index.load(&h.id))
+                .unwrap_or(&empty);
             match fit(h, Limits::of(h, oc), load, spec) {
                 Ok(free) => {
                     let score = match spec.strategy {
@@ -76,7 +81,14 @@ impl Admission {
             return None;
         }
         let host = host.to_string();
-        self.loads.entry(host.clone()).or_default().add(spec);
+        let load = match self.loads.get_mut(&host) {
+            Some(l) => l,
+            None => self
+                .loads
+                .entry(host.clone())
+                .or_insert_with(|| state.index.load(&host).cloned().unwrap_or_default()),
+        };
+        load.add(spec);
         self.reserved
             .insert(spec.name.clone(), (host.clone(), spec.clone()));
         Some(Admitted::Placed {
@@ -91,23 +103,20 @@ impl Admission {
         self.reserved.remove(vm);
     }
 
-    /// Loads from `state` plus the reservations not applied yet, in one pass over the VMs.
+    /// The state's loads plus the reservations not applied yet, for the hosts with
+    /// reservations only: in O(reservations), not a pass over the VMs.
     fn refresh(&mut self, state: &ClusterState, applied: u64) {
-        let mut loads: BTreeMap<String, Load> = BTreeMap::new();
-        let mut any_pending = false;
-        for vm in state.vms.values() {
-            match vm.host.as_deref() {
-                Some(h) => loads.entry(h.to_string()).or_default().add(&vm.spec),
-                None => any_pending |= crate::scheduler::is_pending(vm),
-            }
-        }
         // An applied create is in the state now (placed or pending): drop its reservation.
         self.reserved.retain(|vm, _| !state.vms.contains_key(vm));
+        let mut loads: BTreeMap<String, Load> = BTreeMap::new();
         for (host, spec) in self.reserved.values() {
-            loads.entry(host.clone()).or_default().add(spec);
+            loads
+                .entry(host.clone())
+                .or_insert_with(|| state.index.load(host).cloned().unwrap_or_default())
+                .add(spec);
         }
         self.loads = loads;
-        self.any_pending = any_pending;
+        self.any_pending = crate::scheduler::any_pending(state);
         self.at_index = Some(applied);
     }
 }
@@ -196,15 +205,17 @@ mod tests {
         let mut v1 = running_vm("v1", "a");
         v1.spec = spec("v1", 1, None);
         s.vms.insert("v1".into(), v1);
+        s.reindex(2);
         adm.refresh(&s, 2);
         assert!(adm.reserved.is_empty());
-        assert_eq!(adm.loads["a"].vcpus, 1);
+        assert_eq!(s.index.load("a").map(|l| l.vcpus), Some(1));
         // A pending VM waits for the placement loop, and so do creates behind it that fit;
         // one that fits nowhere is told why at once.
         let mut p = running_vm("old", "a");
         p.host = None;
         p.state = VmState::Pending;
         s.vms.insert("old".into(), p);
+        s.reindex(3);
         assert_eq!(adm.place(&s, 3, oc, &spec("v2", 1, None)), None);
         assert!(matches!(
             adm.place(&s, 3, oc, &spec("big", 10_000, None)),

@@ -24,8 +24,9 @@ const PLACE_PER_ROUND: usize = 1_000;
 /// Evicted VMs whose deadline has passed at `now`, except those already saying why they stay
 /// on their host (see [`overdue_wait_reason`]): proposed once, not every round.
 pub fn overdue_evictions(s: &ClusterState, now: u64) -> Vec<VmRef> {
-    s.vms
-        .values()
+    s.index
+        .evicting()
+        .filter_map(|name| s.vms.get(name))
         .filter(|vm| {
             vm.host.is_some()
                 && vm.evicting.as_ref().is_some_and(|e| e.deadline_ms <= now)
@@ -141,20 +142,17 @@ async fn place(
     overcommit: Overcommit,
     cursor: &mut scheduler::Cursor,
 ) {
-    let (placements, unplaced) = node.state.read(|s| {
+    let (placements, unplaced, capacity_rev) = node.state.read(|s| {
         if !scheduler::any_pending(s) {
             *cursor = scheduler::Cursor::default();
-            return (vec![], vec![]);
+            return (vec![], vec![], 0);
         }
-        let (p, mut u, next) = scheduler::schedule_window(s, overcommit, cursor, PLACE_PER_ROUND);
+        let (p, u, next) = scheduler::schedule_window(s, overcommit, cursor, PLACE_PER_ROUND);
         *cursor = next;
-        // Only write a pending reason when it changed.
-        u.retain(|u| {
-            s.vms
-                .get(&u.vm)
-                .is_some_and(|vm| vm.reason.as_deref() != Some(&u.reason))
-        });
-        (p, u)
+        // Every VM that fits nowhere is sent, its reason unchanged or not: applied, the entry
+        // blocks it until capacity changes, so it is not tried again every round. Only a
+        // changed reason is written to its row.
+        (p, u, s.index.capacity_rev())
     });
     if placements.is_empty() && unplaced.is_empty() {
         return;
@@ -165,6 +163,7 @@ async fn place(
         unplaced,
         now_ms: 0,
         overcommit: Some(overcommit),
+        capacity_rev: Some(capacity_rev),
     };
     match node.propose_in_term(cmd, term).await {
         Ok(r) => tracing::debug!(proposed = n, result = ?r, "placement round"),
@@ -198,6 +197,7 @@ mod tests {
         s.vms.insert("a".into(), vm);
         s.hosts
             .insert("h1".into(), host("h1", HostStatus::Draining, 0));
+        s.reindex(0);
         assert!(overdue_evictions(&s, 99).is_empty());
         let overdue = overdue_evictions(&s, 100);
         assert_eq!(

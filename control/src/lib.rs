@@ -15,6 +15,7 @@ pub mod heartbeat_forward;
 pub mod http;
 pub mod leader_check;
 pub mod leader_loop;
+pub mod listing;
 pub mod liveness;
 pub mod metrics;
 pub mod network;
@@ -24,6 +25,7 @@ pub mod pre_vote;
 pub mod raft_types;
 pub mod scheduler;
 pub mod sd_status;
+pub mod state_index;
 pub mod state_machine;
 pub mod store;
 

@@ -77,6 +77,8 @@ pub fn plan(state: &ClusterState, req: &PlanRequest, oc: Overcommit) -> Plan {
             }
         }
     }
+    // Every pending VM is tried, as after a capacity change.
+    sim.reindex(0);
     let (placements, unplaced) = scheduler::schedule(&sim, oc);
     for item in out.create.iter_mut().chain(out.update.iter_mut()) {
         item.host = placements
@@ -183,6 +185,7 @@ mod tests {
                 unplaced: vec![],
                 now_ms: 2,
                 overcommit: Some(Overcommit::default()),
+                capacity_rev: None,
             },
         );
         let req = PlanRequest {

@@ -12,11 +12,13 @@
 //! The rules themselves are one function, [`fit`], which the state machine also runs when it
 //! applies a `Place` (a placement decided on a lagging state may no longer fit at its index).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
+use std::ops::Bound;
 
 use blixard_api::{DesiredState, Host, HostStatus, PlacementStrategy, Vm, VmSpec, VmState};
 use serde::{Deserialize, Serialize};
 
+use crate::state_index::PendingKey;
 use crate::state_machine::{ClusterState, Placement, Unplaced};
 
 /// How far a host's resources may be promised beyond what it has, in thousandths (4000 = 4×).
@@ -38,12 +40,13 @@ impl Default for Overcommit {
 }
 
 /// What the VMs assigned to a host reserve (every assigned VM holds its reservation, running
-/// or not), and the anti-affinity groups among them.
+/// or not), and the anti-affinity groups among them, each with how many of its VMs are there
+/// (so that taking one off keeps the others counted).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Load {
     pub vcpus: u64,
     pub memory_mib: u64,
-    pub groups: BTreeSet<String>,
+    pub groups: BTreeMap<String, u32>,
 }
 
 impl Load {
@@ -51,27 +54,45 @@ impl Load {
         self.vcpus += u64::from(spec.vcpus);
         self.memory_mib += spec.memory_mib;
         if let Some(g) = &spec.anti_affinity {
-            self.groups.insert(g.clone());
+            *self.groups.entry(g.clone()).or_default() += 1;
         }
     }
-}
 
-/// The load on each host that `wanted` accepts, in one pass over the VMs.
-pub fn host_loads(state: &ClusterState, wanted: impl Fn(&str) -> bool) -> BTreeMap<String, Load> {
-    let mut out: BTreeMap<String, Load> = BTreeMap::new();
-    for vm in state.vms.values() {
-        if let Some(h) = vm.host.as_deref().filter(|h| wanted(h)) {
-            match out.get_mut(h) {
-                Some(l) => l.add(&vm.spec),
-                None => {
-                    let mut l = Load::default();
-                    l.add(&vm.spec);
-                    out.insert(h.to_string(), l);
+    /// Takes off what [`Load::add`] of the same spec put on.
+    pub fn remove(&mut self, spec: &VmSpec) {
+        self.vcpus = self.vcpus.saturating_sub(u64::from(spec.vcpus));
+        self.memory_mib = self.memory_mib.saturating_sub(spec.memory_mib);
+        if let Some(g) = &spec.anti_affinity {
+            if let Some(n) = self.groups.get_mut(g) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.groups.remove(g);
                 }
             }
         }
     }
-    out
+
+    /// This load with `other`'s added.
+    pub fn plus(&self, other: &Load) -> Load {
+        let mut out = self.clone();
+        out.vcpus += other.vcpus;
+        out.memory_mib += other.memory_mib;
+        for (g, n) in &other.groups {
+            *out.groups.entry(g.clone()).or_default() += n;
+        }
+        out
+    }
+}
+
+/// The load on each host that `wanted` accepts, from the state's index.
+pub fn host_loads(state: &ClusterState, wanted: impl Fn(&str) -> bool) -> BTreeMap<String, Load> {
+    state
+        .index
+        .loads()
+        .iter()
+        .filter(|(h, _)| wanted(h))
+        .map(|(h, l)| (h.clone(), l.clone()))
+        .collect()
 }
 
 /// Placements checked one after another against a state, each accepted one counted against
@@ -82,7 +103,7 @@ pub struct PlacementCheck {
 }
 
 impl PlacementCheck {
-    /// The loads of the hosts `wanted` accepts, in one pass over `state`'s VMs.
+    /// The loads of the hosts `wanted` accepts, from `state`'s index.
     pub fn new(state: &ClusterState, oc: Overcommit, wanted: impl Fn(&str) -> bool) -> Self {
         PlacementCheck {
             oc,
@@ -147,7 +168,7 @@ pub fn fit(host: &Host, limits: Limits, load: &Load, spec: &VmSpec) -> Result<f6
     if spec
         .anti_affinity
         .as_ref()
-        .is_some_and(|g| load.groups.contains(g))
+        .is_some_and(|g| load.groups.contains_key(g))
     {
         return Err(Reject::AntiAffinity);
     }
@@ -219,11 +240,13 @@ impl<'a> Slot<'a> {
     }
 }
 
-/// VMs that want to run and have no host, oldest first.
+/// VMs that want to run and have no host, oldest first (blocked or not).
 pub fn pending(state: &ClusterState) -> Vec<&Vm> {
-    let mut v: Vec<&Vm> = state.vms.values().filter(|vm| is_pending(vm)).collect();
-    v.sort_by(|a, b| order_key(a).cmp(&order_key(b)));
-    v
+    state
+        .index
+        .all_pending()
+        .filter_map(|(_, name)| state.vms.get(name))
+        .collect()
 }
 
 /// Waits for a host: unplaced, meant to run, and not ended.
@@ -231,38 +254,36 @@ pub fn is_pending(vm: &Vm) -> bool {
     vm.host.is_none() && vm.desired == DesiredState::Running && vm.state == VmState::Pending
 }
 
-/// Whether any VM waits for a host (no allocation, stops at the first).
+/// Whether any VM waits for a host and is to be tried (not blocked since the last capacity
+/// change).
 pub fn any_pending(state: &ClusterState) -> bool {
-    state.vms.values().any(is_pending)
-}
-
-/// The order pending VMs are placed in: oldest first, then by name.
-fn order_key(vm: &Vm) -> (u64, &str) {
-    (vm.created_ms, vm.spec.name.as_str())
+    !state.index.open_pending().is_empty()
 }
 
 /// Where a round stopped: the order key of the last VM it considered, so the next round goes
 /// on after it and VMs that no host fits cannot starve younger ones behind them.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Cursor(Option<(u64, String)>);
+pub struct Cursor(Option<PendingKey>);
 
-/// The next `max` pending VMs in placement order after `after`, wrapping around to the oldest;
-/// in O(pending + max·log max), not a sort of everything pending.
+/// The next `max` pending VMs to try, in placement order after `after`, wrapping around to
+/// the oldest; in O(max · log pending), from the index.
 fn pending_window<'a>(state: &'a ClusterState, after: &Cursor, max: usize) -> Vec<&'a Vm> {
-    let all: Vec<&Vm> = state.vms.values().filter(|vm| is_pending(vm)).collect();
-    // VMs after the cursor come first, then the wrapped ones from the oldest.
-    let key = |vm: &&'a Vm| {
-        let k = order_key(vm);
-        let wrapped = after.0.as_ref().is_some_and(|(c, n)| k <= (*c, n.as_str()));
-        (wrapped, k)
+    let open = state.index.open_pending();
+    let (later, wrapped) = match &after.0 {
+        Some(c) => (
+            open.range((Bound::Excluded(c.clone()), Bound::Unbounded)),
+            open.range(..=c.clone()),
+        ),
+        None => (
+            open.range::<PendingKey, _>(..),
+            open.range(..(0, String::new())),
+        ),
     };
-    let mut v = all;
-    if v.len() > max {
-        v.select_nth_unstable_by(max, |a, b| key(a).cmp(&key(b)));
-        v.truncate(max);
-    }
-    v.sort_by(|a, b| key(a).cmp(&key(b)));
-    v
+    later
+        .chain(wrapped)
+        .take(max)
+        .filter_map(|(_, name)| state.vms.get(name))
+        .collect()
 }
 
 /// Places every pending VM it can. Returns placements and, for the rest, the reason.
@@ -299,9 +320,9 @@ pub fn schedule_window(
         .enumerate()
         .map(|(i, s)| (s.host.id.as_str(), i))
         .collect();
-    for vm in state.vms.values() {
-        if let Some(&i) = vm.host.as_deref().and_then(|h| index.get(h)) {
-            slots[i].load.add(&vm.spec);
+    for (h, load) in state.index.loads() {
+        if let Some(&i) = index.get(h.as_str()) {
+            slots[i].load = load.clone();
         }
     }
     let mut placements = Vec::new();
@@ -414,6 +435,7 @@ mod tests {
                 nics: vec![],
                 restart_policy: RestartPolicy::Always,
                 constraints: Default::default(),
+                labels: Default::default(),
                 anti_affinity: None,
                 strategy: PlacementStrategy::Spread,
                 max_restarts: None,
@@ -437,11 +459,13 @@ mod tests {
     }
 
     fn state(hosts: Vec<Host>, vms: Vec<Vm>) -> ClusterState {
-        ClusterState {
+        let mut s = ClusterState {
             hosts: hosts.into_iter().map(|h| (h.id.clone(), h)).collect(),
             vms: vms.into_iter().map(|v| (v.spec.name.clone(), v)).collect(),
             ..Default::default()
-        }
+        };
+        s.reindex(0);
+        s
     }
 
     fn placed(p: &[Placement]) -> Vec<(String, String)> {
@@ -480,6 +504,7 @@ mod tests {
         if let Some(v) = s.vms.get_mut("small") {
             v.host = Some("h1".into());
         }
+        s.index.update("small", s.vms.get("small"), 1);
         let (_, u, c) = schedule_window(&s, oc, &c, 2);
         assert_eq!(
             u.iter().map(|u| u.vm.as_str()).collect::<Vec<_>>(),
@@ -655,6 +680,7 @@ mod properties {
     use super::*;
     use blixard_api::{Capacity, Hypervisor, RestartPolicy};
     use proptest::prelude::*;
+    use std::collections::BTreeSet;
 
     fn host(i: usize, vcpus: u32, mem: u64, status: u8, zone: u8) -> Host {
         Host {
@@ -706,6 +732,7 @@ mod properties {
                 constraints: zone
                     .map(|z| [("zone".to_string(), format!("z{z}"))].into())
                     .unwrap_or_default(),
+                labels: Default::default(),
                 anti_affinity: group.map(|g| format!("g{g}")),
                 strategy: if binpack {
                     PlacementStrategy::Binpack
@@ -749,6 +776,7 @@ mod properties {
                 let v = vm(i, c, m, g, z, b);
                 s.vms.insert(v.spec.name.clone(), v);
             }
+            s.reindex(0);
             s
         }
     }
@@ -795,6 +823,7 @@ mod properties {
                     unplaced,
                     now_ms: 1,
                     overcommit: Some(oc),
+                    capacity_rev: None,
                 },
             );
             prop_assert_eq!(

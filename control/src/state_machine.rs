@@ -32,6 +32,7 @@ use blixard_api::{
 use serde::{Deserialize, Serialize};
 
 use crate::scheduler::{self, Overcommit};
+use crate::state_index::StateIndex;
 
 /// How many events each node keeps for `GET /v1/events`.
 pub const EVENT_LOG_CAP: usize = 20_000;
@@ -126,6 +127,11 @@ pub enum Command {
         /// entries, which apply as they did when written (only the host's status is checked).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         overcommit: Option<Overcommit>,
+        /// The capacity revision (`StateIndex::capacity_rev`) of the state the leader decided
+        /// on. A VM in `unplaced` is blocked (not tried again until capacity changes) only if
+        /// capacity has not changed since. Absent from older entries: nothing is blocked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        capacity_rev: Option<u64>,
     },
     SetHostStatus {
         host: String,
@@ -229,6 +235,12 @@ pub enum ApplyError {
     AlreadyExists(String),
     #[error("{0}")]
     Conflict(String),
+    /// An idempotency key sent again with a different request than the one it made.
+    #[error("{0}")]
+    KeyMismatch(String),
+    /// An idempotency key whose VM was deleted since (within [`KEY_RETENTION_MS`]).
+    #[error("{0}")]
+    KeySpent(String),
 }
 
 /// The outcome of applying one entry.
@@ -257,13 +269,43 @@ pub enum Response {
 pub struct Touched {
     pub vms: BTreeSet<String>,
     pub hosts: BTreeSet<String>,
+    /// Idempotency keys whose record changed.
+    pub keys: BTreeSet<String>,
 }
 
 impl Touched {
     pub fn merge(&mut self, other: Touched) {
         self.vms.extend(other.vms);
         self.hosts.extend(other.hosts);
+        self.keys.extend(other.keys);
     }
+}
+
+/// How long an idempotency key outlives the VM it created: within it, the same request again
+/// is refused ([`ApplyError::KeySpent`]), never a second create (24 h, as payment APIs keep
+/// theirs).
+pub const KEY_RETENTION_MS: u64 = 24 * 3600 * 1000;
+
+/// What an idempotency key is bound to: the VM it created and the request that did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub vm: String,
+    /// SHA-256 (hex) of the create's spec as JSON; absent for keys from before it was kept
+    /// (any request matches those).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_sha256: Option<String>,
+    pub created_ms: u64,
+    /// When its VM was deleted; the record goes [`KEY_RETENTION_MS`] after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_ms: Option<u64>,
+}
+
+/// The fingerprint a key is bound to: SHA-256 of the spec's JSON (its field order is the
+/// struct's and its maps are sorted, so equal specs give equal bytes on every node).
+pub fn request_sha256(spec: &VmSpec) -> String {
+    let bytes = serde_json::to_vec(spec).unwrap_or_default();
+    let d = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Everything the cluster knows: hosts and VMs (a VM's host is its assignment).
@@ -280,6 +322,16 @@ pub struct ClusterState {
     /// Events after this index are all in `events` (earlier ones may be gone).
     #[serde(skip)]
     pub events_from: u64,
+    /// Per-host loads and assignments, pending VMs, evictions, ended tasks (derived, not
+    /// stored; kept current by [`apply`]).
+    #[serde(skip)]
+    pub index: StateIndex,
+    /// Idempotency keys of creates, live VMs' and recently deleted ones' (stored).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub keys: BTreeMap<String, KeyRecord>,
+    /// Keys of deleted VMs by when they go (derived, not stored).
+    #[serde(skip)]
+    pub key_expiry: BTreeSet<(u64, String)>,
 }
 
 impl ClusterState {
@@ -289,13 +341,36 @@ impl ClusterState {
         self.host_rev = self.hosts.keys().map(|h| (h.clone(), index)).collect();
         self.events.clear();
         self.events_from = index;
+        self.reindex(index);
+        // Keys from before they had records of their own: bound to their VM, any request.
+        for vm in self.vms.values() {
+            if let Some(k) = &vm.idempotency_key {
+                self.keys.entry(k.clone()).or_insert_with(|| KeyRecord {
+                    vm: vm.spec.name.clone(),
+                    request_sha256: None,
+                    created_ms: vm.created_ms,
+                    deleted_ms: None,
+                });
+            }
+        }
+        self.key_expiry = self
+            .keys
+            .iter()
+            .filter_map(|(k, r)| Some((r.deleted_ms? + KEY_RETENTION_MS, k.clone())))
+            .collect();
+    }
+
+    /// Builds [`Self::index`] from the rows (after loading them, or in tests that set rows
+    /// directly).
+    pub fn reindex(&mut self, index: u64) {
+        self.index = StateIndex::build(self.vms.values(), index);
     }
 
     /// The VMs assigned to `host`, by name.
     pub fn assigned_to<'a>(&'a self, host: &'a str) -> impl Iterator<Item = &'a Vm> + 'a {
-        self.vms
-            .values()
-            .filter(move |vm| vm.host.as_deref() == Some(host))
+        self.index
+            .assigned_to(host)
+            .filter_map(|name| self.vms.get(name))
     }
 
     /// Index of the last change to `host`'s assignments.
@@ -373,6 +448,9 @@ fn set_state(vm: &mut Vm, state: VmState, reason: Option<String>, now_ms: u64) {
 
 /// Applying one command: the state, the entry's index and time, and what changed.
 struct Apply<'a> {
+    /// VMs the leader found fit no host, at the capacity revision it saw: blocked once the
+    /// index is current (see [`StateIndex::block`]).
+    blocked: Vec<(String, u64)>,
     s: &'a mut ClusterState,
     index: u64,
     now: u64,
@@ -499,15 +577,60 @@ impl Apply<'_> {
         );
     }
 
+    /// `vm` was deleted: its key, if it still names it, is kept for [`KEY_RETENTION_MS`].
+    fn key_deleted(&mut self, vm: &Vm) {
+        let Some(k) = &vm.idempotency_key else {
+            return;
+        };
+        if let Some(rec) = self
+            .s
+            .keys
+            .get_mut(k)
+            .filter(|r| r.vm == vm.spec.name && r.deleted_ms.is_none())
+        {
+            rec.deleted_ms = Some(self.now);
+            self.s
+                .key_expiry
+                .insert((self.now + KEY_RETENTION_MS, k.clone()));
+            self.touched.keys.insert(k.clone());
+        }
+    }
+
+    /// Forgets the keys of deleted VMs whose retention has passed at this command's time.
+    fn expire_keys(&mut self) {
+        while let Some((at, k)) = self.s.key_expiry.first().cloned() {
+            if at > self.now {
+                break;
+            }
+            self.s.key_expiry.pop_first();
+            if self.s.keys.get(&k).is_some_and(|r| r.deleted_ms.is_some()) {
+                self.s.keys.remove(&k);
+                self.touched.keys.insert(k);
+            }
+        }
+    }
+
     fn create_vm(&mut self, spec: &VmSpec, key: &Option<String>) -> Response {
-        if let Some(k) = key {
-            if let Some(existing) = self
-                .s
-                .vms
-                .values()
-                .find(|v| v.idempotency_key.as_ref() == Some(k))
-            {
-                return Response::Existing(Box::new(existing.clone()));
+        let fingerprint = key.as_ref().map(|_| request_sha256(spec));
+        if let (Some(k), Some(fp)) = (key, &fingerprint) {
+            if let Some(rec) = self.s.keys.get(k) {
+                if rec.request_sha256.as_ref().is_some_and(|r| r != fp) {
+                    return Response::Error(ApplyError::KeyMismatch(format!(
+                        "Idempotency-Key {k} was used for a different request (it created vm {}); use a new key",
+                        rec.vm
+                    )));
+                }
+                match (rec.deleted_ms, self.s.vms.get(&rec.vm)) {
+                    (None, Some(existing)) => {
+                        return Response::Existing(Box::new(existing.clone()))
+                    }
+                    _ => {
+                        return Response::Error(ApplyError::KeySpent(format!(
+                            "Idempotency-Key {k} created vm {}, which was deleted since; use a new key to create it again",
+                            rec.vm
+                        )))
+                    }
+                }
             }
         }
         if self.s.vms.contains_key(&spec.name) {
@@ -534,6 +657,18 @@ impl Apply<'_> {
         };
         self.s.vms.insert(spec.name.clone(), vm.clone());
         self.touch_vm(&spec.name);
+        if let Some(k) = key {
+            self.s.keys.insert(
+                k.clone(),
+                KeyRecord {
+                    vm: spec.name.clone(),
+                    request_sha256: fingerprint,
+                    created_ms: self.now,
+                    deleted_ms: None,
+                },
+            );
+            self.touched.keys.insert(k.clone());
+        }
         self.event(EventKind::VmCreated, Some(&vm), None, None);
         Response::Vm(Box::new(vm))
     }
@@ -599,6 +734,7 @@ impl Apply<'_> {
         };
         self.s.bump_host(vm.host.as_deref(), self.index);
         self.touched.vms.insert(name.to_string());
+        self.key_deleted(&vm);
         self.event(EventKind::VmDeleted, Some(&vm), None, None);
         Response::Vm(Box::new(vm))
     }
@@ -888,6 +1024,7 @@ impl Apply<'_> {
         placements: &[Placement],
         unplaced: &[Unplaced],
         overcommit: Option<Overcommit>,
+        capacity_rev: Option<u64>,
     ) -> Response {
         // With the ratios, the load on every host named here: one pass over the VMs for the
         // whole command, then updated as its placements are accepted.
@@ -960,6 +1097,9 @@ impl Apply<'_> {
                     None,
                     Some(u.reason.clone()),
                 );
+            }
+            if let Some(seen) = capacity_rev {
+                self.blocked.push((u.vm.clone(), seen));
             }
             not_placed += 1;
         }
@@ -1217,8 +1357,9 @@ pub fn task_result(vm: &Vm, host: &str, end: &TaskEnd, now: u64) -> TaskResult {
 
 /// Finished tasks whose result is older than `retention_ms` at `now`: to be deleted.
 pub fn expired_tasks(s: &ClusterState, now: u64, retention_ms: u64) -> Vec<VmRef> {
-    s.vms
-        .values()
+    s.index
+        .tasks_done()
+        .filter_map(|name| s.vms.get(name))
         .filter(|vm| {
             vm.task_finished()
                 && vm
@@ -1272,7 +1413,9 @@ pub fn apply(state: &mut ClusterState, index: u64, cmd: &Command) -> (Response, 
         index,
         now,
         touched: Touched::default(),
+        blocked: Vec::new(),
     };
+    a.expire_keys();
     let resp = match cmd {
         Command::CreateVm {
             spec,
@@ -1293,14 +1436,14 @@ pub fn apply(state: &mut ClusterState, index: u64, cmd: &Command) -> (Response, 
                                 host: host.clone(),
                                 generation: 1,
                             };
-                            a.place(&[at], &[], Some(*overcommit));
+                            a.place(&[at], &[], Some(*overcommit), None);
                         }
                         Admitted::Unplaced { reason } => {
                             let why = Unplaced {
                                 vm: name,
                                 reason: reason.clone(),
                             };
-                            a.place(&[], &[why], None);
+                            a.place(&[], &[why], None, None);
                         }
                     }
                     a.s.vms
@@ -1331,8 +1474,9 @@ pub fn apply(state: &mut ClusterState, index: u64, cmd: &Command) -> (Response, 
             placements,
             unplaced,
             overcommit,
+            capacity_rev,
             ..
-        } => a.place(placements, unplaced, *overcommit),
+        } => a.place(placements, unplaced, *overcommit, *capacity_rev),
         Command::SetHostStatus { host, status, .. } => a.set_host_status(host, *status),
         Command::UpdateVm {
             spec,
@@ -1352,7 +1496,25 @@ pub fn apply(state: &mut ClusterState, index: u64, cmd: &Command) -> (Response, 
         Command::DeclareHostGone { host, .. } => a.declare_gone(host),
         Command::Batch { .. } => Response::None,
     };
-    (resp, a.touched)
+    let Apply {
+        touched, blocked, ..
+    } = a;
+    reindex_touched(state, index, &touched, &blocked);
+    (resp, touched)
+}
+
+/// Brings the index up to date with what one command changed: every touched VM, capacity for
+/// every touched host, then the VMs the command found blocked.
+fn reindex_touched(state: &mut ClusterState, index: u64, t: &Touched, blocked: &[(String, u64)]) {
+    for name in &t.vms {
+        state.index.update(name, state.vms.get(name), index);
+    }
+    if !t.hosts.is_empty() {
+        state.index.capacity_changed(index);
+    }
+    for (name, seen) in blocked {
+        state.index.block(name, *seen);
+    }
 }
 
 #[cfg(test)]

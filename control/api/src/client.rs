@@ -12,9 +12,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::types::{
-    codes, AddMember, Assignments, ClusterStatus, DrainRequest, ErrorBody, Events, Health, Host,
-    HostRegistration, LogLine, Member, Plan, PlanRequest, StateSnapshot, UpdateVm, Vm, VmSpec,
-    VmStatusReport,
+    codes, label_selector_string, AddMember, Assignments, ClusterStatus, DrainRequest, ErrorBody,
+    Events, Health, Host, HostRegistration, HostSelector, LogLine, Member, Plan, PlanRequest,
+    StateSnapshot, UpdateVm, Vm, VmSelector, VmSpec, VmStatusReport, CONTINUE_HEADER,
 };
 
 /// Errors of the typed client.
@@ -162,6 +162,20 @@ impl Client {
         timeout: Duration,
         idempotency_key: Option<&str>,
     ) -> Result<T, ClientError> {
+        self.exchange(method, path, body, timeout, idempotency_key)
+            .await
+            .map(|(_, t)| t)
+    }
+
+    /// [`Self::call_with`], with the response's headers.
+    async fn exchange<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        timeout: Duration,
+        idempotency_key: Option<&str>,
+    ) -> Result<(reqwest::header::HeaderMap, T), ClientError> {
         let n = self.endpoints.len();
         let start = self.preferred.load(Ordering::Relaxed) % n;
         let mut last_err = None;
@@ -193,6 +207,7 @@ impl Client {
                 }
             };
             let status = resp.status();
+            let headers = resp.headers().clone();
             let bytes = match resp.bytes().await {
                 Ok(b) => b,
                 Err(e) => {
@@ -211,10 +226,12 @@ impl Client {
                 } else {
                     &bytes[..]
                 };
-                return serde_json::from_slice(bytes).map_err(|e| ClientError::Decode {
-                    endpoint: endpoint.clone(),
-                    message: e.to_string(),
-                });
+                return serde_json::from_slice(bytes)
+                    .map(|t| (headers, t))
+                    .map_err(|e| ClientError::Decode {
+                        endpoint: endpoint.clone(),
+                        message: e.to_string(),
+                    });
             }
             let err = api_error(status, &bytes);
             // 504: the write may have been applied, so only a repeatable one goes on.
@@ -422,6 +439,68 @@ impl Client {
 
     pub async fn list_vms(&self) -> Result<Vec<Vm>, ClientError> {
         self.get("/v1/vms").await
+    }
+
+    /// One page of the VMs `sel` selects, after `token` (the previous page's), at most
+    /// `limit`; with the next page's token when more are left.
+    pub async fn list_vms_page(
+        &self,
+        sel: &VmSelector,
+        limit: u32,
+        token: Option<&str>,
+    ) -> Result<(Vec<Vm>, Option<String>), ClientError> {
+        let mut q = vec![("limit", limit.to_string())];
+        if let Some(h) = &sel.host {
+            q.push(("host", h.clone()));
+        }
+        if let Some(st) = sel.state {
+            q.push(("state", st.as_str().to_string()));
+        }
+        if !sel.labels.is_empty() {
+            q.push(("label", label_selector_string(&sel.labels)));
+        }
+        self.page("/v1/vms", q, token).await
+    }
+
+    /// One page of the hosts `sel` selects (see [`Self::list_vms_page`]).
+    pub async fn list_hosts_page(
+        &self,
+        sel: &HostSelector,
+        limit: u32,
+        token: Option<&str>,
+    ) -> Result<(Vec<Host>, Option<String>), ClientError> {
+        let mut q = vec![("limit", limit.to_string())];
+        if let Some(st) = sel.status {
+            q.push(("status", st.as_str().to_string()));
+        }
+        if !sel.labels.is_empty() {
+            q.push(("label", label_selector_string(&sel.labels)));
+        }
+        self.page("/v1/hosts", q, token).await
+    }
+
+    async fn page<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        mut q: Vec<(&str, String)>,
+        token: Option<&str>,
+    ) -> Result<(Vec<T>, Option<String>), ClientError> {
+        if let Some(t) = token {
+            q.push(("continue", t.to_string()));
+        }
+        let query: Vec<String> = q
+            .iter()
+            .map(|(k, v)| format!("{k}={}", encode(v)))
+            .collect();
+        let path = format!("{path}?{}", query.join("&"));
+        let (headers, items) = self
+            .exchange::<(), Vec<T>>(Method::GET, &path, None, DEFAULT_TIMEOUT, None)
+            .await?;
+        let next = headers
+            .get(CONTINUE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        Ok((items, next))
     }
 
     pub async fn get_vm(&self, name: &str) -> Result<Vm, ClientError> {

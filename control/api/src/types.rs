@@ -149,6 +149,10 @@ pub struct VmSpec {
     /// Host labels the VM requires (every pair must match).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub constraints: BTreeMap<String, String>,
+    /// The VM's own labels, for operators to select VMs by (`vm list -l k=v`); they do not
+    /// affect placement.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
     /// No two VMs of the same group run on one host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anti_affinity: Option<String>,
@@ -800,6 +804,10 @@ pub mod codes {
     /// 504: a follower forwarded the write and the leader stopped answering before saying
     /// how it ended; it may have been applied.
     pub const OUTCOME_UNKNOWN: &str = "outcome_unknown";
+    /// 422: an `Idempotency-Key` sent again with a different request than the one it made.
+    pub const IDEMPOTENCY_KEY_MISMATCH: &str = "idempotency_key_mismatch";
+    /// 409: an `Idempotency-Key` whose VM was deleted since; a new key creates it again.
+    pub const IDEMPOTENCY_KEY_SPENT: &str = "idempotency_key_spent";
 }
 
 /// The error object of every non-2xx answer: `{"error": {"code": …, "message": …}}`.
@@ -814,4 +822,62 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     pub code: String,
     pub message: String,
+}
+
+/// The response header of a list page that has more after it: its value, passed back as
+/// `?continue=`, answers the next page. Absent on the last page.
+pub const CONTINUE_HEADER: &str = "blixard-continue";
+
+/// Which VMs `GET /v1/vms` answers, and how many at a time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmSelector {
+    /// Only VMs assigned to this host.
+    pub host: Option<String>,
+    /// Only VMs in this state.
+    pub state: Option<VmState>,
+    /// Only VMs carrying every one of these labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Which hosts `GET /v1/hosts` answers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostSelector {
+    /// Only hosts with this status.
+    pub status: Option<HostStatus>,
+    /// Only hosts carrying every one of these labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl VmSelector {
+    /// Whether `vm` is selected.
+    pub fn matches(&self, vm: &Vm) -> bool {
+        self.host
+            .as_ref()
+            .is_none_or(|h| vm.host.as_ref() == Some(h))
+            && self.state.is_none_or(|s| vm.state == s)
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| vm.spec.labels.get(k) == Some(v))
+    }
+}
+
+impl HostSelector {
+    /// Whether `host` is selected.
+    pub fn matches(&self, host: &Host) -> bool {
+        self.status.is_none_or(|s| host.status == s)
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| host.labels.get(k) == Some(v))
+    }
+}
+
+/// `k=v,k2=v2`, the form `?label=` takes.
+pub fn label_selector_string(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }

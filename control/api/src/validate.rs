@@ -291,6 +291,7 @@ pub fn vm_spec(spec: &VmSpec) -> Result<(), ValidationError> {
         return Err(err("restart_window_secs", "must be between 1 and 604800"));
     }
     labels("constraints", &spec.constraints)?;
+    labels("labels", &spec.labels)?;
     if let Some(g) = &spec.anti_affinity {
         dns_label("anti_affinity", g)?;
     }
@@ -490,6 +491,31 @@ pub fn add_member(m: &AddMember) -> Result<(), ValidationError> {
     Ok(())
 }
 
+/// Parses a label selector, `k=v` pairs separated by commas (every pair must match), as
+/// `-l`/`?label=` take it; each key and value checked as [`labels`] checks them.
+pub fn label_selector(field: &str, s: &str) -> Result<BTreeMap<String, String>, ValidationError> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let Some((k, v)) = part.split_once('=') else {
+            return Err(err(field, format!("{}: expected key=value", escaped(part))));
+        };
+        out.insert(k.to_string(), v.to_string());
+    }
+    labels(field, &out)?;
+    Ok(out)
+}
+
+/// Checks a list's `limit` (1..=[`MAX_PAGE`]).
+pub fn page_limit(limit: u32) -> Result<usize, ValidationError> {
+    if limit == 0 || limit as usize > MAX_PAGE {
+        return Err(err("limit", format!("must be 1 to {MAX_PAGE}")));
+    }
+    Ok(limit as usize)
+}
+
+/// The most items one page of a list holds.
+pub const MAX_PAGE: usize = 10_000;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,6 +535,7 @@ mod tests {
             nics: vec![],
             restart_policy: RestartPolicy::Always,
             constraints: BTreeMap::new(),
+            labels: Default::default(),
             anti_affinity: None,
             strategy: PlacementStrategy::Spread,
             max_restarts: None,

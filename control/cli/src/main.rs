@@ -28,10 +28,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use blixard_api::{
-    validate, AddMember, Client, ClientError, DiskFormat, DiskSpec, Hypervisor, NicSpec,
-    OnHostLoss, PlacementStrategy, RestartPolicy, VmSpec,
+    validate, AddMember, Client, ClientError, DiskFormat, DiskSpec, HostSelector, HostStatus,
+    Hypervisor, NicSpec, OnHostLoss, PlacementStrategy, RestartPolicy, VmSelector, VmSpec, VmState,
 };
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use output::{print_hosts, print_json, print_members, print_status, print_vm, print_vms, Format};
 
 const EXIT_CODES: &str = "\
@@ -211,6 +211,9 @@ struct CreateArgs {
     /// Required host label KEY=VALUE; repeatable.
     #[arg(long = "constraint")]
     constraints: Vec<String>,
+    /// A label of the VM's own, KEY=VALUE, to select it by (`vm list -l`); repeatable.
+    #[arg(long = "label", short = 'l')]
+    labels: Vec<String>,
     /// Anti-affinity group: no two VMs of a group share a host.
     #[arg(long)]
     anti_affinity: Option<String>,
@@ -250,8 +253,8 @@ enum VmCmd {
         #[arg(long)]
         rerun_on_host_loss: bool,
     },
-    /// List VMs.
-    List,
+    /// List VMs, oldest name first; the table is printed page by page as it arrives.
+    List(VmListArgs),
     /// Show one VM, with its last console lines when its host can be reached.
     Show { name: String },
     /// Print a VM's console and unit lines from its host's journal (`-o json`: NDJSON).
@@ -287,10 +290,97 @@ enum VmCmd {
     },
 }
 
+/// Filters of `vm list`, applied by the control plane.
+#[derive(Args)]
+struct VmListArgs {
+    /// Only VMs assigned to this host.
+    #[arg(long)]
+    host: Option<String>,
+    /// Only VMs in this state.
+    #[arg(long, value_enum)]
+    state: Option<StateArg>,
+    /// Only VMs with this label, KEY=VALUE; repeatable (all must match).
+    #[arg(short = 'l', long = "label")]
+    labels: Vec<String>,
+    /// VMs fetched per request (1-10000).
+    #[arg(long, default_value_t = 500,
+          value_parser = clap::value_parser!(u32).range(1..=blixard_api::validate::MAX_PAGE as i64))]
+    page_size: u32,
+}
+
+/// Filters of `host list`.
+#[derive(Args)]
+struct HostListArgs {
+    /// Only hosts with this status.
+    #[arg(long, value_enum)]
+    status: Option<HostStatusArg>,
+    /// Only hosts with this label, KEY=VALUE; repeatable (all must match).
+    #[arg(short = 'l', long = "label")]
+    labels: Vec<String>,
+    /// Hosts fetched per request (1-10000).
+    #[arg(long, default_value_t = 500,
+          value_parser = clap::value_parser!(u32).range(1..=blixard_api::validate::MAX_PAGE as i64))]
+    page_size: u32,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StateArg {
+    Pending,
+    Scheduled,
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    Failed,
+}
+
+impl From<StateArg> for VmState {
+    fn from(s: StateArg) -> Self {
+        match s {
+            StateArg::Pending => VmState::Pending,
+            StateArg::Scheduled => VmState::Scheduled,
+            StateArg::Starting => VmState::Starting,
+            StateArg::Running => VmState::Running,
+            StateArg::Stopping => VmState::Stopping,
+            StateArg::Stopped => VmState::Stopped,
+            StateArg::Failed => VmState::Failed,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum HostStatusArg {
+    Up,
+    Down,
+    Draining,
+}
+
+impl From<HostStatusArg> for HostStatus {
+    fn from(s: HostStatusArg) -> Self {
+        match s {
+            HostStatusArg::Up => HostStatus::Up,
+            HostStatusArg::Down => HostStatus::Down,
+            HostStatusArg::Draining => HostStatus::Draining,
+        }
+    }
+}
+
+/// `KEY=VALUE` arguments of `flag`, as a map.
+fn key_values(flag: &str, args: Vec<String>) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for a in args {
+        let (k, v) = a
+            .split_once('=')
+            .with_context(|| format!("--{flag} {a}: expected KEY=VALUE"))?;
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
 #[derive(Subcommand)]
 enum HostCmd {
-    /// List hosts.
-    List,
+    /// List hosts, in id order; the table is printed page by page as it arrives.
+    List(HostListArgs),
     /// Show one host.
     Show { name: String },
     /// Move every VM off a host (stop, place elsewhere, start) and refuse new ones.
@@ -382,13 +472,8 @@ fn spec_from_args(a: CreateArgs) -> anyhow::Result<VmSpec> {
             },
         })
         .collect();
-    let mut constraints = BTreeMap::new();
-    for c in a.constraints {
-        let (k, v) = c
-            .split_once('=')
-            .with_context(|| format!("--constraint {c}: expected KEY=VALUE"))?;
-        constraints.insert(k.to_string(), v.to_string());
-    }
+    let constraints = key_values("constraint", a.constraints)?;
+    let labels = key_values("label", a.labels)?;
     Ok(VmSpec {
         name,
         vcpus: a.vcpus,
@@ -410,6 +495,7 @@ fn spec_from_args(a: CreateArgs) -> anyhow::Result<VmSpec> {
             RestartArg::Never => RestartPolicy::Never,
         },
         constraints,
+        labels,
         anti_affinity: a.anti_affinity,
         strategy: match a.strategy {
             StrategyArg::Spread => PlacementStrategy::Spread,
@@ -549,7 +635,26 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                     validate::vm_spec(&spec)?;
                     return run::run(&client, console_client, out, spec, rm).await;
                 }
-                VmCmd::List => print_vms(out, &client.list_vms().await?),
+                VmCmd::List(a) => {
+                    let sel = VmSelector {
+                        host: a.host,
+                        state: a.state.map(VmState::from),
+                        labels: key_values("label", a.labels)?,
+                    };
+                    let mut pages = output::Pages::new(out);
+                    let mut token: Option<String> = None;
+                    loop {
+                        let (vms, next) = client
+                            .list_vms_page(&sel, a.page_size, token.as_deref())
+                            .await?;
+                        pages.vms(vms);
+                        match next {
+                            Some(t) => token = Some(t),
+                            None => break,
+                        }
+                    }
+                    pages.finish_vms();
+                }
                 VmCmd::Show { name } => {
                     let vm = client.get_vm(&name).await?;
                     print_vm(out, &vm);
@@ -600,7 +705,25 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Host(c) => {
             let client = client()?;
             match c {
-                HostCmd::List => print_hosts(out, &client.list_hosts().await?),
+                HostCmd::List(a) => {
+                    let sel = HostSelector {
+                        status: a.status.map(HostStatus::from),
+                        labels: key_values("label", a.labels)?,
+                    };
+                    let mut pages = output::Pages::new(out);
+                    let mut token: Option<String> = None;
+                    loop {
+                        let (hosts, next) = client
+                            .list_hosts_page(&sel, a.page_size, token.as_deref())
+                            .await?;
+                        pages.hosts(hosts);
+                        match next {
+                            Some(t) => token = Some(t),
+                            None => break,
+                        }
+                    }
+                    pages.finish_hosts();
+                }
                 HostCmd::Show { name } => {
                     let host = client.get_host(&name).await?;
                     print_hosts(out, std::slice::from_ref(&host));

@@ -20,6 +20,15 @@ pub fn print_json<T: Serialize + ?Sized>(v: &T) {
 /// Prints rows under a header, each column as wide as its widest cell.
 fn table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    grow(&mut widths, rows);
+    print_line(&widths, header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        print_line(&widths, r.clone());
+    }
+}
+
+/// Widens `widths` to fit every cell of `rows`.
+fn grow(widths: &mut [usize], rows: &[Vec<String>]) {
     for r in rows {
         for (i, c) in r.iter().enumerate() {
             if let Some(w) = widths.get_mut(i) {
@@ -27,18 +36,15 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
             }
         }
     }
-    let line = |cells: Vec<String>| {
-        let s: Vec<String> = cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect();
-        outln!("{}", s.join("  ").trim_end());
-    };
-    line(header.iter().map(|h| h.to_string()).collect());
-    for r in rows {
-        line(r.clone());
-    }
+}
+
+fn print_line(widths: &[usize], cells: Vec<String>) {
+    let s: Vec<String> = cells
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{c:<w$}", w = widths.get(i).copied().unwrap_or(0)))
+        .collect();
+    outln!("{}", s.join("  ").trim_end());
 }
 
 fn dash(v: Option<&str>) -> String {
@@ -58,30 +64,94 @@ fn ago(ms: u64) -> String {
     }
 }
 
+const VM_HEADER: &[&str] = &[
+    "NAME", "STATE", "DESIRED", "HOST", "VCPUS", "MEMORY", "SINCE",
+];
+
+fn vm_row(v: &Vm) -> Vec<String> {
+    vec![
+        v.spec.name.clone(),
+        v.state.as_str().into(),
+        format!("{:?}", v.desired).to_lowercase(),
+        dash(v.host.as_deref()),
+        v.spec.vcpus.to_string(),
+        v.spec.memory_mib.to_string(),
+        ago(v.since_ms),
+    ]
+}
+
 pub fn print_vms(f: Format, vms: &[Vm]) {
     if f == Format::Json {
         return print_json(vms);
     }
-    let rows: Vec<Vec<String>> = vms
-        .iter()
-        .map(|v| {
-            vec![
-                v.spec.name.clone(),
-                v.state.as_str().into(),
-                format!("{:?}", v.desired).to_lowercase(),
-                dash(v.host.as_deref()),
-                v.spec.vcpus.to_string(),
-                v.spec.memory_mib.to_string(),
-                ago(v.since_ms),
-            ]
-        })
-        .collect();
-    table(
-        &[
-            "NAME", "STATE", "DESIRED", "HOST", "VCPUS", "MEMORY", "SINCE",
-        ],
-        &rows,
-    );
+    let rows: Vec<Vec<String>> = vms.iter().map(vm_row).collect();
+    table(VM_HEADER, &rows);
+}
+
+/// A list printed as its pages arrive: a table prints each page at once (its columns as wide
+/// as the widest cell seen so far, as `kubectl` does with chunks); JSON, one array at the end.
+pub struct Pages<T> {
+    format: Format,
+    widths: Option<Vec<usize>>,
+    kept: Vec<T>,
+}
+
+impl<T: Serialize> Pages<T> {
+    pub fn new(format: Format) -> Self {
+        Pages {
+            format,
+            widths: None,
+            kept: Vec::new(),
+        }
+    }
+
+    fn page(&mut self, header: &[&str], items: Vec<T>, row: impl Fn(&T) -> Vec<String>) {
+        if self.format == Format::Json {
+            self.kept.extend(items);
+            return;
+        }
+        let rows: Vec<Vec<String>> = items.iter().map(row).collect();
+        let first = self.widths.is_none();
+        let widths = self
+            .widths
+            .get_or_insert_with(|| header.iter().map(|h| h.len()).collect());
+        grow(widths, &rows);
+        if first {
+            print_line(widths, header.iter().map(|h| h.to_string()).collect());
+        }
+        for r in rows {
+            print_line(widths, r);
+        }
+    }
+
+    /// Prints the JSON array, or the header of an empty table.
+    fn finish(self, header: &[&str]) {
+        match self.format {
+            Format::Json => print_json(&self.kept),
+            Format::Table if self.widths.is_none() => table(header, &[]),
+            Format::Table => {}
+        }
+    }
+}
+
+impl Pages<Vm> {
+    pub fn vms(&mut self, vms: Vec<Vm>) {
+        self.page(VM_HEADER, vms, vm_row);
+    }
+
+    pub fn finish_vms(self) {
+        self.finish(VM_HEADER);
+    }
+}
+
+impl Pages<Host> {
+    pub fn hosts(&mut self, hosts: Vec<Host>) {
+        self.page(HOST_HEADER, hosts, host_row);
+    }
+
+    pub fn finish_hosts(self) {
+        self.finish(HOST_HEADER);
+    }
 }
 
 pub fn print_vm(f: Format, vm: &Vm) {
@@ -164,43 +234,41 @@ fn rfc3339(ms: u64) -> String {
     )
 }
 
+const HOST_HEADER: &[&str] = &[
+    "HOST",
+    "STATUS",
+    "VCPUS",
+    "MEMORY",
+    "DISK_GIB",
+    "KVM",
+    "HEARTBEAT",
+    "LABELS",
+];
+
+fn host_row(h: &Host) -> Vec<String> {
+    let labels: Vec<String> = h.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    vec![
+        h.id.clone(),
+        h.status.as_str().into(),
+        h.capacity.vcpus.to_string(),
+        h.capacity.memory_mib.to_string(),
+        h.capacity.disk_gib.to_string(),
+        if h.capacity.kvm { "yes" } else { "no" }.into(),
+        ago(h.last_heartbeat_ms),
+        if labels.is_empty() {
+            "-".into()
+        } else {
+            labels.join(",")
+        },
+    ]
+}
+
 pub fn print_hosts(f: Format, hosts: &[Host]) {
     if f == Format::Json {
         return print_json(hosts);
     }
-    let rows: Vec<Vec<String>> = hosts
-        .iter()
-        .map(|h| {
-            let labels: Vec<String> = h.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            vec![
-                h.id.clone(),
-                h.status.as_str().into(),
-                h.capacity.vcpus.to_string(),
-                h.capacity.memory_mib.to_string(),
-                h.capacity.disk_gib.to_string(),
-                if h.capacity.kvm { "yes" } else { "no" }.into(),
-                ago(h.last_heartbeat_ms),
-                if labels.is_empty() {
-                    "-".into()
-                } else {
-                    labels.join(",")
-                },
-            ]
-        })
-        .collect();
-    table(
-        &[
-            "HOST",
-            "STATUS",
-            "VCPUS",
-            "MEMORY",
-            "DISK_GIB",
-            "KVM",
-            "HEARTBEAT",
-            "LABELS",
-        ],
-        &rows,
-    );
+    let rows: Vec<Vec<String>> = hosts.iter().map(host_row).collect();
+    table(HOST_HEADER, &rows);
 }
 
 pub fn print_members(f: Format, members: &[Member]) {

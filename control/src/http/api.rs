@@ -11,8 +11,8 @@ use axum::{Json, Router};
 use blixard_api::types::codes;
 use blixard_api::{
     validate, AddMember, Assignment, Assignments, ClusterStatus, DesiredState, DrainRequest,
-    Events, Health, Host, HostRegistration, HostStatus, Member, Plan, PlanRequest, StateSnapshot,
-    UpdateVm, Vm, VmSpec, VmStatusReport,
+    Events, Health, Host, HostRegistration, HostSelector, HostStatus, Member, Plan, PlanRequest,
+    StateSnapshot, UpdateVm, Vm, VmSelector, VmSpec, VmState, VmStatusReport,
 };
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -275,10 +275,96 @@ async fn update_vm(
     Ok(Json(expect_vm(node.propose(cmd).await?)?))
 }
 
-#[utoipa::path(get, path = "/v1/vms", tag = "vms", responses((status = 200, body = Vec<Vm>, description = "success"), Errors))]
-async fn list_vms(State(node): Node, _: NoQuery, _: NoBody) -> Result<Json<Vec<Vm>>, ApiError> {
+/// Paging and filters of `GET /v1/vms`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+struct VmListQuery {
+    /// Most VMs in the answer (1 to 10000); without it, every selected VM. When more are left,
+    /// the `Blixard-Continue` response header holds the token for the next page.
+    #[param(minimum = 1, maximum = 10000)]
+    limit: Option<u32>,
+    /// The previous page's `Blixard-Continue` token: the page goes on after it.
+    #[serde(rename = "continue")]
+    #[param(rename = "continue")]
+    continue_token: Option<String>,
+    /// Only VMs assigned to this host.
+    host: Option<String>,
+    /// Only VMs in this state.
+    state: Option<VmState>,
+    /// Only VMs with every one of these labels: `k=v` pairs separated by commas.
+    label: Option<String>,
+}
+
+/// Paging and filters of `GET /v1/hosts`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+struct HostListQuery {
+    /// Most hosts in the answer (1 to 10000); without it, every selected host. When more are
+    /// left, the `Blixard-Continue` response header holds the token for the next page.
+    #[param(minimum = 1, maximum = 10000)]
+    limit: Option<u32>,
+    /// The previous page's `Blixard-Continue` token: the page goes on after it.
+    #[serde(rename = "continue")]
+    #[param(rename = "continue")]
+    continue_token: Option<String>,
+    /// Only hosts with this status.
+    status: Option<HostStatus>,
+    /// Only hosts with every one of these labels: `k=v` pairs separated by commas.
+    label: Option<String>,
+}
+
+/// A page's size and where it starts, checked.
+fn page_bounds(
+    limit: Option<u32>,
+    token: &Option<String>,
+) -> Result<(usize, Option<String>), ApiError> {
+    let limit = match limit {
+        Some(l) => validate::page_limit(l)?,
+        None => usize::MAX,
+    };
+    if let Some(t) = token {
+        validate::dns_label("continue", t)?;
+    }
+    Ok((limit, token.clone()))
+}
+
+/// A JSON list with the next page's token in its header.
+fn page_response<T: serde::Serialize>(page: crate::listing::Page<T>) -> Response {
+    let mut resp = Json(page.items).into_response();
+    if let Some(next) = page.next {
+        if let Ok(v) = axum::http::HeaderValue::from_str(&next) {
+            resp.headers_mut().insert(blixard_api::CONTINUE_HEADER, v);
+        }
+    }
+    resp
+}
+
+#[utoipa::path(get, path = "/v1/vms", tag = "vms", params(VmListQuery), responses((status = 200, body = Vec<Vm>, description = "the selected VMs in name order", headers(("Blixard-Continue" = String, description = "present when more VMs are left: the `continue` of the next page"))), Errors))]
+async fn list_vms(
+    State(node): Node,
+    query: Result<Query<VmListQuery>, axum::extract::rejection::QueryRejection>,
+    _: NoBody,
+) -> Result<Response, ApiError> {
+    let Query(q) = query?;
+    let (limit, token) = page_bounds(q.limit, &q.continue_token)?;
+    if let Some(h) = &q.host {
+        validate::dns_label("host", h)?;
+    }
+    let sel = VmSelector {
+        host: q.host,
+        state: q.state,
+        labels: match &q.label {
+            Some(l) => validate::label_selector("label", l)?,
+            None => Default::default(),
+        },
+    };
     node.read_barrier().await?;
-    Ok(Json(node.state.read(|s| s.vms.values().cloned().collect())))
+    let page = node
+        .state
+        .read(|s| crate::listing::vms(s, &sel, token.as_deref(), limit));
+    Ok(page_response(page))
 }
 
 #[utoipa::path(get, path = "/v1/vms/{name}", tag = "vms", params(("name" = String, Path, description = "the VM's name (a DNS label)")), responses((status = 200, body = Vm, description = "success"), Errors))]
@@ -573,24 +659,47 @@ async fn hosts_with_leases(node: &ControlNode, only: Option<&str>) -> Result<Vec
         Some(id) => s.hosts.get(id).cloned().into_iter().collect(),
         None => s.hosts.values().cloned().collect(),
     });
+    with_leases(node, &mut hosts).await;
+    Ok(hosts)
+}
+
+/// Sets `hosts`' `last_heartbeat_ms` from the leader's leases.
+async fn with_leases(node: &ControlNode, hosts: &mut [Host]) {
     if hosts.is_empty() {
-        return Ok(hosts);
+        return;
     }
     // Best effort: a leader change in between leaves the stored times.
     if let Ok(silence) = node.host_silence().await {
         let now = crate::node::now_ms();
-        for h in &mut hosts {
+        for h in hosts {
             if let Some(ms) = silence.get(&h.id) {
                 h.last_heartbeat_ms = h.last_heartbeat_ms.max(now.saturating_sub(*ms));
             }
         }
     }
-    Ok(hosts)
 }
 
-#[utoipa::path(get, path = "/v1/hosts", tag = "hosts", responses((status = 200, body = Vec<Host>, description = "success"), Errors))]
-async fn list_hosts(State(node): Node, _: NoQuery, _: NoBody) -> Result<Json<Vec<Host>>, ApiError> {
-    Ok(Json(hosts_with_leases(&node, None).await?))
+#[utoipa::path(get, path = "/v1/hosts", tag = "hosts", params(HostListQuery), responses((status = 200, body = Vec<Host>, description = "the selected hosts in id order", headers(("Blixard-Continue" = String, description = "present when more hosts are left: the `continue` of the next page"))), Errors))]
+async fn list_hosts(
+    State(node): Node,
+    query: Result<Query<HostListQuery>, axum::extract::rejection::QueryRejection>,
+    _: NoBody,
+) -> Result<Response, ApiError> {
+    let Query(q) = query?;
+    let (limit, token) = page_bounds(q.limit, &q.continue_token)?;
+    let sel = HostSelector {
+        status: q.status,
+        labels: match &q.label {
+            Some(l) => validate::label_selector("label", l)?,
+            None => Default::default(),
+        },
+    };
+    node.read_barrier().await?;
+    let mut page = node
+        .state
+        .read(|s| crate::listing::hosts(s, &sel, token.as_deref(), limit));
+    with_leases(&node, &mut page.items).await;
+    Ok(page_response(page))
 }
 
 #[utoipa::path(get, path = "/v1/hosts/{id}", tag = "hosts", params(("id" = String, Path, description = "the host's id (a DNS label)")), responses((status = 200, body = Host, description = "success"), Errors))]

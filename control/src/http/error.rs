@@ -66,6 +66,14 @@ impl From<ApplyError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, codes::ALREADY_EXISTS, m)
             }
             ApplyError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, codes::CONFLICT, m),
+            ApplyError::KeyMismatch(m) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                codes::IDEMPOTENCY_KEY_MISMATCH,
+                m,
+            ),
+            ApplyError::KeySpent(m) => {
+                ApiError::new(StatusCode::CONFLICT, codes::IDEMPOTENCY_KEY_SPENT, m)
+            }
         }
     }
 }

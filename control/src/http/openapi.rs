@@ -33,11 +33,15 @@ const ERRORS: &[(u16, &str)] = &[
     (408, "the request body did not arrive in time"),
     (
         409,
-        "conflict: a stale expected_generation, a duplicate, a VM not placed, the last voter",
+        "conflict: a stale expected_generation, a duplicate, a VM not placed, the last voter, an idempotency key whose VM was deleted",
     ),
     (410, "events no longer kept"),
     (413, "request body over 64 KiB"),
     (415, "not application/json"),
+    (
+        422,
+        "an Idempotency-Key sent again with a different request than the one it made",
+    ),
     (429, "over the client's rate limit"),
     (500, "internal error (details in the node's log)"),
     (502, "the VM's agent answered with an error"),

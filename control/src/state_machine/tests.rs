@@ -17,6 +17,7 @@ pub(crate) fn spec(name: &str) -> VmSpec {
         nics: vec![],
         restart_policy: RestartPolicy::Always,
         constraints: Default::default(),
+        labels: Default::default(),
         anti_affinity: None,
         strategy: PlacementStrategy::Spread,
         max_restarts: None,
@@ -61,6 +62,7 @@ fn place(vm: &str, host: &str, generation: u64) -> Command {
         unplaced: vec![],
         now_ms: 3,
         overcommit: Some(Overcommit::default()),
+        capacity_rev: None,
     }
 }
 
@@ -87,13 +89,29 @@ fn desired(name: &str, d: DesiredState) -> Command {
     }
 }
 
-/// Applies commands at indexes 1.. and returns the responses.
+/// Applies commands at indexes 1.. and returns the responses; after each, the index kept by
+/// the applies must equal the one built from the rows.
 fn run(state: &mut ClusterState, cmds: &[Command]) -> Vec<Response> {
     let base = state.events.back().map(|e| e.index).unwrap_or(0);
     cmds.iter()
         .enumerate()
-        .map(|(i, c)| apply(state, base + i as u64 + 1, c).0)
+        .map(|(i, c)| {
+            let index = base + i as u64 + 1;
+            let r = apply(state, index, c).0;
+            assert_index_current(state, index);
+            r
+        })
         .collect()
+}
+
+/// The invariant of `crate::state_index`: kept by updates = built from the rows.
+pub(crate) fn assert_index_current(state: &ClusterState, index: u64) {
+    let built = StateIndex::build(state.vms.values(), index);
+    assert!(
+        state.index == built,
+        "index drifted from the rows at {index}:\nkept {:?}\nbuilt {built:?}",
+        state.index
+    );
 }
 
 /// One host `h1` with VM `a` placed and running at generation 2.
@@ -223,6 +241,126 @@ fn idempotent_create_returns_the_first_vm() {
     assert_eq!(s.vms.len(), 1);
 }
 
+fn keyed_create(name: &str, memory_mib: u64, key: &str, now_ms: u64) -> Command {
+    let mut sp = spec(name);
+    sp.memory_mib = memory_mib;
+    Command::CreateVm {
+        spec: sp,
+        now_ms,
+        idempotency_key: Some(key.into()),
+        placement: None,
+    }
+}
+
+#[test]
+fn an_idempotency_key_is_bound_to_its_request_and_outlives_a_delete() {
+    let mut s = ClusterState::default();
+    let out = run(
+        &mut s,
+        &[
+            keyed_create("a", 128, "k1", 1),
+            // The same key with another body: refused, whatever the name.
+            keyed_create("a", 256, "k1", 2),
+            keyed_create("b", 128, "k1", 3),
+            // The same request again: the VM it made.
+            keyed_create("a", 128, "k1", 4),
+        ],
+    );
+    assert!(matches!(&out[0], Response::Vm(_)));
+    assert!(
+        matches!(&out[1], Response::Error(ApplyError::KeyMismatch(m)) if m.contains("created vm a"))
+    );
+    assert!(matches!(
+        &out[2],
+        Response::Error(ApplyError::KeyMismatch(_))
+    ));
+    assert!(matches!(&out[3], Response::Existing(v) if v.spec.name == "a"));
+    assert!(!s.vms.contains_key("b"));
+    // Deleted: a retry within the retention is refused, not a second create.
+    let deleted_at = 10;
+    let out = run(
+        &mut s,
+        &[
+            Command::DeleteVm {
+                name: "a".into(),
+                now_ms: deleted_at,
+                expected_generation: None,
+            },
+            keyed_create("a", 128, "k1", deleted_at + 1),
+            keyed_create("a", 256, "k1", deleted_at + 2),
+        ],
+    );
+    assert!(
+        matches!(&out[1], Response::Error(ApplyError::KeySpent(m)) if m.contains("deleted since"))
+    );
+    assert!(matches!(
+        &out[2],
+        Response::Error(ApplyError::KeyMismatch(_))
+    ));
+    assert!(s.vms.is_empty());
+    // A new key creates it again; the old one goes once its retention has passed.
+    let out = run(
+        &mut s,
+        &[
+            keyed_create("a", 128, "k2", deleted_at + 3),
+            Command::DeleteVm {
+                name: "a".into(),
+                now_ms: deleted_at + 4,
+                expected_generation: None,
+            },
+            keyed_create("c", 64, "k3", deleted_at + KEY_RETENTION_MS - 1),
+        ],
+    );
+    assert!(matches!(&out[0], Response::Vm(_)));
+    assert!(s.keys.contains_key("k1"));
+    run(
+        &mut s,
+        &[keyed_create("d", 64, "k4", deleted_at + KEY_RETENTION_MS)],
+    );
+    assert!(!s.keys.contains_key("k1"));
+    assert!(s.keys.contains_key("k2"), "k2's VM was deleted later");
+    run(
+        &mut s,
+        &[keyed_create(
+            "a",
+            128,
+            "k1",
+            deleted_at + KEY_RETENTION_MS + 1,
+        )],
+    );
+    assert!(s.vms.contains_key("a"));
+    // Rebuilt from the rows (a restart), the expiry order and old-style keys come back.
+    let mut back = ClusterState {
+        hosts: s.hosts.clone(),
+        vms: s.vms.clone(),
+        keys: s.keys.clone(),
+        ..Default::default()
+    };
+    back.rebuild_derived(99);
+    assert_eq!(back.key_expiry, s.key_expiry);
+    back.keys.clear();
+    back.rebuild_derived(99);
+    assert_eq!(
+        back.keys
+            .get("k1")
+            .map(|r| (r.vm.as_str(), r.request_sha256.is_none())),
+        Some(("a", true))
+    );
+}
+
+#[test]
+fn request_fingerprints_are_pinned() {
+    // Bound keys are compared across nodes and versions: the encoding must not drift. This is
+    // SHA-256 of {"name":"a","vcpus":1,"memory_mib":128,"hypervisor":"process",
+    // "restart_policy":"always","strategy":"spread"}.
+    assert_eq!(
+        request_sha256(&spec("a")),
+        "2d7dd9900641f5a9cd7bec9f8937e52e3fd9acf818c0a2a029230d4d412d9de2"
+    );
+    assert_ne!(request_sha256(&spec("a")), request_sha256(&spec("b")));
+    assert_eq!(request_sha256(&spec("a")).len(), 64);
+}
+
 #[test]
 fn stale_or_bad_placements_are_dropped() {
     let mut s = ClusterState::default();
@@ -260,6 +398,7 @@ fn stale_or_bad_placements_are_dropped() {
             unplaced: vec![],
             now_ms: 4,
             overcommit: None,
+            capacity_rev: None,
         },
     );
     assert_eq!(
@@ -662,6 +801,7 @@ fn command_encoding_is_stable() {
                 }],
                 now_ms: 4,
                 overcommit: None,
+                capacity_rev: None,
             },
             r#"{"type":"place","placements":[{"vm":"a","host":"h","generation":1}],"unplaced":[{"vm":"b","reason":"r"}],"now_ms":4}"#,
         ),
@@ -674,8 +814,19 @@ fn command_encoding_is_stable() {
                     cpu_permille: 4000,
                     memory_permille: 1500,
                 }),
+                capacity_rev: None,
             },
             r#"{"type":"place","placements":[],"unplaced":[],"now_ms":4,"overcommit":{"cpu_permille":4000,"memory_permille":1500}}"#,
+        ),
+        (
+            Command::Place {
+                placements: vec![],
+                unplaced: vec![],
+                now_ms: 4,
+                overcommit: None,
+                capacity_rev: Some(7),
+            },
+            r#"{"type":"place","placements":[],"unplaced":[],"now_ms":4,"capacity_rev":7}"#,
         ),
         (
             Command::DrainHost {
@@ -1198,6 +1349,7 @@ fn placements_are_checked_again_when_applied() {
                 unplaced: vec![],
                 now_ms: 3,
                 overcommit: c.overcommit,
+                capacity_rev: None,
             }],
         );
         let placed = c.want.iter().filter(|w| w.1.is_some()).count();
@@ -1724,6 +1876,7 @@ fn finished_tasks_expire_after_their_retention() {
         )],
     );
     s.vms.insert("a".into(), running_vm("a", "h1"));
+    s.index.update("a", s.vms.get("a"), 5);
     assert!(expired_tasks(&s, 1099, 1000).is_empty());
     let expired = expired_tasks(&s, 1100, 1000);
     assert_eq!(
@@ -1792,4 +1945,131 @@ fn a_drain_lets_a_task_run_to_its_end() {
     );
     assert!(s.vms["t"].task_finished());
     assert_eq!(s.vms["t"].host, None);
+}
+
+fn unplaced(vm: &str, capacity_rev: Option<u64>) -> Command {
+    Command::Place {
+        placements: vec![],
+        unplaced: vec![Unplaced {
+            vm: vm.into(),
+            reason: "no host fits: 1 host short of memory".into(),
+        }],
+        now_ms: 6,
+        overcommit: Some(Overcommit::default()),
+        capacity_rev,
+    }
+}
+
+#[test]
+fn a_vm_that_fits_nowhere_is_tried_again_only_after_capacity_changes() {
+    let mut s = running();
+    let mut big = spec("big");
+    big.memory_mib = 100_000;
+    let create_big = Command::CreateVm {
+        spec: big,
+        now_ms: 5,
+        idempotency_key: None,
+        placement: None,
+    };
+    run(&mut s, &[create_big]);
+    assert!(scheduler::any_pending(&s));
+    // Decided on an older capacity: not blocked, it is tried again.
+    let rev = s.index.capacity_rev();
+    run(&mut s, &[unplaced("big", Some(rev - 1))]);
+    assert!(scheduler::any_pending(&s));
+    // Decided on the current one: blocked, but still listed as pending.
+    run(&mut s, &[unplaced("big", Some(rev))]);
+    assert!(!scheduler::any_pending(&s));
+    assert!(s.index.is_blocked("big"));
+    assert_eq!(scheduler::pending(&s).len(), 1);
+    // An entry from before the revision was carried blocks nothing.
+    let mut t = running();
+    run(&mut t, &[create("p"), unplaced("p", None)]);
+    assert!(scheduler::any_pending(&t));
+    // A report that changes nothing on the host keeps it blocked; a VM leaving the host frees
+    // capacity, so it is tried again.
+    run(&mut s, &[report("h1", "a", VmState::Running, 2, 7)]);
+    assert!(s.index.is_blocked("big"));
+    run(
+        &mut s,
+        &[Command::DeleteVm {
+            name: "a".into(),
+            now_ms: 8,
+            expected_generation: None,
+        }],
+    );
+    assert!(scheduler::any_pending(&s));
+    // Blocked again; a host registering is a capacity change too.
+    let rev = s.index.capacity_rev();
+    run(&mut s, &[unplaced("big", Some(rev))]);
+    assert!(!scheduler::any_pending(&s));
+    run(
+        &mut s,
+        &[Command::RegisterHost {
+            registration: reg("h2"),
+            now_ms: 9,
+        }],
+    );
+    assert!(scheduler::any_pending(&s));
+    // Blocked again; an update of the VM itself (a new generation) is tried at once.
+    let rev = s.index.capacity_rev();
+    run(&mut s, &[unplaced("big", Some(rev))]);
+    assert!(s.index.is_blocked("big"));
+    let mut smaller = spec("big");
+    smaller.memory_mib = 99_000;
+    run(
+        &mut s,
+        &[Command::UpdateVm {
+            spec: smaller,
+            expected_generation: None,
+            now_ms: 10,
+        }],
+    );
+    assert!(!s.index.is_blocked("big"));
+    assert!(scheduler::any_pending(&s));
+}
+
+#[test]
+fn the_index_follows_hosts_keys_evictions_and_deletes() {
+    let mut s = running();
+    let keyed = Command::CreateVm {
+        spec: spec("k"),
+        now_ms: 5,
+        idempotency_key: Some("key-1".into()),
+        placement: None,
+    };
+    run(&mut s, &[keyed.clone(), place("k", "h1", 1)]);
+    assert_eq!(s.keys.get("key-1").map(|r| r.vm.as_str()), Some("k"));
+    assert_eq!(
+        s.assigned_to("h1")
+            .map(|v| v.spec.name.as_str())
+            .collect::<Vec<_>>(),
+        ["a", "k"]
+    );
+    assert_eq!(
+        s.index.load("h1").map(|l| (l.vcpus, l.memory_mib)),
+        Some((2, 256))
+    );
+    // A drain puts both under eviction; the index lists them for the leader's timer.
+    run(
+        &mut s,
+        &[Command::DrainHost {
+            host: "h1".into(),
+            deadline_ms: 100,
+            now_ms: 6,
+        }],
+    );
+    assert_eq!(s.index.evicting().collect::<Vec<_>>(), ["a", "k"]);
+    // Deleted: gone from every index, the key with it.
+    run(
+        &mut s,
+        &[Command::DeleteVm {
+            name: "k".into(),
+            now_ms: 7,
+            expected_generation: None,
+        }],
+    );
+    assert!(s.keys.get("key-1").is_some_and(|r| r.deleted_ms == Some(7)));
+    assert_eq!(s.index.evicting().collect::<Vec<_>>(), ["a"]);
+    assert_eq!(s.index.load("h1").map(|l| l.vcpus), Some(1));
 }

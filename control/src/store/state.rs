@@ -35,6 +35,8 @@ const MIGRATIONS: &[&str] = &["
     CREATE TABLE hosts (id TEXT PRIMARY KEY, body BLOB NOT NULL);
     CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
     CREATE TABLE snapshot (id INTEGER PRIMARY KEY CHECK (id = 1), meta BLOB NOT NULL, data BLOB NOT NULL);
+", "
+    CREATE TABLE idempotency_keys (key TEXT PRIMARY KEY, body BLOB NOT NULL);
 "];
 
 /// Durability of applies: recoverable from the log, so no fsync of their own.
@@ -118,6 +120,18 @@ impl StateStore {
             for row in rows {
                 let h: blixard_api::Host = decode(&p, &row.map_err(sql)?)?;
                 cluster.hosts.insert(h.id.clone(), h);
+            }
+            let mut stmt = conn
+                .prepare("SELECT key, body FROM idempotency_keys")
+                .map_err(sql)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+                })
+                .map_err(sql)?;
+            for row in rows {
+                let (k, b) = row.map_err(sql)?;
+                cluster.keys.insert(k, decode(&p, &b)?);
             }
         }
         let meta = |key: &str| -> Result<Option<Vec<u8>>, StoreError> {
@@ -214,6 +228,24 @@ fn write_rows(
             }
         }
     }
+    for k in &touched.keys {
+        match cluster.keys.get(k) {
+            Some(r) => {
+                let b = serde_json::to_vec(r).map_err(write_err)?;
+                tx.prepare_cached(
+                    "INSERT INTO idempotency_keys (key, body) VALUES (?1, ?2)
+                     ON CONFLICT(key) DO UPDATE SET body = excluded.body",
+                )
+                .and_then(|mut s| s.execute(params![k, b]))
+                .map_err(write_err)?;
+            }
+            None => {
+                tx.prepare_cached("DELETE FROM idempotency_keys WHERE key = ?1")
+                    .and_then(|mut s| s.execute([k]))
+                    .map_err(write_err)?;
+            }
+        }
+    }
     for id in &touched.hosts {
         match cluster.hosts.get(id) {
             Some(h) => {
@@ -237,14 +269,19 @@ fn write_rows(
 
 impl RaftSnapshotBuilder<TypeConfig> for StateStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let (data, last_applied, membership) = {
+        // Applies wait while the lock is held: only the rows are copied under it (not the
+        // derived index and events), and they are encoded after it is released.
+        let (rows, last_applied, membership) = {
             let g = self.shared.applied.read().map_err(|_| read_err(Poisoned))?;
-            let data = serde_json::to_vec(&SnapshotData {
-                cluster: g.cluster.clone(),
-            })
-            .map_err(read_err)?;
-            (data, g.last_applied, g.membership.clone())
+            let rows = ClusterState {
+                hosts: g.cluster.hosts.clone(),
+                vms: g.cluster.vms.clone(),
+                keys: g.cluster.keys.clone(),
+                ..ClusterState::default()
+            };
+            (rows, g.last_applied, g.membership.clone())
         };
+        let data = serde_json::to_vec(&SnapshotData { cluster: rows }).map_err(read_err)?;
         let seq = self.shared.snapshot_seq.fetch_add(1, Ordering::Relaxed);
         let snapshot_id = match last_applied {
             Some(l) => format!(
@@ -354,11 +391,12 @@ impl RaftStateMachine<TypeConfig> for StateStore {
             let mut conn = self.conn()?;
             conn.execute_batch(SYNC_SNAPSHOT).map_err(write_err)?;
             let tx = conn.transaction().map_err(write_err)?;
-            tx.execute_batch("DELETE FROM vms; DELETE FROM hosts;")
+            tx.execute_batch("DELETE FROM vms; DELETE FROM hosts; DELETE FROM idempotency_keys;")
                 .map_err(write_err)?;
             let all = Touched {
                 vms: cluster.vms.keys().cloned().collect(),
                 hosts: cluster.hosts.keys().cloned().collect(),
+                keys: cluster.keys.keys().cloned().collect(),
             };
             write_rows(&tx, &cluster, &all)?;
             put_meta(&tx, "last_applied", &meta.last_log_id)?;

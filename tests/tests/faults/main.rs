@@ -70,6 +70,7 @@ fn spec(name: &str, value: u64) -> VmSpec {
         nics: vec![],
         restart_policy: Default::default(),
         constraints: Default::default(),
+        labels: Default::default(),
         anti_affinity: None,
         strategy: Default::default(),
         max_restarts: None,

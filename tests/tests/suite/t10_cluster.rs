@@ -23,6 +23,7 @@ fn spec(name: &str) -> VmSpec {
         nics: vec![],
         restart_policy: RestartPolicy::Always,
         constraints: Default::default(),
+        labels: Default::default(),
         anti_affinity: None,
         strategy: PlacementStrategy::Spread,
         max_restarts: None,

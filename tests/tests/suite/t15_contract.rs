@@ -9,6 +9,8 @@ use blixard_tests::cluster::Cluster;
 use blixard_tests::raw::exchange;
 use blixard_tests::{pytools, vms};
 
+const DEADLINE: Duration = Duration::from_secs(30);
+
 fn spec_json(name: &str) -> serde_json::Value {
     serde_json::json!({"name": name, "vcpus": 1, "memory_mib": 64, "hypervisor": "process"})
 }
@@ -490,5 +492,74 @@ async fn t15_schemathesis_against_a_secure_three_node_cluster() -> anyhow::Resul
     for i in 0..3 {
         assert!(c.is_running(i), "node {i} exited: {}", c.log_tail(i));
     }
+    Ok(())
+}
+
+/// Idempotency keys like the payment APIs' (issue 17 item 4): the key is bound to its
+/// request (another body under it is 422, not the first VM), it outlives a delete (a retry is
+/// 409 `idempotency_key_spent`, not a second VM), on every node and across a restart.
+#[tokio::test]
+async fn t15_idempotency_keys_are_bound_to_their_request_and_outlive_a_delete() -> anyhow::Result<()>
+{
+    let mut c = Cluster::start(3).await?;
+    let client = c.client();
+    let spec: blixard_api::VmSpec = serde_json::from_value(spec_json("idem-1"))?;
+    let first = client.create_vm_idempotent(&spec, "key-idem-1").await?;
+    let again = client.create_vm_idempotent(&spec, "key-idem-1").await?;
+    assert_eq!(
+        (again.spec.name.as_str(), again.created_ms),
+        ("idem-1", first.created_ms)
+    );
+    let mut other: blixard_api::VmSpec = serde_json::from_value(spec_json("idem-2"))?;
+    other.memory_mib = 128;
+    let e = client
+        .create_vm_idempotent(&other, "key-idem-1")
+        .await
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("another request under a used key was accepted"))?;
+    assert_eq!(
+        (e.status(), e.code()),
+        (Some(422), Some("idempotency_key_mismatch")),
+        "{e}"
+    );
+    assert!(client
+        .get_vm("idem-2")
+        .await
+        .err()
+        .is_some_and(|e| e.is_not_found()));
+
+    client.delete_vm("idem-1").await?;
+    let spent = |r: Result<blixard_api::Vm, blixard_api::ClientError>| {
+        r.err().map(|e| (e.status(), e.code().map(str::to_string)))
+    };
+    let want = Some((Some(409), Some("idempotency_key_spent".to_string())));
+    assert_eq!(
+        spent(client.create_vm_idempotent(&spec, "key-idem-1").await),
+        want
+    );
+    // The key survives a restart of the whole cluster (it is a row of its own), and every
+    // node answers the same.
+    for i in 0..3 {
+        c.kill(i);
+    }
+    for i in 0..3 {
+        c.restart(i)?;
+    }
+    c.wait_converged(DEADLINE).await?;
+    for i in 0..3 {
+        let direct = c.node_client(i);
+        assert_eq!(
+            spent(direct.create_vm_idempotent(&spec, "key-idem-1").await),
+            want,
+            "node {i}"
+        );
+    }
+    assert!(client
+        .get_vm("idem-1")
+        .await
+        .err()
+        .is_some_and(|e| e.is_not_found()));
+    // A new key creates it again.
+    client.create_vm_idempotent(&spec, "key-idem-2").await?;
     Ok(())
 }

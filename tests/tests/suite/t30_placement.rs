@@ -587,3 +587,162 @@ async fn t36_declare_gone_is_operator_only_and_keeps_the_host_down() -> anyhow::
     agent.heartbeat(h1).await?;
     Ok(())
 }
+
+/// Lists page and filter (issue 19): through the API with `limit` and the continue token,
+/// across writes between pages, by host, state and label, with bad parameters refused; and
+/// through `blixardctl vm list --host H --state S -l k=v`, which follows the pages.
+#[tokio::test]
+async fn t37_lists_page_and_filter_by_host_state_and_label() -> anyhow::Result<()> {
+    use blixard_api::{HostSelector, VmSelector};
+    // Hosts registered by the test itself, no agents: a long TTL keeps them up.
+    let opts = ClusterOptions {
+        extra_args: vec!["--host-ttl-ms".into(), "3600000".into()],
+        ..Default::default()
+    };
+    let c = Cluster::start_with(3, opts).await?;
+    let client = c.client();
+    for (id, zone) in [("la", "a"), ("lb", "b")] {
+        let mut reg = blixard_tests::vms::process_host(id);
+        reg.capacity.memory_mib = 64 * 1024;
+        reg.capacity.vcpus = 64;
+        reg.labels.insert("zone".into(), zone.into());
+        client.register_host(&reg).await?;
+    }
+    for i in 0..25 {
+        let mut s = process_spec(&format!("l-{i:02}"), 64);
+        s.constraints
+            .insert("zone".into(), if i % 2 == 0 { "a" } else { "b" }.into());
+        if i % 5 == 0 {
+            s.labels.insert("tier".into(), "web".into());
+        }
+        create(&client, &s).await?;
+    }
+    // A VM that fits nowhere stays pending.
+    let mut huge = process_spec("l-huge", 4 << 20);
+    huge.labels.insert("tier".into(), "web".into());
+    create(&client, &huge).await?;
+
+    // Every page in turn; a VM created between pages before the token is not answered, one
+    // deleted after it is not either, everything else exactly once and in order.
+    let all = VmSelector::default();
+    let (first, token) = client.list_vms_page(&all, 10, None).await?;
+    assert_eq!(first.len(), 10);
+    let token = token.ok_or_else(|| anyhow::anyhow!("a full first page has a token"))?;
+    create(&client, &process_spec("l-00a", 64)).await?;
+    client.delete_vm("l-24").await?;
+    let mut names: Vec<String> = first.iter().map(|v| v.spec.name.clone()).collect();
+    let mut token = Some(token);
+    let mut pages = 1;
+    while let Some(t) = token {
+        let (page, next) = client.list_vms_page(&all, 10, Some(&t)).await?;
+        names.extend(page.iter().map(|v| v.spec.name.clone()));
+        token = next;
+        pages += 1;
+    }
+    let mut want: Vec<String> = (0..24).map(|i| format!("l-{i:02}")).collect();
+    want.push("l-huge".into());
+    assert_eq!(names, want);
+    assert_eq!(pages, 3);
+
+    // Filters, alone and together.
+    let on_a = VmSelector {
+        host: Some("la".into()),
+        ..Default::default()
+    };
+    let (page, next) = client.list_vms_page(&on_a, 100, None).await?;
+    assert!(next.is_none());
+    let mut expect_a: Vec<String> = (0..24)
+        .filter(|i| i % 2 == 0)
+        .map(|i| format!("l-{i:02}"))
+        .collect();
+    expect_a.insert(1, "l-00a".into());
+    let got: Vec<String> = page.iter().map(|v| v.spec.name.clone()).collect();
+    // l-00a has no constraint: it may be on either host.
+    let got_without: Vec<&String> = got.iter().filter(|n| *n != "l-00a").collect();
+    let expect_without: Vec<&String> = expect_a.iter().filter(|n| *n != "l-00a").collect();
+    assert_eq!(got_without, expect_without);
+    let web_pending = VmSelector {
+        state: Some(VmState::Pending),
+        labels: [("tier".to_string(), "web".to_string())].into(),
+        ..Default::default()
+    };
+    let (page, _) = client.list_vms_page(&web_pending, 100, None).await?;
+    assert_eq!(
+        page.iter()
+            .map(|v| v.spec.name.as_str())
+            .collect::<Vec<_>>(),
+        ["l-huge"]
+    );
+    let zone_b = HostSelector {
+        labels: [("zone".to_string(), "b".to_string())].into(),
+        ..Default::default()
+    };
+    let (hosts, _) = client.list_hosts_page(&zone_b, 1, None).await?;
+    assert_eq!(
+        hosts.iter().map(|h| h.id.as_str()).collect::<Vec<_>>(),
+        ["lb"]
+    );
+
+    // Bad parameters: 400, with the field named.
+    let base = c.nodes[0].url.clone();
+    for (query, field) in [
+        ("limit=0", "limit"),
+        ("limit=10001", "limit"),
+        ("continue=..%2Fx", "continue"),
+        ("label=tier", "label"),
+        ("state=sleeping", ""),
+        ("host=Not_A_Label", "host"),
+        ("page=2", ""),
+    ] {
+        let r = reqwest::Client::new()
+            .get(format!("{base}/v1/vms?{query}"))
+            .timeout(DEADLINE)
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let body = r.text().await?;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(body.contains(field), "{query}: {body}");
+    }
+
+    // The CLI follows the pages (2 per request here) and filters on the server.
+    let ctl = blixard_tests::binaries::binary("blixardctl");
+    let out = std::process::Command::new(&ctl)
+        .env("BLIXARD_ENDPOINTS", c.endpoints().join(","))
+        .args(["vm", "list", "--page-size", "2", "-l", "tier=web"])
+        .args(["--state", "pending", "-o", "json"])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Vec<blixard_api::Vm> = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(listed.len(), 1);
+    let out = std::process::Command::new(&ctl)
+        .env("BLIXARD_ENDPOINTS", c.endpoints().join(","))
+        .args(["vm", "list", "--page-size", "3", "--host", "lb"])
+        .output()?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<&str> = table.lines().collect();
+    assert!(rows[0].starts_with("NAME"), "{table}");
+    assert!(rows[1..].iter().all(|r| r.contains(" lb ")), "{table}");
+    let on_b = client
+        .list_vms_page(
+            &VmSelector {
+                host: Some("lb".into()),
+                ..Default::default()
+            },
+            100,
+            None,
+        )
+        .await?
+        .0
+        .len();
+    assert_eq!(
+        rows.len() - 1,
+        on_b,
+        "one header, then every VM on lb: {table}"
+    );
+    Ok(())
+}
