@@ -39,7 +39,7 @@ pub struct Left {
 
 /// The drain ended without emptying the host: it was undrained (or declared gone) meanwhile.
 #[derive(Debug, thiserror::Error)]
-#[error("host {host} is {status} now, no longer draining; {} VMs were left on it", .left)]
+#[error("host {host} is {status} now, no longer draining, with {} still on it", vms(*.left))]
 pub struct DrainStopped {
     pub host: String,
     pub status: &'static str,
@@ -275,7 +275,9 @@ pub async fn until_drained(client: &Client, host: &str, timeout_secs: u64) -> an
                     .await;
                 continue;
             }
-            Err(e) if transient(&e) => {
+            // Out of time: the last VMs seen are what is left; never having had an answer is
+            // the error itself.
+            Err(e) if transient(&e) && !last_left.is_empty() => {
                 progress.finish();
                 return Err(Timeout::Drain {
                     host: host.into(),

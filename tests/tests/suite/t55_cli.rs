@@ -379,6 +379,36 @@ async fn t57_host_drain_wait_follows_the_drain_to_the_end() -> anyhow::Result<()
         let vm = client.get_vm(n).await?;
         assert_ne!(vm.host.as_deref(), Some("h1"), "{vm:?}");
     }
+
+    // Undrained, the host takes its VMs back; a drain undone while --wait follows it fails.
+    client.undrain_host("h1").await?;
+    for n in names {
+        wait_state(&client, n, VmState::Scheduled, Some("h1")).await?;
+    }
+    let mut child = command(&eps, &["host", "drain", "h1", "--wait"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().context("stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let mut seen = Vec::new();
+    expect_line(
+        &mut lines,
+        &mut seen,
+        "host h1: 3 VMs left (dw-a, dw-b, dw-c)",
+    )
+    .await?;
+    client.undrain_host("h1").await?;
+    expect_line(
+        &mut lines,
+        &mut seen,
+        "blixardctl: host h1 is up now, no longer draining, with 3 VMs still on it",
+    )
+    .await?;
+    let out = tokio::time::timeout(DEADLINE, child.wait_with_output())
+        .await
+        .context("drain --wait did not end")??;
+    assert_eq!(out.status.code(), Some(1), "{seen:?}");
     Ok(())
 }
 
