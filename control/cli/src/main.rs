@@ -306,7 +306,7 @@ enum HostCmd {
         #[arg(long)]
         wait: bool,
         /// How long --wait waits, e.g. 90s, 10m (default: the deadline plus 5 minutes).
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, value_parser = parse_duration, requires = "wait")]
         timeout: Option<u64>,
     },
     /// Let a drained host take VMs again.

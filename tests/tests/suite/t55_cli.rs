@@ -191,7 +191,19 @@ async fn t55_every_documented_exit_code() -> anyhow::Result<()> {
         (&eps, &["host", "show", "Not_A_Label"], 1, ""),
         // usage: an unknown command, a zero duration
         (&eps, &["vm", "frobnicate"], 2, ""),
-        (&eps, &["host", "drain", "h1", "--timeout", "0"], 2, ""),
+        (
+            &eps,
+            &["host", "drain", "h1", "--wait", "--timeout", "0"],
+            2,
+            "",
+        ),
+        // --timeout without --wait would be ignored: refused before anything is drained
+        (
+            &eps,
+            &["host", "drain", "h1", "--timeout", "5"],
+            2,
+            "--wait",
+        ),
         // not found
         (&eps, &["vm", "show", "nope"], 3, "nope"),
         (&eps, &["host", "drain", "nope", "--wait"], 3, "nope"),
