@@ -37,12 +37,11 @@ pub struct Left {
     pub reason: Option<String>,
 }
 
-/// The drain ended without emptying the host: it was undrained (or declared gone) meanwhile.
+/// The drain ended without emptying the host: it was undrained meanwhile.
 #[derive(Debug, thiserror::Error)]
-#[error("host {host} is {status} now, no longer draining, with {} still on it", vms(*.left))]
+#[error("host {host} was undrained, with {} still on it", vms(*.left))]
 pub struct DrainStopped {
     pub host: String,
-    pub status: &'static str,
     pub left: usize,
 }
 
@@ -257,9 +256,9 @@ fn transient(e: &ClientError) -> bool {
 }
 
 /// Waits until no VM is assigned to the draining `host` any more, showing how many are left
-/// and which; returns the host then. Fails when the host stops draining (undrained, declared
-/// gone) with VMs still on it, or after `timeout_secs` ([`Timeout::Drain`]). A node that does
-/// not answer, or a cluster without a leader for a moment, is waited out within the timeout.
+/// and which; returns the host then. Fails when the host is undrained with VMs still on it,
+/// or after `timeout_secs` ([`Timeout::Drain`]). A node that does not answer, or a cluster
+/// without a leader for a moment, is waited out within the timeout.
 pub async fn until_drained(client: &Client, host: &str, timeout_secs: u64) -> anyhow::Result<Host> {
     let deadline = Instant::now() + Duration::from_secs(timeout_secs);
     let mut progress = Progress::new();
@@ -297,11 +296,12 @@ pub async fn until_drained(client: &Client, host: &str, timeout_secs: u64) -> an
             progress.finish();
             return Ok(h);
         }
-        if h.status != HostStatus::Draining {
+        // A host that went down stays in the wait: its `move` VMs leave it once its lease
+        // has run out, and its `stay` VMs when it comes back or is declared gone.
+        if h.status == HostStatus::Up {
             progress.finish();
             return Err(DrainStopped {
                 host: host.into(),
-                status: h.status.as_str(),
                 left: left.len(),
             }
             .into());

@@ -414,7 +414,7 @@ async fn t57_host_drain_wait_follows_the_drain_to_the_end() -> anyhow::Result<()
     expect_line(
         &mut lines,
         &mut seen,
-        "blixardctl: host h1 is up now, no longer draining, with 3 VMs still on it",
+        "blixardctl: host h1 was undrained, with 3 VMs still on it",
     )
     .await?;
     let out = tokio::time::timeout(DEADLINE, child.wait_with_output())
