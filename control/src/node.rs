@@ -1023,6 +1023,10 @@ impl ControlNode {
             .await
             .unwrap_or(0);
         let leader_addr = m.current_leader.and_then(|l| self.node_addr(l));
+        let leader_contact_ms = match m.state {
+            ServerState::Leader => m.millis_since_quorum_ack,
+            _ => Some(self.last_leader_contact().elapsed().as_millis() as u64),
+        };
         ClusterStatus {
             node_id: self.id,
             leader: m.current_leader,
@@ -1041,6 +1045,9 @@ impl ControlNode {
             applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
             last_log_index: m.last_log_index.unwrap_or(0),
             snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            view: blixard_api::StatusView::Local,
+            leader_contact_ms,
+            leader_lease_ms: Some(self.config.election_timeout_max_ms),
         }
     }
 

@@ -759,7 +759,26 @@ pub struct AddMember {
     pub addr: String,
 }
 
-/// Answer to `GET /v1/cluster/status`.
+/// Whose view a [`ClusterStatus`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum StatusView {
+    /// The answering node's own, confirmed with no other node: a leader cut off from the
+    /// others still reports itself leader until it hears of a newer term.
+    #[default]
+    Local,
+}
+
+impl StatusView {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatusView::Local => "local",
+        }
+    }
+}
+
+/// Answer to `GET /v1/cluster/status`: the answering node's own view ([`StatusView::Local`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ClusterStatus {
@@ -773,6 +792,26 @@ pub struct ClusterStatus {
     pub applied_index: u64,
     pub last_log_index: u64,
     pub snapshot_index: u64,
+    /// Always `local` (absent from nodes that predate the field, whose answers were local too).
+    #[serde(default)]
+    pub view: StatusView,
+    /// Milliseconds since this node last heard from a leader: on a leader, since a quorum
+    /// last acknowledged it; on any other node, since a request from a leader it follows
+    /// arrived (or since it stopped leading, or started). Absent on a leader no quorum has
+    /// acknowledged yet, and from nodes that predate the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader_contact_ms: Option<u64>,
+    /// The leader lease this node uses (its `election_timeout_max_ms`): contact older than
+    /// this means this node's idea of the leader may be stale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader_lease_ms: Option<u64>,
+}
+
+impl ClusterStatus {
+    /// Whether this node heard from a leader within its lease; `None` when it cannot tell.
+    pub fn leader_contact_recent(&self) -> Option<bool> {
+        Some(self.leader_contact_ms? <= self.leader_lease_ms?)
+    }
 }
 
 /// Answer to `GET /v1/health`.

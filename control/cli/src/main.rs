@@ -391,6 +391,13 @@ enum HostCmd {
         /// the host confirms, is declared down, or is declared gone.
         #[arg(long, value_parser = parse_duration)]
         deadline: Option<u64>,
+        /// Follow the drain until no VM is left on the host, showing how many are left and
+        /// which (on stderr); exit 6 if some are still there at --timeout.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, e.g. 90s, 10m (default: the deadline plus 5 minutes).
+        #[arg(long, value_parser = parse_duration, requires = "wait")]
+        timeout: Option<u64>,
     },
     /// Let a drained host take VMs again.
     Undrain { name: String },
@@ -738,8 +745,24 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                         print_vms(out, &vms);
                     }
                 }
-                HostCmd::Drain { name, deadline } => {
-                    print_hosts(out, &[client.drain_host(&name, deadline).await?])
+                HostCmd::Drain {
+                    name,
+                    deadline,
+                    wait,
+                    timeout,
+                } => {
+                    let host = client.drain_host(&name, deadline).await?;
+                    let host = if wait {
+                        let timeout = timeout.unwrap_or_else(|| {
+                            deadline
+                                .unwrap_or(DEFAULT_DRAIN_DEADLINE_SECS)
+                                .saturating_add(DRAIN_WAIT_MARGIN_SECS)
+                        });
+                        wait::until_drained(&client, &name, timeout).await?
+                    } else {
+                        host
+                    };
+                    print_hosts(out, &[host])
                 }
                 HostCmd::Undrain { name } => print_hosts(out, &[client.undrain_host(&name).await?]),
                 HostCmd::DeclareGone { name } => {
@@ -784,6 +807,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     }
     Ok(0)
 }
+
+/// The drain deadline the control plane applies when none is given (see `DrainRequest`).
+const DEFAULT_DRAIN_DEADLINE_SECS: u64 = 300;
+/// How much longer than the drain deadline `host drain --wait` waits by default.
+const DRAIN_WAIT_MARGIN_SECS: u64 = 300;
 
 /// How long `vm logs` without `-f` may take.
 const LOGS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);

@@ -286,11 +286,19 @@ pub fn print_status(f: Format, s: &ClusterStatus) {
     if f == Format::Json {
         return print_json(s);
     }
+    outln!(
+        "as seen by node {} ({} view: what this node believes, not checked with the others)",
+        s.node_id,
+        s.view.as_str()
+    );
     outln!("node:          {} ({})", s.node_id, s.state);
     match (s.leader, &s.leader_addr) {
         (Some(l), Some(a)) => outln!("leader:        {l} ({a})"),
         (Some(l), None) => outln!("leader:        {l}"),
         _ => outln!("leader:        none"),
+    }
+    if let Some(line) = contact_line(s) {
+        outln!("{line}");
     }
     outln!("term:          {}", s.term);
     outln!("commit index:  {}", s.commit_index);
@@ -301,8 +309,80 @@ pub fn print_status(f: Format, s: &ClusterStatus) {
     }
 }
 
+/// Seconds with one decimal, from milliseconds.
+fn secs(ms: u64) -> String {
+    format!("{:.1} s", ms as f64 / 1000.0)
+}
+
+/// How recently the node heard from a leader, and what it means when that is longer ago than
+/// its lease; `None` when the node does not say (an older node, a fresh leader).
+pub fn contact_line(s: &ClusterStatus) -> Option<String> {
+    let ms = s.leader_contact_ms?;
+    let leads = s.state == "leader";
+    let what = if leads {
+        "quorum ack:   "
+    } else {
+        "leader heard: "
+    };
+    let line = match s.leader_lease_ms {
+        Some(lease) => format!("{what} {} ago (lease {})", secs(ms), secs(lease)),
+        None => format!("{what} {} ago", secs(ms)),
+    };
+    Some(match s.leader_contact_recent() {
+        Some(false) if leads => format!(
+            "{line}\nwarning:       no quorum acknowledged this node within its lease: it may be \
+             cut off, and another node may lead now"
+        ),
+        Some(false) => format!(
+            "{line}\nwarning:       no word from a leader within the lease: the leader above may \
+             be gone, or this node cut off"
+        ),
+        _ => line,
+    })
+}
 #[cfg(test)]
 mod tests {
+    use blixard_api::{ClusterStatus, StatusView};
+
+    fn status(state: &str, contact: Option<u64>, lease: Option<u64>) -> ClusterStatus {
+        ClusterStatus {
+            node_id: 1,
+            leader: Some(1),
+            leader_addr: None,
+            term: 3,
+            state: state.into(),
+            members: vec![],
+            commit_index: 0,
+            applied_index: 0,
+            last_log_index: 0,
+            snapshot_index: 0,
+            view: StatusView::Local,
+            leader_contact_ms: contact,
+            leader_lease_ms: lease,
+        }
+    }
+
+    #[test]
+    fn leader_contact_lines() {
+        let line = |st, c, l| super::contact_line(&status(st, c, l));
+        assert_eq!(line("leader", None, Some(1500)), None);
+        assert_eq!(
+            line("leader", Some(120), Some(1500)).as_deref(),
+            Some("quorum ack:    0.1 s ago (lease 1.5 s)")
+        );
+        assert_eq!(
+            line("follower", Some(80), None).as_deref(),
+            Some("leader heard:  0.1 s ago")
+        );
+        let cut_off = line("leader", Some(9000), Some(1500)).unwrap_or_default();
+        assert!(cut_off.contains("may be cut off"), "{cut_off}");
+        let orphan = line("follower", Some(1501), Some(1500)).unwrap_or_default();
+        assert!(orphan.contains("no word from a leader"), "{orphan}");
+        // Exactly the lease is still recent.
+        let edge = line("follower", Some(1500), Some(1500)).unwrap_or_default();
+        assert!(!edge.contains("warning"), "{edge}");
+    }
+
     #[test]
     fn rfc3339_dates() {
         assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00.000Z");

@@ -9,6 +9,7 @@ mod t20_agent;
 mod t30_placement;
 mod t40_qemu;
 mod t50_logs;
+mod t55_cli;
 mod t60_packaging;
 mod t70_security;
 mod t80_safety;

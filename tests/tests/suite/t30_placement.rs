@@ -254,7 +254,8 @@ async fn t31_whole_host_loss_moves_vms_and_the_host_comes_back_fenced() -> anyho
 }
 
 /// Draining a host moves every VM off it (stopped there before it starts elsewhere: never on
-/// two hosts at once), refuses new placements there, and undrain opens it again.
+/// two hosts at once), refuses new placements there, and undrain opens it again. The drain is
+/// `blixardctl host drain --wait`, which follows it to the end with real agents.
 #[tokio::test]
 async fn t32_drain_moves_everything_and_nothing_runs_twice() -> anyhow::Result<()> {
     let c = cluster().await?;
@@ -269,7 +270,15 @@ async fn t32_drain_moves_everything_and_nothing_runs_twice() -> anyhow::Result<(
         let placed = wait_converged(&client, &hs, &names).await?;
         let target = placed.values().next().cloned().unwrap_or_default();
         let t0 = Instant::now();
-        client.drain_host(&target, Some(60)).await?;
+        let cli = tokio::process::Command::new(blixard_tests::binaries::binary("blixardctl"))
+            .env("BLIXARD_ENDPOINTS", c.endpoints().join(","))
+            .args(["host", "drain", &target, "--deadline", "60", "--wait"])
+            .args(["--timeout", "120"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
         // Watch every manager while the VMs move: a VM must never be up on two hosts.
         let after = wait::until("every VM off the drained host", DEADLINE, || async {
             let u = units(&hs).await.map_err(|e| e.to_string())?;
@@ -283,6 +292,14 @@ async fn t32_drain_moves_everything_and_nothing_runs_twice() -> anyhow::Result<(
         })
         .await?;
         eprintln!("drain of {target} took {:?}", t0.elapsed());
+        let out = tokio::time::timeout(DEADLINE, cli.wait_with_output()).await??;
+        let progress = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success()
+                && progress.contains(&format!("host {target}: drained, no VMs left")),
+            "drain --wait: {}\n{progress}",
+            out.status
+        );
         assert_eq!(after.len(), names.len(), "nothing lost");
         wait_converged(&client, &hs, &names).await?;
         assert_eq!(client.get_host(&target).await?.status, HostStatus::Draining);
