@@ -3,8 +3,8 @@
 //! In process (the pure state machine and scheduler the control node runs, no IO): the apply
 //! time of one create into a state with 0 and with 100,000 VMs; one placement round (a window
 //! of 1,000 pending VMs, 1,000 hosts) with 10,000 and with 100,000 VMs pending; and the parts
-//! of a snapshot of 100,000 VMs and 10,000 hosts: the copy taken while applies wait, the
-//! encoding, its size, and the decoding plus index build a follower's install does.
+//! of a snapshot of 100,000 VMs and 10,000 hosts: the encoding (done while applies wait),
+//! its size, and the decoding plus index build a follower's install does.
 //!
 //! End to end: a fresh 3-node cluster with no hosts (every VM stays pending), creates from 64
 //! clients in rounds of a few seconds until 100,000 VMs are in the state; the create rate of
@@ -23,9 +23,14 @@ use crate::stats::round;
 use crate::Opts;
 
 /// The snapshot's shape as the store writes it (`store::state`).
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(serde::Deserialize)]
 struct SnapshotData {
     cluster: ClusterState,
+}
+
+#[derive(serde::Serialize)]
+struct SnapshotRef<'a> {
+    cluster: &'a ClusterState,
 }
 
 const BIG_VMS: u64 = 100_000;
@@ -114,15 +119,14 @@ fn in_process() -> anyhow::Result<Value> {
 
     // A snapshot at 100,000 VMs and 10,000 hosts, part by part.
     let (snap, index) = state(SNAPSHOT_HOSTS, BIG_VMS)?;
+    // What a copy of the rows would cost, against encoding them in place (what the store
+    // does while applies wait).
     let t = Instant::now();
-    let rows = ClusterState {
-        hosts: snap.hosts.clone(),
-        vms: snap.vms.clone(),
-        ..ClusterState::default()
-    };
+    let rows = (snap.hosts.clone(), snap.vms.clone());
     let copy_ms = t.elapsed().as_secs_f64() * 1e3;
+    drop(rows);
     let t = Instant::now();
-    let data = serde_json::to_vec(&SnapshotData { cluster: rows })?;
+    let data = serde_json::to_vec(&SnapshotRef { cluster: &snap })?;
     let encode_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
     let mut back = serde_json::from_slice::<SnapshotData>(&data)?.cluster;
@@ -137,8 +141,8 @@ fn in_process() -> anyhow::Result<Value> {
         },
         "snapshot": {
             "vms": BIG_VMS, "hosts": SNAPSHOT_HOSTS,
-            "applies_wait_ms": round(copy_ms),
-            "encode_ms": round(encode_ms),
+            "applies_wait_ms": round(encode_ms),
+            "a_copy_would_take_ms": round(copy_ms),
             "bytes": data.len(),
             "decode_and_index_ms": round(install_ms),
         },
@@ -192,14 +196,14 @@ async fn end_to_end(o: &Opts) -> anyhow::Result<Value> {
 pub async fn run(o: &Opts, summary: &mut Vec<String>) -> anyhow::Result<Value> {
     let pure = tokio::task::spawn_blocking(in_process).await??;
     summary.push(format!(
-        "size, in process: create apply {} µs at 0 VMs, {} µs at 100,000; placement round {} ms with 10,000 pending, {} ms with 100,000; snapshot of 100,000 VMs / 10,000 hosts: {} bytes, applies wait {} ms, encode {} ms, decode+index {} ms",
+        "size, in process: create apply {} µs at 0 VMs, {} µs at 100,000; placement round {} ms with 10,000 pending, {} ms with 100,000; snapshot of 100,000 VMs / 10,000 hosts: {} bytes, applies wait {} ms (encoding in place; a copy would take {} ms), decode+index {} ms",
         pure["create_apply_us"]["vms_0"],
         pure["create_apply_us"]["vms_100000"],
         pure["placement_round_ms"]["pending_10000"],
         pure["placement_round_ms"]["pending_100000"],
         pure["snapshot"]["bytes"],
         pure["snapshot"]["applies_wait_ms"],
-        pure["snapshot"]["encode_ms"],
+        pure["snapshot"]["a_copy_would_take_ms"],
         pure["snapshot"]["decode_and_index_ms"],
     ));
     let e2e = end_to_end(o).await?;

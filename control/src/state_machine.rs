@@ -1299,10 +1299,21 @@ impl Apply<'_> {
             self.touched.hosts.insert(id.clone());
         }
         self.s.hosts = hosts.iter().map(|h| (h.id.clone(), h.clone())).collect();
-        self.s.vms = vms
+        // Generations never go back: a VM the state holds now comes back with a generation
+        // above its current one, so no agent can take the restored VM for an older
+        // incarnation (or an older one's report for the restored one).
+        let restored: BTreeMap<String, Vm> = vms
             .iter()
-            .map(|v| (v.spec.name.clone(), v.clone()))
+            .map(|v| {
+                let mut v = v.clone();
+                if let Some(now) = self.s.vms.get(&v.spec.name) {
+                    v.generation = v.generation.max(now.generation + 1);
+                }
+                v.mod_index = self.index;
+                (v.spec.name.clone(), v)
+            })
             .collect();
+        self.s.vms = restored;
         self.touched.vms.extend(self.s.vms.keys().cloned());
         self.touched.hosts.extend(self.s.hosts.keys().cloned());
         let index = self.index;

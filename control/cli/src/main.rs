@@ -365,6 +365,24 @@ impl From<HostStatusArg> for HostStatus {
     }
 }
 
+/// Fetches a list page by page (`fetch` gets the previous page's continue token), handing
+/// each page to `each` as it arrives.
+async fn each_page<T, F, Fut>(mut fetch: F, mut each: impl FnMut(Vec<T>)) -> Result<(), ClientError>
+where
+    F: FnMut(Option<String>) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, Option<String>), ClientError>>,
+{
+    let mut token = None;
+    loop {
+        let (items, next) = fetch(token).await?;
+        each(items);
+        match next {
+            Some(t) => token = Some(t),
+            None => return Ok(()),
+        }
+    }
+}
+
 /// `KEY=VALUE` arguments of `flag`, as a map.
 fn key_values(flag: &str, args: Vec<String>) -> anyhow::Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
@@ -649,17 +667,12 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                         labels: key_values("label", a.labels)?,
                     };
                     let mut pages = output::Pages::new(out);
-                    let mut token: Option<String> = None;
-                    loop {
-                        let (vms, next) = client
-                            .list_vms_page(&sel, a.page_size, token.as_deref())
-                            .await?;
-                        pages.vms(vms);
-                        match next {
-                            Some(t) => token = Some(t),
-                            None => break,
-                        }
-                    }
+                    let (c, sel) = (&client, &sel);
+                    each_page(
+                        |t| async move { c.list_vms_page(sel, a.page_size, t.as_deref()).await },
+                        |vms| pages.vms(vms),
+                    )
+                    .await?;
                     pages.finish_vms();
                 }
                 VmCmd::Show { name } => {
@@ -718,17 +731,12 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                         labels: key_values("label", a.labels)?,
                     };
                     let mut pages = output::Pages::new(out);
-                    let mut token: Option<String> = None;
-                    loop {
-                        let (hosts, next) = client
-                            .list_hosts_page(&sel, a.page_size, token.as_deref())
-                            .await?;
-                        pages.hosts(hosts);
-                        match next {
-                            Some(t) => token = Some(t),
-                            None => break,
-                        }
-                    }
+                    let (c, sel) = (&client, &sel);
+                    each_page(
+                        |t| async move { c.list_hosts_page(sel, a.page_size, t.as_deref()).await },
+                        |hosts| pages.hosts(hosts),
+                    )
+                    .await?;
                     pages.finish_hosts();
                 }
                 HostCmd::Show { name } => {

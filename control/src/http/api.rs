@@ -84,7 +84,8 @@ pub fn routes() -> Router<Arc<ControlNode>> {
         .0
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        // `bound_body` holds each route to its own limit; this only lets the largest through.
+        .layer(DefaultBodyLimit::max(super::strict::SNAPSHOT_BODY_LIMIT))
         .layer(axum::middleware::from_fn(super::strict::bound_body))
 }
 

@@ -36,7 +36,7 @@ const ERRORS: &[(u16, &str)] = &[
         "conflict: a stale expected_generation, a duplicate, a VM not placed, the last voter, an idempotency key whose VM was deleted",
     ),
     (410, "events no longer kept"),
-    (413, "request body over 64 KiB"),
+    (413, "request body over 64 KiB (32 MiB for a snapshot restore)"),
     (415, "not application/json"),
     (
         422,

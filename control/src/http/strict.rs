@@ -8,7 +8,8 @@
 //! `deny_unknown_fields`, so an unknown parameter is a 400 there too.
 //!
 //! [`bound_body`] reads every `/v1/` body before the handler runs: a `Content-Length` past
-//! [`BODY_LIMIT`] is a 413 from the header alone (so also before a `100 Continue`), a body
+//! [`BODY_LIMIT`] ([`SNAPSHOT_BODY_LIMIT`] for a restore, see [`body_bounds`]) is a 413 from
+//! the header alone (so also before a `100 Continue`), a body
 //! still incomplete after [`BODY_TIMEOUT`] a 408. The pure rule is [`announced`].
 
 use std::time::Duration;
@@ -27,6 +28,20 @@ use super::error::ApiError;
 pub const BODY_LIMIT: usize = 64 * 1024;
 /// Longest a client may take to send a request body once its headers arrived.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest body of `POST /v1/cluster/snapshot` (a restore): room for 10,000s of VMs, and
+/// within what one Raft entry may carry to the peers (`raft_routes`' 64 MiB).
+pub const SNAPSHOT_BODY_LIMIT: usize = 32 * 1024 * 1024;
+/// Longest a restore's body may take to arrive.
+pub const SNAPSHOT_BODY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The size and time bounds of a request's body, by its route.
+pub fn body_bounds(method: &axum::http::Method, path: &str) -> (usize, Duration) {
+    if method == axum::http::Method::POST && path == "/v1/cluster/snapshot" {
+        (SNAPSHOT_BODY_LIMIT, SNAPSHOT_BODY_TIMEOUT)
+    } else {
+        (BODY_LIMIT, BODY_TIMEOUT)
+    }
+}
 
 /// Refuses any query string: the handler reads none.
 pub struct NoQuery;
@@ -130,11 +145,11 @@ pub fn announced(headers: &HeaderMap) -> Option<u64> {
     )
 }
 
-fn too_large() -> Response {
+fn too_large(limit: usize) -> Response {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         codes::PAYLOAD_TOO_LARGE,
-        format!("request body too large (at most {BODY_LIMIT} bytes)"),
+        format!("request body too large (at most {limit} bytes)"),
     )
     .into_response()
 }
@@ -142,10 +157,11 @@ fn too_large() -> Response {
 /// Middleware of the `/v1/` routes: bounds every request body in size and in time, then hands
 /// the handler the body already read.
 pub async fn bound_body(req: Request, next: Next) -> Response {
-    if announced(req.headers()).is_some_and(|n| n > BODY_LIMIT as u64) {
+    let (limit, timeout) = body_bounds(req.method(), req.uri().path());
+    if announced(req.headers()).is_some_and(|n| n > limit as u64) {
         // Answered from the header: the body is never read, so hyper never sends
         // `100 Continue`, and closes the connection after this answer.
-        let mut resp = too_large();
+        let mut resp = too_large(limit);
         resp.headers_mut().insert(
             header::CONNECTION,
             header::HeaderValue::from_static("close"),
@@ -153,14 +169,14 @@ pub async fn bound_body(req: Request, next: Next) -> Response {
         return resp;
     }
     let (parts, body) = req.into_parts();
-    let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, BODY_LIMIT)).await;
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await;
     let bytes = match read {
         Ok(Ok(b)) => b,
         Ok(Err(e)) => {
             // `to_bytes` fails on the limit or on a broken connection; tell them apart.
             let msg = e.to_string();
             if msg.contains("length limit") {
-                return too_large();
+                return too_large(limit);
             }
             return ApiError::invalid(format!("reading the request body: {msg}")).into_response();
         }
@@ -170,7 +186,7 @@ pub async fn bound_body(req: Request, next: Next) -> Response {
                 codes::REQUEST_TIMEOUT,
                 format!(
                     "the request body did not arrive within {} s",
-                    BODY_TIMEOUT.as_secs()
+                    timeout.as_secs()
                 ),
             )
             .into_response();

@@ -2073,3 +2073,31 @@ fn the_index_follows_hosts_keys_evictions_and_deletes() {
     assert_eq!(s.index.evicting().collect::<Vec<_>>(), ["a"]);
     assert_eq!(s.index.load("h1").map(|l| l.vcpus), Some(1));
 }
+
+#[test]
+fn a_restore_never_takes_a_generation_back() {
+    let mut s = running();
+    let current = s.vms["a"].generation;
+    let mut old_a = s.vms["a"].clone();
+    old_a.generation = 1;
+    let mut b = running_vm("b", "h1");
+    b.generation = 5;
+    let hosts: Vec<Host> = s.hosts.values().cloned().collect();
+    let out = run(
+        &mut s,
+        &[Command::RestoreState {
+            hosts,
+            vms: vec![old_a, b],
+            now_ms: 9,
+        }],
+    );
+    assert_eq!(out[0], Response::Count(2));
+    assert_eq!(s.vms["a"].generation, current + 1);
+    assert_eq!(s.vms["b"].generation, 5);
+    assert_eq!(
+        s.assigned_to("h1")
+            .map(|v| v.spec.name.as_str())
+            .collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+}
