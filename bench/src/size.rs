@@ -9,7 +9,11 @@
 //! End to end: a fresh 3-node cluster with no hosts (every VM stays pending), creates from 64
 //! clients in rounds of a few seconds until 100,000 VMs are in the state; the create rate of
 //! each round, then each node's RSS. Bounded: at most 8 rounds, each at most 60,000 creates.
+//! Then a snapshot installed for real: a follower down while 100,000 VMs are created, then
+//! restarted, until it has caught up; one sequential client's slowest create meanwhile.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blixard_control::scheduler::{self, Overcommit};
@@ -193,6 +197,84 @@ async fn end_to_end(o: &Opts) -> anyhow::Result<Value> {
     Ok(json!({ "clients": 64, "round_s": secs, "rounds": rounds, "vms": total, "nodes": nodes }))
 }
 
+/// Sequential creates until `stop`: the longest one, in ms, and how many were made.
+async fn probe(url: String, stop: Arc<AtomicBool>) -> (f64, u64) {
+    let http = load::client();
+    let (mut worst, mut n) = (0.0f64, 0u64);
+    while !stop.load(Ordering::Relaxed) && n < 100_000 {
+        let t = Instant::now();
+        let ok = http
+            .post(format!("{url}/v1/vms"))
+            .header("content-type", "application/json")
+            .body(vm_body(&format!("probe-{n}")))
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if ok {
+            worst = worst.max(t.elapsed().as_secs_f64() * 1e3);
+        }
+        n += 1;
+    }
+    (worst, n)
+}
+
+fn index_of(status: &Option<Value>, field: &str) -> u64 {
+    status.as_ref().and_then(|s| s[field].as_u64()).unwrap_or(0)
+}
+
+/// A follower down while 100,000 VMs are created (the leader snapshots every 1,000 entries and
+/// purges its log), then restarted: it must install a snapshot to catch up. Meanwhile one
+/// sequential client's slowest create is the longest pause writers saw (snapshot builds
+/// included).
+async fn snapshot_install(o: &Opts) -> anyhow::Result<Value> {
+    let mut c = BlixardCluster::start(
+        &o.bin_dir,
+        3,
+        &o.control_flags(&["--snapshot-every", "1000"]),
+    )
+    .await?;
+    let leader = c.wait_leader(Duration::from_secs(30)).await?;
+    let url = c.nodes[leader].url.clone();
+    let follower = (leader + 1) % c.nodes.len();
+    c.kill(follower);
+    let stop = Arc::new(AtomicBool::new(false));
+    let probe_task = tokio::spawn(probe(url.clone(), stop.clone()));
+    let (fill_s, errors) = load::burst(&url, BIG_VMS, 64, |i| {
+        ("/v1/vms".into(), vm_body(&format!("i-{i}")))
+    })
+    .await;
+    let target = index_of(&c.status(leader).await, "applied_index");
+    let snapshot_index = index_of(&c.status(leader).await, "snapshot_index");
+    let t = Instant::now();
+    c.restart(follower)?;
+    let caught_up = crate::procs::wait_for(
+        "the restarted follower to catch up",
+        Duration::from_secs(180),
+        || {
+            let c = &c;
+            async move {
+                let st = c.status(follower).await;
+                (index_of(&st, "applied_index") >= target)
+                    .then(|| (t.elapsed().as_secs_f64(), index_of(&st, "snapshot_index")))
+            }
+        },
+    )
+    .await?;
+    stop.store(true, Ordering::Relaxed);
+    let (worst_ms, probes) = probe_task.await?;
+    Ok(json!({
+        "vms": BIG_VMS,
+        "fill_s": round(fill_s),
+        "fill_errors": errors,
+        "leader_snapshot_index": snapshot_index,
+        "follower_caught_up_s": round(caught_up.0),
+        "follower_snapshot_index": caught_up.1,
+        "longest_create_ms_during_fill_and_install": round(worst_ms),
+        "probe_creates": probes,
+    }))
+}
+
 pub async fn run(o: &Opts, summary: &mut Vec<String>) -> anyhow::Result<Value> {
     let pure = tokio::task::spawn_blocking(in_process).await??;
     summary.push(format!(
@@ -228,5 +310,14 @@ pub async fn run(o: &Opts, summary: &mut Vec<String>) -> anyhow::Result<Value> {
                 .join(", "))
             .unwrap_or_default()
     ));
-    Ok(json!({ "in_process": pure, "end_to_end": e2e }))
+    let snap = snapshot_install(o).await?;
+    summary.push(format!(
+        "size, snapshot install: a follower down while {} VMs were created ({} s) caught up {} s after its restart (installed the snapshot at index {}); longest sequential create meanwhile {} ms",
+        snap["vms"],
+        snap["fill_s"],
+        snap["follower_caught_up_s"],
+        snap["follower_snapshot_index"],
+        snap["longest_create_ms_during_fill_and_install"],
+    ));
+    Ok(json!({ "in_process": pure, "end_to_end": e2e, "snapshot_install": snap }))
 }
