@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use blixard_control::scheduler::{self, Overcommit};
 use blixard_control::state_machine::{apply, ClusterState, Command};
+use blixard_control::store::state::{decode_snapshot, encode_snapshot};
 use serde_json::{json, Value};
 
 use crate::load::{self, vm_body, LoadSpec, Target};
@@ -25,17 +26,6 @@ use crate::placement::host_body;
 use crate::procs::BlixardCluster;
 use crate::stats::round;
 use crate::Opts;
-
-/// The snapshot's shape as the store writes it (`store::state`).
-#[derive(serde::Deserialize)]
-struct SnapshotData {
-    cluster: ClusterState,
-}
-
-#[derive(serde::Serialize)]
-struct SnapshotRef<'a> {
-    cluster: &'a ClusterState,
-}
 
 const BIG_VMS: u64 = 100_000;
 const SNAPSHOT_HOSTS: u64 = 10_000;
@@ -130,11 +120,10 @@ fn in_process() -> anyhow::Result<Value> {
     let copy_ms = t.elapsed().as_secs_f64() * 1e3;
     drop(rows);
     let t = Instant::now();
-    let data = serde_json::to_vec(&SnapshotRef { cluster: &snap })?;
+    let data = encode_snapshot(&snap)?;
     let encode_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
-    let mut back = serde_json::from_slice::<SnapshotData>(&data)?.cluster;
-    back.rebuild_derived(index);
+    let back = decode_snapshot(&data, index)?;
     let install_ms = t.elapsed().as_secs_f64() * 1e3;
     anyhow::ensure!(back.vms.len() == snap.vms.len(), "snapshot lost VMs");
     Ok(json!({

@@ -183,9 +183,7 @@ mod tests {
         for n in ["vm-2", "vm-0"] {
             s.vms.remove(n);
         }
-        let mut v = running_vm("vm-00", "h1");
-        v.spec.name = "vm-00".into();
-        s.vms.insert("vm-00".into(), v);
+        s.vms.insert("vm-00".into(), running_vm("vm-00", "h1"));
         s.reindex(2);
         let second = vms(&s, &VmSelector::default(), first.next.as_deref(), 3);
         assert_eq!(names(&second), ["vm-3", "vm-4", "vm-5"]);

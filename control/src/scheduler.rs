@@ -51,18 +51,23 @@ pub struct Load {
 
 impl Load {
     pub fn add(&mut self, spec: &VmSpec) {
-        self.vcpus += u64::from(spec.vcpus);
-        self.memory_mib += spec.memory_mib;
-        if let Some(g) = &spec.anti_affinity {
+        self.add_share(&Share::of(spec));
+    }
+
+    /// Puts one VM's share on.
+    pub fn add_share(&mut self, v: &Share) {
+        self.vcpus += u64::from(v.vcpus);
+        self.memory_mib += v.memory_mib;
+        if let Some(g) = &v.group {
             *self.groups.entry(g.clone()).or_default() += 1;
         }
     }
 
-    /// Takes off what [`Load::add`] of the same spec put on.
-    pub fn remove(&mut self, spec: &VmSpec) {
-        self.vcpus = self.vcpus.saturating_sub(u64::from(spec.vcpus));
-        self.memory_mib = self.memory_mib.saturating_sub(spec.memory_mib);
-        if let Some(g) = &spec.anti_affinity {
+    /// Takes off what [`Load::add_share`] of the same share put on.
+    pub fn remove_share(&mut self, v: &Share) {
+        self.vcpus = self.vcpus.saturating_sub(u64::from(v.vcpus));
+        self.memory_mib = self.memory_mib.saturating_sub(v.memory_mib);
+        if let Some(g) = &v.group {
             if let Some(n) = self.groups.get_mut(g) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
@@ -71,16 +76,23 @@ impl Load {
             }
         }
     }
+}
 
-    /// This load with `other`'s added.
-    pub fn plus(&self, other: &Load) -> Load {
-        let mut out = self.clone();
-        out.vcpus += other.vcpus;
-        out.memory_mib += other.memory_mib;
-        for (g, n) in &other.groups {
-            *out.groups.entry(g.clone()).or_default() += n;
+/// The part of a VM's spec a host's [`Load`] counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub group: Option<String>,
+}
+
+impl Share {
+    pub fn of(spec: &VmSpec) -> Self {
+        Share {
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            group: spec.anti_affinity.clone(),
         }
-        out
     }
 }
 

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use blixard_api::Vm;
 
-use crate::scheduler::{self, Load};
+use crate::scheduler::{self, Load, Share};
 
 /// Where a VM waits in placement order: oldest first, then by name.
 pub type PendingKey = (u64, String);
@@ -23,7 +23,7 @@ pub type PendingKey = (u64, String);
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry {
     host: Option<String>,
-    load: LoadOf,
+    load: Share,
     pending: bool,
     created_ms: u64,
     generation: u64,
@@ -33,50 +33,11 @@ struct Entry {
     task_done: bool,
 }
 
-/// The part of a spec a host's load counts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct LoadOf {
-    vcpus: u32,
-    memory_mib: u64,
-    group: Option<String>,
-}
-
-impl LoadOf {
-    fn of(vm: &Vm) -> Self {
-        LoadOf {
-            vcpus: vm.spec.vcpus,
-            memory_mib: vm.spec.memory_mib,
-            group: vm.spec.anti_affinity.clone(),
-        }
-    }
-
-    fn add_to(&self, l: &mut Load) {
-        l.vcpus += u64::from(self.vcpus);
-        l.memory_mib += self.memory_mib;
-        if let Some(g) = &self.group {
-            *l.groups.entry(g.clone()).or_default() += 1;
-        }
-    }
-
-    fn remove_from(&self, l: &mut Load) {
-        l.vcpus = l.vcpus.saturating_sub(u64::from(self.vcpus));
-        l.memory_mib = l.memory_mib.saturating_sub(self.memory_mib);
-        if let Some(g) = &self.group {
-            if let Some(n) = l.groups.get_mut(g) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    l.groups.remove(g);
-                }
-            }
-        }
-    }
-}
-
 impl Entry {
     fn of(vm: &Vm) -> Self {
         Entry {
             host: vm.host.clone(),
-            load: LoadOf::of(vm),
+            load: Share::of(&vm.spec),
             pending: scheduler::is_pending(vm),
             created_ms: vm.created_ms,
             generation: vm.generation,
@@ -264,7 +225,7 @@ impl StateIndex {
                 .entry(h.clone())
                 .or_default()
                 .insert(name.to_string());
-            e.load.add_to(self.loads.entry(h.clone()).or_default());
+            self.loads.entry(h.clone()).or_default().add_share(&e.load);
         }
         if e.pending {
             self.open.insert(e.pending_key(name));
@@ -289,7 +250,7 @@ impl StateIndex {
                 self.assigned.remove(h);
                 self.loads.remove(h);
             } else if let Some(l) = self.loads.get_mut(h) {
-                e.load.remove_from(l);
+                l.remove_share(&e.load);
             }
         }
         let mut was_blocked = false;

@@ -91,6 +91,18 @@ struct SnapshotRef<'a> {
     cluster: &'a ClusterState,
 }
 
+/// A snapshot's bytes: `state`'s rows (its derived fields are not encoded).
+pub fn encode_snapshot(state: &ClusterState) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(&SnapshotRef { cluster: state })
+}
+
+/// The state in a snapshot's bytes, its derived fields rebuilt as of log index `index`.
+pub fn decode_snapshot(data: &[u8], index: u64) -> Result<ClusterState, serde_json::Error> {
+    let mut cluster = serde_json::from_slice::<SnapshotData>(data)?.cluster;
+    cluster.rebuild_derived(index);
+    Ok(cluster)
+}
+
 fn decode<T: for<'de> Deserialize<'de>>(path: &str, b: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(b).map_err(|e| StoreError::Decode {
         path: path.to_string(),
@@ -262,10 +274,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateStore {
         // copy of them would take (`blixard-bench --only size`).
         let (data, last_applied, membership) = {
             let g = self.shared.applied.read().map_err(|_| read_err(Poisoned))?;
-            let data = serde_json::to_vec(&SnapshotRef {
-                cluster: &g.cluster,
-            })
-            .map_err(read_err)?;
+            let data = encode_snapshot(&g.cluster).map_err(read_err)?;
             (data, g.last_applied, g.membership.clone())
         };
         let seq = self.shared.snapshot_seq.fetch_add(1, Ordering::Relaxed);
@@ -368,10 +377,8 @@ impl RaftStateMachine<TypeConfig> for StateStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
         let data = snapshot.into_inner();
-        let decoded: SnapshotData = serde_json::from_slice(&data).map_err(read_err)?;
-        let mut cluster = decoded.cluster;
         let index = meta.last_log_id.map(|l| l.index).unwrap_or(0);
-        cluster.rebuild_derived(index);
+        let cluster = decode_snapshot(&data, index).map_err(read_err)?;
         let meta_b = serde_json::to_vec(meta).map_err(write_err)?;
         {
             let mut conn = self.conn()?;
